@@ -1,0 +1,41 @@
+"""Test set-up: 8 simulated CPU devices, a persistent compile cache, a PRNG key.
+
+Run-time shape checking (jaxtyping + beartype over the `vishwam` package) is
+switched on by `--jaxtyping-packages` in pyproject.toml's pytest options.
+"""
+
+import os
+
+# Must happen before jax initialises its backend: the sharding and
+# expert-parallel tests need 8 devices.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+# A cache folder outside the clone: repeated runs on one machine skip most
+# compiles; a fresh machine simply fills it.
+_cache = os.environ.get("VISHWAM_JAX_CACHE", os.path.expanduser("~/.cache/vishwam-jax"))
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def getkey():
+    """A fresh key per call, deterministic within a test."""
+    state = {"k": jax.random.key(1234)}
+
+    def _next():
+        state["k"], sub = jax.random.split(state["k"])
+        return sub
+
+    return _next

@@ -1,0 +1,10 @@
+"""vishwam: Mixture-of-Experts transformer language models in JAX (Equinox)."""
+
+from . import nn as nn
+from .config import ModelConfig as ModelConfig
+from .kernels import flash_attention as flash_attention
+from .model import KVCache as KVCache
+from .model import VishwamAI as VishwamAI
+from .model import count_parameters as count_parameters
+
+__version__ = "0.1.0"

@@ -1,0 +1,277 @@
+"""Model configuration: one frozen dataclass, presets, validation, JSON round trip."""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+NormType = Literal["rms", "layer"]
+RematPolicy = Literal["none", "full", "dots_saveable", "save_attention_output", "offload_dots"]
+AttentionImpl = Literal["auto", "pallas", "xla", "reference"]
+MoEDispatch = Literal["dense", "capacity", "ragged"]
+RouterType = Literal["softmax", "sigmoid"]
+DType = Literal["float32", "bfloat16", "float16"]
+Fp8Target = Literal["none", "attention", "mlp", "all"]
+Fp8Scaling = Literal["tensor", "block"]
+
+_CHOICES = {
+    "norm_type": NormType,
+    "remat_policy": RematPolicy,
+    "attention_impl": AttentionImpl,
+    "moe_dispatch": MoEDispatch,
+    "router_type": RouterType,
+    "param_dtype": DType,
+    "compute_dtype": DType,
+    "fp8": Fp8Target,
+    "fp8_scaling": Fp8Scaling,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the shape and the arithmetic of a `VishwamAI` model.
+
+    Defaults are the VishwamAI seed sizes; use `ModelConfig.preset("tiny")` and
+    friends for runnable sizes.
+    """
+
+    vocab_size: int = 131072
+    """Number of token ids (embedding rows and logits)."""
+    hidden_size: int = 4096
+    """Width of the residual stream."""
+    num_layers: int = 32
+    """Number of transformer blocks."""
+    num_heads: int = 32
+    """Query heads per attention layer."""
+    num_kv_heads: int | None = None
+    """Key/value heads (GQA). `None` means `num_heads` (plain multi-head attention)."""
+    head_dim: int | None = None
+    """Width of one head. `None` means `hidden_size // num_heads`."""
+    ffn_dim: int = 16384
+    """Inner width of each (SwiGLU) MLP and of each expert."""
+    num_experts: int = 8
+    """Experts per MoE layer; 1 makes every layer a dense MLP."""
+    experts_per_token: int = 2
+    """Top-k: experts each token is sent to."""
+    first_dense_layers: int = 0
+    """The first k layers use a dense MLP even when `num_experts > 1`."""
+    moe_every: int = 1
+    """After the dense prefix, every n-th layer is MoE (1 = all of them)."""
+    capacity_factor: float | None = 1.25
+    """Expert capacity = ceil(tokens * k / experts * factor) for the `capacity`
+    dispatch during training. `None` means dropless (worst-case capacity)."""
+    moe_dispatch: MoEDispatch = "dense"
+    """How tokens reach experts: `dense` (oracle), `capacity` (buffers + einsum),
+    `ragged` (sort + `jax.lax.ragged_dot`)."""
+    router_type: RouterType = "softmax"
+    """Router scores: softmax over experts, or independent sigmoids."""
+    router_renormalize: bool = True
+    """Renormalise the top-k weights of each token to sum to one."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the Switch-style load-balancing loss."""
+    router_z_loss_coef: float = 0.001
+    """Weight of the router z-loss (mean squared log-sum-exp of router logits)."""
+    router_jitter: float = 0.0
+    """Multiplicative uniform noise on router inputs during training (0 = off)."""
+    num_shared_experts: int = 0
+    """Experts every token uses in addition to its routed ones."""
+    aux_free_bias: bool = False
+    """DeepSeek-style balancing: a per-expert bias added to scores for selection
+    only, updated outside the gradient from the observed load."""
+    aux_free_bias_rate: float = 0.001
+    """Step size of the aux-free bias update."""
+    norm_type: NormType = "rms"
+    """RMSNorm or LayerNorm."""
+    norm_eps: float = 1e-6
+    """Epsilon inside the norms."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding."""
+    max_seq_len: int = 4096
+    """Longest sequence the model (and a KV cache) is built for."""
+    dropout: float = 0.0
+    """Dropout on the residual branches during training."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections get `init_std / sqrt(2 * num_layers)`."""
+    param_dtype: DType = "float32"
+    """Storage dtype of parameters."""
+    compute_dtype: DType = "float32"
+    """Dtype of activations and matmul inputs (logits and losses are always fp32)."""
+    remat_policy: RematPolicy = "none"
+    """Gradient checkpointing policy applied to each scanned block."""
+    attention_impl: AttentionImpl = "auto"
+    """Backend for `flash_attention`."""
+    attention_block_size: int = 128
+    """Block size of the blockwise attention kernels."""
+    fp8: Fp8Target = "none"
+    """Which projections compute in fp8: none, attention, mlp (experts too) or all.
+    The LM head and the router always stay in higher precision."""
+    fp8_scaling: Fp8Scaling = "tensor"
+    """fp8 scaling mode: per-tensor current scaling or block-wise."""
+    fp8_block_size: int = 128
+    """Tile size of block-wise fp8 scaling."""
+    scan_layers: bool = True
+    """Run the stacked layers with `jax.lax.scan`; False unrolls (debugging)."""
+
+    def __post_init__(self):
+        self._validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    def layer_is_moe(self, index: int) -> bool:
+        if not self.is_moe or index < self.first_dense_layers:
+            return False
+        return (index - self.first_dense_layers) % self.moe_every == self.moe_every - 1
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.layer_is_moe(i) for i in range(self.num_layers))
+
+    # --------------------------------------------------------------- validation
+    def _validate(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"ModelConfig.{field}: {message}")
+
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            options = allowed.__args__
+            if value not in options:
+                fail(name, f"unknown value {value!r}; choose one of {', '.join(map(repr, options))}.")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim",
+                     "num_experts", "experts_per_token", "max_seq_len", "moe_every",
+                     "attention_block_size", "fp8_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, f"must be a positive integer, got {value!r}.")
+        for name in ("num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                fail(name, f"must be a positive integer or None, got {value!r}.")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            fail("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                 "change one of them or set head_dim explicitly.")
+        if self.num_heads % self.kv_heads:
+            fail("num_kv_heads", f"num_heads={self.num_heads} is not divisible by num_kv_heads="
+                 f"{self.kv_heads}; pick a divisor of num_heads.")
+        if self.dim_per_head % 2:
+            fail("head_dim", f"rotary embeddings need an even head dimension, got {self.dim_per_head}.")
+        if self.experts_per_token > self.num_experts:
+            fail("experts_per_token", f"top-k={self.experts_per_token} exceeds num_experts="
+                 f"{self.num_experts}; use at most num_experts.")
+        if not 0 <= self.first_dense_layers <= self.num_layers:
+            fail("first_dense_layers", f"must be in [0, num_layers={self.num_layers}], "
+                 f"got {self.first_dense_layers}.")
+        if (self.num_layers - self.first_dense_layers) % self.moe_every:
+            fail("moe_every", f"num_layers - first_dense_layers = {self.num_layers - self.first_dense_layers} "
+                 f"is not a multiple of moe_every={self.moe_every}; adjust either so the MoE pattern repeats whole.")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            fail("capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor}.")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", f"must be in [0, 1), got {self.dropout}.")
+        if self.norm_eps <= 0:
+            fail("norm_eps", f"must be > 0, got {self.norm_eps}.")
+        if self.rope_theta <= 0:
+            fail("rope_theta", f"must be > 0, got {self.rope_theta}.")
+        if self.num_shared_experts < 0:
+            fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}.")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter", "init_std",
+                     "aux_free_bias_rate"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}.")
+
+    # --------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: "str | Path") -> "ModelConfig":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise FileNotFoundError(f"ModelConfig.from_json: no such file {path}")
+            text = path.read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: `{name: (self_value, other_value)}`."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: compiles in a second or two on a 2-core CPU.
+    "tiny": dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                 ffn_dim=64, num_experts=4, experts_per_token=2, max_seq_len=128,
+                 attention_block_size=16, capacity_factor=None),
+    # Trains on a 2-core CPU in minutes (the default main job). MoE.
+    "small": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                  ffn_dim=512, num_experts=4, experts_per_token=2, max_seq_len=256,
+                  attention_block_size=64, moe_dispatch="capacity", capacity_factor=1.25,
+                  tie_embeddings=True),
+    # The VishwamAI seed sizes.
+    "seed": dict(vocab_size=131072, hidden_size=4096, num_layers=32, num_heads=32,
+                 num_experts=8, experts_per_token=2, ffn_dim=16384, max_seq_len=4096),
+}
+
+
+def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
+    """Total and active-per-token parameter counts from the formulae alone.
+
+    Mirrors the modules in `vishwam.nn` (no biases on projections, SwiGLU MLPs,
+    norms with a scale only for RMSNorm and scale+bias for LayerNorm).
+    """
+    h, hd, nh, nkv = config.hidden_size, config.dim_per_head, config.num_heads, config.kv_heads
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    norm = h if config.norm_type == "rms" else 2 * h
+    mlp = 3 * h * config.ffn_dim
+    total = active = 0
+    for i in range(config.num_layers):
+        total += attn + 2 * norm
+        active += attn + 2 * norm
+        if config.layer_is_moe(i):
+            router = h * config.num_experts
+            shared = config.num_shared_experts * mlp
+            total += router + config.num_experts * mlp + shared
+            active += router + config.experts_per_token * mlp + shared
+        else:
+            total += mlp
+            active += mlp
+    embed = config.vocab_size * h
+    head = 0 if config.tie_embeddings else config.vocab_size * h
+    total += embed + head + norm
+    active += embed + head + norm
+    return {"total": total, "active": active}

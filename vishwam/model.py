@@ -1,0 +1,287 @@
+"""`VishwamAI`: token embedding -> scanned stacks of blocks -> final norm -> LM head."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .config import ModelConfig
+from .nn.attention import positions_from_segments
+from .nn.block import Block
+from .nn.linear import Linear
+from .nn.norm import RMSNorm, TPULayerNorm, make_norm
+from .nn.precision import Precision, dtype_from_name
+
+
+def stage_plan(config: ModelConfig) -> list[tuple[tuple[bool, ...], int]]:
+    """The layer stack as `(pattern, repeats)` stages; `pattern[j]` says whether
+    the j-th block of one repeat is MoE. Layers run stage by stage, each stage
+    scanning `repeats` times over its pattern."""
+    if not config.is_moe:
+        return [((False,), config.num_layers)]
+    plan = []
+    if config.first_dense_layers:
+        plan.append(((False,), config.first_dense_layers))
+    rest = config.num_layers - config.first_dense_layers
+    if rest:
+        n = config.moe_every
+        plan.append(((False,) * (n - 1) + (True,), rest // n))
+    return plan
+
+
+class Stage(eqx.Module):
+    """A repeated pattern of blocks; each block's arrays carry a leading `repeats` axis."""
+
+    blocks: tuple[Block, ...]
+    repeats: int = eqx.field(static=True)
+
+
+class KVCache(eqx.Module):
+    """Preallocated keys and values of every layer, `[layers, batch, max_len, kv_heads, head_dim]`."""
+
+    k: Float[Array, "layers batch max_len kv_heads head_dim"]
+    v: Float[Array, "layers batch max_len kv_heads head_dim"]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        if max_len > config.max_seq_len:
+            raise ValueError(
+                f"KVCache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}."
+            )
+        dtype = dtype_from_name(config.compute_dtype) if dtype is None else dtype
+        shape = (config.num_layers, batch, max_len, config.kv_heads, config.dim_per_head)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+_REMAT_POLICIES = {
+    "dots_saveable": lambda: jax.checkpoint_policies.dots_saveable,
+    "save_attention_output": lambda: jax.checkpoint_policies.save_only_these_names("attention_output"),
+    "offload_dots": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def apply_remat(fn, policy: str):
+    """Wrap a scan body in `jax.checkpoint` according to the config's remat policy."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    if policy in _REMAT_POLICIES:
+        return jax.checkpoint(fn, prevent_cse=False, policy=_REMAT_POLICIES[policy]())
+    raise ValueError(f"Unknown remat policy {policy!r}; choose none, full, {', '.join(_REMAT_POLICIES)}.")
+
+
+def _empty_aux(config: ModelConfig) -> dict:
+    zero = jnp.zeros((), jnp.float32)
+    return {
+        "load_balancing_loss": zero,
+        "router_z_loss": zero,
+        "expert_load": jnp.zeros((0, config.num_experts), jnp.float32),
+        "dropped_fraction": zero,
+    }
+
+
+def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
+    """Per-layer MoE aux (stacked over repeats by scan) -> model-level aux.
+
+    Losses and the dropped fraction are means over MoE layers; `expert_load` is
+    `[num_moe_layers, num_experts]` in layer order.
+    """
+    loads, lb, z, dropped = [], [], [], []
+    for stage_auxes in per_stage:
+        if not stage_auxes:
+            continue
+        # (repeats, moe blocks in pattern, ...) -> layer order
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1), *stage_auxes)
+        loads.append(stacked["expert_load"].reshape(-1, config.num_experts))
+        lb.append(stacked["load_balancing_loss"].reshape(-1))
+        z.append(stacked["router_z_loss"].reshape(-1))
+        dropped.append(stacked["dropped_fraction"].reshape(-1))
+    if not loads:
+        return _empty_aux(config)
+    return {
+        "load_balancing_loss": jnp.mean(jnp.concatenate(lb)),
+        "router_z_loss": jnp.mean(jnp.concatenate(z)),
+        "expert_load": jnp.concatenate(loads),
+        "dropped_fraction": jnp.mean(jnp.concatenate(dropped)),
+    }
+
+
+class VishwamAI(eqx.Module):
+    """The VishwamAI Mixture-of-Experts transformer language model.
+
+    Layers are built with `eqx.filter_vmap` (stacked weights) and run with
+    `jax.lax.scan`, so compile time does not grow with depth; `config.scan_layers=False`
+    runs the same weights unrolled (debugging; tested equal).
+    """
+
+    embed: Float[Array, "vocab hidden"]
+    stages: tuple[Stage, ...]
+    final_norm: RMSNorm | TPULayerNorm
+    lm_head: Linear | None
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        dtype = dtype_from_name(config.param_dtype)
+        k_embed, k_head, k_layers = jax.random.split(key, 3)
+        self.embed = (config.init_std * jax.random.normal(k_embed, (config.vocab_size, config.hidden_size))).astype(dtype)
+        layer_keys = jax.random.split(k_layers, config.num_layers)
+        stages, offset = [], 0
+        for pattern, repeats in stage_plan(config):
+            n = len(pattern) * repeats
+            keys = layer_keys[offset:offset + n].reshape(repeats, len(pattern))
+            offset += n
+            blocks = tuple(
+                eqx.filter_vmap(lambda k, m=is_moe: Block(config, m, key=k))(keys[:, j])
+                for j, is_moe in enumerate(pattern)
+            )
+            stages.append(Stage(blocks, repeats))
+        self.stages = tuple(stages)
+        self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
+        self.lm_head = (
+            None if config.tie_embeddings
+            else Linear(config.hidden_size, config.vocab_size, use_bias=False, init_std=config.init_std,
+                        dtype=dtype, key=k_head)
+        )
+        self.config = config
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def precision(self) -> Precision:
+        return Precision.from_config(self.config)
+
+    def _embed(self, tokens):
+        return self.embed[tokens].astype(self.precision.compute_dtype)
+
+    def _logits(self, x) -> Float[Array, "batch seq vocab"]:
+        x = self.final_norm(x)
+        head = self.embed.T if self.lm_head is None else self.lm_head.weight  # (D, V)
+        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def _run_stages(self, body, x, xs_per_stage):
+        """Run `body(x, blocks, xs) -> (x, ys)` over every layer repeat of every stage."""
+        outputs = []
+        for stage, xs in zip(self.stages, xs_per_stage):
+            params, static = eqx.partition(stage.blocks, eqx.is_array)
+
+            def step(carry, scanned, static=static):
+                layer_params, layer_xs = scanned
+                return body(carry, eqx.combine(layer_params, static), layer_xs)
+
+            step = apply_remat(step, self.config.remat_policy)
+            if self.config.scan_layers:
+                x, ys = jax.lax.scan(step, x, (params, xs))
+            else:
+                ys_list = []
+                for i in range(stage.repeats):
+                    x, y = step(x, jax.tree_util.tree_map(lambda a: a[i], (params, xs)))
+                    ys_list.append(y)
+                ys = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys_list)
+            outputs.append(ys)
+        return x, outputs
+
+    def _split_layers(self, array):
+        """Split a `[num_layers, ...]` array into per-stage `[repeats, pattern, ...]` pieces."""
+        pieces, offset = [], 0
+        for stage in self.stages:
+            n = stage.repeats * len(stage.blocks)
+            pieces.append(array[offset:offset + n].reshape(stage.repeats, len(stage.blocks), *array.shape[1:]))
+            offset += n
+        return pieces
+
+    # -------------------------------------------------------------------- calls
+    def __call__(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        positions: Int[Array, "batch seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Float[Array, "batch seq vocab"], dict]:
+        """Logits (fp32) for every position, and the MoE aux pytree.
+
+        Arguments:
+            tokens: token ids.
+            segment_ids: packed documents; attention never crosses a change of id.
+            positions: RoPE positions; default `0..seq-1`, restarting per document
+                when `segment_ids` is given.
+            key: enables dropout and router jitter (training); `None` disables them.
+            inference: no dropout/jitter, and MoE layers route without dropping tokens.
+
+        Returns:
+            `(logits, aux)`; aux has `load_balancing_loss`, `router_z_loss`,
+            `dropped_fraction` (means over MoE layers) and `expert_load`
+            `[num_moe_layers, num_experts]`.
+        """
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"VishwamAI: sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}."
+            )
+        if positions is None:
+            positions = (
+                positions_from_segments(segment_ids) if segment_ids is not None
+                else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            )
+        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)
+
+        def body(x, blocks, keys):
+            auxes = []
+            for j, block in enumerate(blocks):
+                x, aux = block(x, positions=positions, segment_ids=segment_ids,
+                               key=None if keys is None else keys[j], inference=inference)
+                if block.is_moe:
+                    auxes.append(aux)
+            return x, auxes
+
+        xs = [None] * len(self.stages) if layer_keys is None else self._split_layers(layer_keys)
+        x, per_stage = self._run_stages(body, self._embed(tokens), xs)
+        return self._logits(x), _merge_aux(self.config, per_stage)
+
+    def decode(
+        self,
+        tokens: Int[Array, "batch seq"],
+        positions: Int[Array, "batch seq"],
+        cache: KVCache,
+    ) -> tuple[Float[Array, "batch seq vocab"], KVCache]:
+        """Cached forward: writes this chunk's keys/values at `positions` and
+        attends to everything cached at or before each position. Prefill passes
+        the whole prompt; a decode step passes one token per row."""
+        def body(x, blocks, caches):
+            k_all, v_all = caches
+            new_k, new_v = [], []
+            for j, block in enumerate(blocks):
+                x, k, v = block.decode(x, positions, k_all[j], v_all[j])
+                new_k.append(k)
+                new_v.append(v)
+            return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+        xs = list(zip(self._split_layers(cache.k), self._split_layers(cache.v)))
+        x, per_stage = self._run_stages(body, self._embed(tokens), xs)
+        k = jnp.concatenate([ks.reshape(-1, *ks.shape[2:]) for ks, _ in per_stage])
+        v = jnp.concatenate([vs.reshape(-1, *vs.shape[2:]) for _, vs in per_stage])
+        return self._logits(x), KVCache(k, v)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        return KVCache.init(self.config, batch, self.config.max_seq_len if max_len is None else max_len, dtype)
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Total and active-per-token parameter counts, from abstract shapes only
+    (`eqx.filter_eval_shape`: nothing is allocated, so the seed preset is instant)."""
+    model = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
+    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(model)
+                if isinstance(x, jax.ShapeDtypeStruct))
+    routed = 0
+    for stage in model.stages:
+        for block in stage.blocks:
+            if block.is_moe:
+                routed += sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(block.mlp.experts))
+    inactive = routed * (config.num_experts - config.experts_per_token) // config.num_experts if routed else 0
+    return {"total": total, "active": total - inactive}

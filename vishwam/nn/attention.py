@@ -1,0 +1,155 @@
+"""Multi-head attention with GQA, RoPE, packed-document masking and a KV cache."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ..kernels import flash_attention
+from .linear import Linear
+from .rope import apply_rope
+
+
+def positions_from_segments(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+    """Positions that restart at 0 wherever the segment id changes along a row."""
+    seq = segment_ids.shape[1]
+    idx = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - first
+
+
+class TPUMultiHeadAttention(eqx.Module):
+    """Self-attention: q/k/v projections, RoPE, `flash_attention`, output projection.
+
+    `num_kv_heads < num_heads` gives grouped-query attention (the kernels never
+    materialise repeated keys). With `use_flash_attn=False` the naive reference
+    attention runs instead (debugging, oracles).
+    """
+
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    rope_theta: float = eqx.field(static=True)
+    use_flash_attn: bool = eqx.field(static=True)
+    implementation: str = eqx.field(static=True)
+    block_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        use_flash_attn: bool = True,
+        use_fp8: bool = False,
+        *,
+        num_kv_heads: int | None = None,
+        use_bias: bool = False,
+        rope_theta: float = 10000.0,
+        implementation: str = "auto",
+        block_size: int = 128,
+        fp8_scaling: str = "tensor",
+        fp8_block_size: int = 128,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dtype=jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        common = dict(use_bias=use_bias, use_fp8=use_fp8, block_size=fp8_block_size,
+                      fp8_scaling=fp8_scaling, dtype=dtype)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, init_std=init_std, key=kq, **common)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kk, **common)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kv, **common)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size,
+                             init_std=init_std if out_init_std is None else out_init_std, key=ko, **common)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.rope_theta = rope_theta
+        self.use_flash_attn = use_flash_attn
+        self.implementation = implementation
+        self.block_size = block_size
+
+    def __check_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TPUMultiHeadAttention: num_heads={self.num_heads} is not divisible by "
+                f"num_kv_heads={self.num_kv_heads}; choose a divisor of num_heads."
+            )
+
+    def _project(self, x, positions):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+
+    def _attend(self, q, k, v, **kwargs):
+        impl = self.implementation if self.use_flash_attn else "reference"
+        out = flash_attention(q, k, v, block_size=self.block_size, implementation=impl,
+                              sm_scale=1.0 / math.sqrt(self.head_dim), **kwargs)
+        b, t = q.shape[:2]
+        out = checkpoint_name(out, "attention_output")
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+    def __call__(
+        self,
+        x: Float[Array, "batch seq hidden"],
+        *,
+        positions: Int[Array, "batch seq"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        mask: Bool[Array, "..."] | None = None,
+        causal: bool = True,
+    ) -> Float[Array, "batch seq hidden"]:
+        """Attention over the sequence itself (training, scoring).
+
+        Arguments:
+            positions: RoPE positions; default `0..seq-1`, or restarting per
+                document when `segment_ids` is given.
+            segment_ids: packed documents; tokens attend only within their id.
+            mask: optional boolean mask broadcastable to `[batch, heads, seq, seq]`.
+        """
+        if positions is None:
+            positions = (
+                positions_from_segments(segment_ids)
+                if segment_ids is not None
+                else jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            )
+        q, k, v = self._project(x, positions)
+        return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids)
+
+    def decode(
+        self,
+        x: Float[Array, "batch seq hidden"],
+        positions: Int[Array, "batch seq"],
+        k_cache: Float[Array, "batch max_len kv_heads head_dim"],
+        v_cache: Float[Array, "batch max_len kv_heads head_dim"],
+    ) -> tuple[Float[Array, "batch seq hidden"], Float[Array, "batch max_len kv_heads head_dim"],
+               Float[Array, "batch max_len kv_heads head_dim"]]:
+        """Attention with a KV cache (prefill when `seq > 1`, a decode step when `seq == 1`).
+
+        The new keys/values are written at `positions` (per row, so rows of a batch
+        may sit at different lengths), then each query attends to every cached slot
+        at or before its own position. Slots past a row's position hold stale or
+        padding entries and are masked out.
+        """
+        q, k, v = self._project(x, positions)
+        rows = jnp.arange(x.shape[0])[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+        visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+        out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
+        return out, k_cache, v_cache

@@ -1,0 +1,97 @@
+"""Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..config import ModelConfig
+from .attention import TPUMultiHeadAttention
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm, TPULayerNorm, make_norm
+from .precision import dtype_from_name
+
+
+def dropout(x, rate: float, key):
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(eqx.Module):
+    """One transformer layer. `mlp` is a dense `MLP` or a routed `MoE`."""
+
+    attn_norm: RMSNorm | TPULayerNorm
+    attn: TPUMultiHeadAttention
+    mlp_norm: RMSNorm | TPULayerNorm
+    mlp: MLP | MoE
+    dropout_rate: float = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, is_moe: bool, *, key: PRNGKeyArray):
+        ka, km = jax.random.split(key)
+        dtype = dtype_from_name(config.param_dtype)
+        out_std = config.init_std / math.sqrt(2 * config.num_layers)
+        fp8_attn = config.fp8 in ("attention", "all")
+        fp8_mlp = config.fp8 in ("mlp", "all")
+        self.attn_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
+        self.attn = TPUMultiHeadAttention(
+            config.hidden_size, config.num_heads, config.dim_per_head,
+            use_fp8=fp8_attn, num_kv_heads=config.kv_heads, rope_theta=config.rope_theta,
+            implementation=config.attention_impl, block_size=config.attention_block_size,
+            fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
+            init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=ka,
+        )
+        self.mlp_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
+        if is_moe:
+            self.mlp = MoE(
+                config.hidden_size, config.ffn_dim, config.num_experts, config.experts_per_token,
+                router_type=config.router_type, renormalize=config.router_renormalize,
+                dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
+                jitter=config.router_jitter, num_shared_experts=config.num_shared_experts,
+                init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=km,
+            )
+        else:
+            self.mlp = MLP(config.hidden_size, config.ffn_dim, use_fp8=fp8_mlp,
+                           fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
+                           init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=km)
+        self.dropout_rate = config.dropout
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def _residual(self, x, h, key):
+        if key is not None and self.dropout_rate > 0:
+            h = dropout(h, self.dropout_rate, key)
+        return x + h.astype(x.dtype)
+
+    def _feed_forward(self, x, *, key, inference):
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            return self.mlp(h, key=key, inference=inference)
+        return self.mlp(h), {}
+
+    def __call__(
+        self,
+        x: Float[Array, "batch seq hidden"],
+        *,
+        positions: Int[Array, "batch seq"],
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Float[Array, "batch seq hidden"], dict]:
+        k_attn = k_mlp = k_route = None
+        if key is not None and not inference:
+            k_attn, k_mlp, k_route = jax.random.split(key, 3)
+        x = self._residual(x, self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids), k_attn)
+        h, aux = self._feed_forward(x, key=k_route, inference=inference)
+        return self._residual(x, h, k_mlp), aux
+
+    def decode(self, x, positions, k_cache, v_cache):
+        """One cached step (see `TPUMultiHeadAttention.decode`); inference mode, no aux."""
+        h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache)
+        x = x + h
+        h, _ = self._feed_forward(x, key=None, inference=True)
+        return x + h, k_cache, v_cache
