@@ -268,6 +268,38 @@ class VishwamAI(eqx.Module):
         v = jnp.concatenate([vs.reshape(-1, *vs.shape[2:]) for _, vs in per_stage])
         return self._logits(x), KVCache(k, v)
 
+    def update_router_bias(self, expert_load: Float[Array, "moe_layers experts"]) -> "VishwamAI":
+        """Aux-loss-free balancing step (outside the gradient): raise the selection
+        bias of under-loaded experts and lower it for over-loaded ones,
+        `bias += rate * sign(1/E - load)`. A no-op unless `config.aux_free_bias`."""
+        if not self.config.aux_free_bias or not self.config.is_moe:
+            return self
+        target = 1.0 / self.config.num_experts
+        update = self.config.aux_free_bias_rate * jnp.sign(target - jax.lax.stop_gradient(expert_load))
+        pieces = iter(self._split_moe_rows(update))
+        stages = []
+        for stage in self.stages:
+            blocks = []
+            for block in stage.blocks:
+                if block.is_moe:
+                    rows = next(pieces)
+                    block = eqx.tree_at(lambda b: b.mlp.selection_bias, block,
+                                        block.mlp.selection_bias + rows.astype(block.mlp.selection_bias.dtype))
+                blocks.append(block)
+            stages.append(Stage(tuple(blocks), stage.repeats))
+        return eqx.tree_at(lambda m: m.stages, self, tuple(stages))
+
+    def _split_moe_rows(self, rows):
+        """`[num_moe_layers, ...]` rows in layer order -> one `[repeats, ...]` piece per MoE
+        block of each stage, in the order the stages and blocks are stored."""
+        pieces, offset = [], 0
+        for stage in self.stages:
+            n_moe = sum(block.is_moe for block in stage.blocks)
+            chunk = rows[offset:offset + stage.repeats * n_moe].reshape(stage.repeats, n_moe, *rows.shape[1:])
+            offset += stage.repeats * n_moe
+            pieces.extend(chunk[:, j] for j in range(n_moe))
+        return pieces
+
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, self.config.max_seq_len if max_len is None else max_len, dtype)
 

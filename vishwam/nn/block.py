@@ -50,6 +50,7 @@ class Block(eqx.Module):
                 router_type=config.router_type, renormalize=config.router_renormalize,
                 dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
                 jitter=config.router_jitter, num_shared_experts=config.num_shared_experts,
+                aux_free_bias=config.aux_free_bias, use_fp8=fp8_mlp,
                 init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=km,
             )
         else:

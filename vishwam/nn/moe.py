@@ -130,6 +130,7 @@ class MoE(eqx.Module):
     router: Float[Array, "hidden experts"]
     experts: Experts
     shared: MLP | None
+    selection_bias: Float[Array, " experts"] | None
     num_experts: int = eqx.field(static=True)
     top_k: int = eqx.field(static=True)
     router_type: str = eqx.field(static=True)
@@ -137,11 +138,12 @@ class MoE(eqx.Module):
     dispatch: str = eqx.field(static=True)
     capacity_factor: float | None = eqx.field(static=True)
     jitter: float = eqx.field(static=True)
+    use_fp8: bool = eqx.field(static=True)
 
     def __init__(self, hidden_size: int, ffn_dim: int, num_experts: int, top_k: int, *,
                  router_type: str = "softmax", renormalize: bool = True, dispatch: str = "dense",
                  capacity_factor: float | None = None, jitter: float = 0.0, num_shared_experts: int = 0,
-                 init_std: float = 0.02, out_init_std: float | None = None, dtype=jnp.float32,
+                 aux_free_bias: bool = False, use_fp8: bool = False, init_std: float = 0.02, out_init_std: float | None = None, dtype=jnp.float32,
                  key: PRNGKeyArray):
         kr, ke, ks = jax.random.split(key, 3)
         self.router = (init_std * jax.random.normal(kr, (hidden_size, num_experts))).astype(jnp.float32)
@@ -152,6 +154,9 @@ class MoE(eqx.Module):
                 dtype=dtype, key=ks)
             if num_shared_experts > 0 else None
         )
+        # Aux-loss-free balancing: used for expert selection only, never trained
+        # (it enters `route` under stop_gradient); see `VishwamAI.update_router_bias`.
+        self.selection_bias = jnp.zeros((num_experts,), jnp.float32) if aux_free_bias else None
         self.num_experts = num_experts
         self.top_k = top_k
         self.router_type = router_type
@@ -159,6 +164,7 @@ class MoE(eqx.Module):
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.jitter = jitter
+        self.use_fp8 = use_fp8
 
     def __check_init__(self):
         if self.top_k > self.num_experts:
@@ -178,7 +184,8 @@ class MoE(eqx.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (T, D)
         logits = self.router_logits(tokens, key=key, inference=inference)
-        routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize)
+        routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize,
+                        selection_bias=self.selection_bias)
         y, dropped = DISPATCHES[self.dispatch](tokens, self.experts, routing)
         if self.shared is not None:
             y = y + self.shared(tokens)
