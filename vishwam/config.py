@@ -14,6 +14,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 Fp8Target = Literal["none", "attention", "mlp", "all"]
 Fp8Scaling = Literal["tensor", "block"]
 
+# Choice fields are annotated `str` on the dataclass so that a bad value reaches
+# `_validate` (a ValueError naming the field) rather than a run-time type checker.
 _CHOICES = {
     "norm_type": NormType,
     "remat_policy": RematPolicy,
@@ -60,10 +62,10 @@ class ModelConfig:
     capacity_factor: float | None = 1.25
     """Expert capacity = ceil(tokens * k / experts * factor) for the `capacity`
     dispatch during training. `None` means dropless (worst-case capacity)."""
-    moe_dispatch: MoEDispatch = "dense"
+    moe_dispatch: str = "dense"
     """How tokens reach experts: `dense` (oracle), `capacity` (buffers + einsum),
     `ragged` (sort + `jax.lax.ragged_dot`)."""
-    router_type: RouterType = "softmax"
+    router_type: str = "softmax"
     """Router scores: softmax over experts, or independent sigmoids."""
     router_renormalize: bool = True
     """Renormalise the top-k weights of each token to sum to one."""
@@ -80,7 +82,7 @@ class ModelConfig:
     only, updated outside the gradient from the observed load."""
     aux_free_bias_rate: float = 0.001
     """Step size of the aux-free bias update."""
-    norm_type: NormType = "rms"
+    norm_type: str = "rms"
     """RMSNorm or LayerNorm."""
     norm_eps: float = 1e-6
     """Epsilon inside the norms."""
@@ -94,20 +96,20 @@ class ModelConfig:
     """Share the input embedding with the LM head."""
     init_std: float = 0.02
     """Std of the normal init; residual projections get `init_std / sqrt(2 * num_layers)`."""
-    param_dtype: DType = "float32"
+    param_dtype: str = "float32"
     """Storage dtype of parameters."""
-    compute_dtype: DType = "float32"
+    compute_dtype: str = "float32"
     """Dtype of activations and matmul inputs (logits and losses are always fp32)."""
-    remat_policy: RematPolicy = "none"
+    remat_policy: str = "none"
     """Gradient checkpointing policy applied to each scanned block."""
-    attention_impl: AttentionImpl = "auto"
+    attention_impl: str = "auto"
     """Backend for `flash_attention`."""
     attention_block_size: int = 128
     """Block size of the blockwise attention kernels."""
-    fp8: Fp8Target = "none"
+    fp8: str = "none"
     """Which projections compute in fp8: none, attention, mlp (experts too) or all.
     The LM head and the router always stay in higher precision."""
-    fp8_scaling: Fp8Scaling = "tensor"
+    fp8_scaling: str = "tensor"
     """fp8 scaling mode: per-tensor current scaling or block-wise."""
     fp8_block_size: int = 128
     """Tile size of block-wise fp8 scaling."""
@@ -275,3 +277,126 @@ def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
     total += embed + head + norm
     active += embed + head + norm
     return {"total": total, "active": active}
+
+
+NanPolicy = Literal["stop", "skip"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that fixes one optimisation step: optimiser, schedule, batch, losses.
+
+    `batch_size` is the global batch of one optimiser step; it is split into
+    `accum_steps` micro-batches of `batch_size // accum_steps` rows each.
+    """
+
+    learning_rate: float = 3e-4
+    """Peak learning rate, reached at the end of the warm-up."""
+    warmup_steps: int = 100
+    """Optimiser steps of linear warm-up from `learning_rate / warmup_steps` to the peak."""
+    total_steps: int = 10000
+    """Length of the whole schedule (warm-up included); the cosine decay ends here at
+    `learning_rate * min_lr_ratio` and stays there afterwards."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay on matrices; never on norms, biases or vectors."""
+    decay_embeddings: bool = False
+    """Also decay the token embedding (the LM head is a matrix and always decayed)."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    grad_clip: float | None = 1.0
+    """Clip gradients to this global L2 norm; `None` disables clipping."""
+    accum_steps: int = 1
+    """Micro-batches per optimiser step (gradient accumulation, `lax.scan`)."""
+    batch_size: int = 8
+    """Sequences per optimiser step, over all micro-batches and devices."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    z_loss_coef: float = 0.0
+    """Weight of the logit z-loss, mean of `logsumexp(logits)**2` over unmasked tokens
+    (PaLM uses 1e-4; 0 = off)."""
+    distill_alpha: float = 0.5
+    """With a teacher: loss = `alpha * CE + (1 - alpha) * T**2 * KL(teacher || student)`."""
+    distill_temperature: float = 2.0
+    """Softmax temperature `T` of the distillation KL."""
+    seed: int = 0
+    """Seed of the training PRNG key (dropout, router jitter) and of the model init."""
+    nan_policy: NanPolicy = "stop"
+    """On a non-finite loss or gradient: `stop` applies the step and only reports it
+    (the runner decides what to do); `skip` leaves the whole train state unchanged."""
+
+    def __post_init__(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"TrainConfig.{field}: {message}")
+
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}.")
+        for name in ("total_steps", "accum_steps", "batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, f"must be a positive integer, got {value!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            fail("seed", f"must be an integer, got {self.seed!r}.")
+        if self.warmup_steps >= self.total_steps:
+            fail("warmup_steps", f"{self.warmup_steps} leaves no decay before total_steps={self.total_steps}; "
+                 "make total_steps larger than warmup_steps.")
+        if self.batch_size % self.accum_steps:
+            fail("accum_steps", f"batch_size={self.batch_size} is not divisible by accum_steps={self.accum_steps}; "
+                 "choose a divisor of batch_size.")
+        if not self.learning_rate > 0:
+            fail("learning_rate", f"must be > 0, got {self.learning_rate}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}.")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, f"must be in [0, 1), got {getattr(self, name)}.")
+        if not self.eps > 0:
+            fail("eps", f"must be > 0, got {self.eps}.")
+        for name in ("weight_decay", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            fail("grad_clip", f"must be > 0 or None (no clipping), got {self.grad_clip}.")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            fail("distill_alpha", f"must be in [0, 1], got {self.distill_alpha}.")
+        if not self.distill_temperature > 0:
+            fail("distill_temperature", f"must be > 0, got {self.distill_temperature}.")
+        if self.nan_policy not in NanPolicy.__args__:
+            fail("nan_policy", f"unknown value {self.nan_policy!r}; choose one of "
+                 f"{', '.join(map(repr, NanPolicy.__args__))}.")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: "str | Path") -> "TrainConfig":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise FileNotFoundError(f"TrainConfig.from_json: no such file {path}")
+            text = path.read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

@@ -268,6 +268,27 @@ class VishwamAI(eqx.Module):
         v = jnp.concatenate([vs.reshape(-1, *vs.shape[2:]) for _, vs in per_stage])
         return self._logits(x), KVCache(k, v)
 
+    def with_config(self, config: ModelConfig) -> "VishwamAI":
+        """The same weights under a config that changes only how they are run
+        (scan/unroll, remat, compute dtype, attention backend, MoE dispatch, dropout,
+        fp8 flags...). Raises if the new config changes any parameter's shape."""
+        abstract = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
+        new_arrays, new_static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        new_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_arrays)
+        old_leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(self, eqx.is_array))
+        new_sig = [(jax.tree_util.keystr(p), x.shape) for p, x in new_leaves]
+        old_sig = [(jax.tree_util.keystr(p), x.shape) for p, x in old_leaves]
+        if new_sig != old_sig:
+            raise ValueError(
+                "VishwamAI.with_config: the new config changes the parameters, so the weights cannot be "
+                f"reused; differing fields: {self.config.diff(config)}. Build a new model instead."
+            )
+        arrays = jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(new_arrays),
+            [old.astype(new.dtype) for (_, old), (_, new) in zip(old_leaves, new_leaves)],
+        )
+        return eqx.combine(arrays, new_static)
+
     def update_router_bias(self, expert_load: Float[Array, "moe_layers experts"]) -> "VishwamAI":
         """Aux-loss-free balancing step (outside the gradient): raise the selection
         bias of under-loaded experts and lower it for over-loaded ones,

@@ -1,0 +1,78 @@
+import time
+import tracemalloc
+
+import pytest
+
+from vishwam import ModelConfig, count_parameters
+from vishwam.config import parameter_counts_closed_form
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(hidden_size=30, num_heads=4), "hidden_size"),
+        (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        (dict(num_experts=4, experts_per_token=5), "experts_per_token"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(num_layers=-1), "num_layers"),
+        (dict(ffn_dim=0), "ffn_dim"),
+        (dict(norm_type="batch"), "norm_type"),
+        (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(attention_impl="cuda"), "attention_impl"),
+        (dict(moe_dispatch="magic"), "moe_dispatch"),
+        (dict(compute_dtype="float8"), "compute_dtype"),
+        (dict(num_layers=4, first_dense_layers=1, moe_every=2), "moe_every"),
+        (dict(first_dense_layers=5, num_layers=4), "first_dense_layers"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(head_dim=7), "head_dim"),
+    ],
+)
+def test_contradictions_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}"):
+        ModelConfig.preset("tiny", **changes)
+
+
+def test_json_round_trip_and_unknown_field():
+    config = ModelConfig.preset("small", capacity_factor=None, remat_policy="full")
+    assert ModelConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({**config.to_dict(), "hidden": 3})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="tiny"):
+        ModelConfig.preset("huge")
+
+
+def test_moe_layer_pattern():
+    config = ModelConfig.preset("tiny", num_layers=7, first_dense_layers=1, moe_every=3)
+    assert [config.layer_is_moe(i) for i in range(7)] == [False, False, False, True, False, False, True]
+    assert config.num_moe_layers == 2
+    assert not ModelConfig.preset("tiny", num_experts=1, experts_per_token=1).is_moe
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("tiny", {}), ("small", {}), ("tiny", dict(num_layers=7, first_dense_layers=1, moe_every=3,
+                                                   num_shared_experts=1, norm_type="layer", tie_embeddings=True))],
+)
+def test_parameter_count_matches_closed_form(name, overrides):
+    config = ModelConfig.preset(name, **overrides)
+    assert count_parameters(config) == parameter_counts_closed_form(config)
+
+
+def test_seed_parameter_count_is_abstract():
+    config = ModelConfig.preset("seed")
+    tracemalloc.start()
+    start = time.perf_counter()
+    counts = count_parameters(config)
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert counts == parameter_counts_closed_form(config)
+    # 54.8B parameters would be ~219 GB in fp32: the count must come from shapes alone.
+    assert counts["total"] == 54_762_147_840
+    assert counts["active"] == 16_107_442_176
+    assert peak < 200 * 2**20
+    assert elapsed < 30
