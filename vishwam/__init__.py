@@ -6,5 +6,6 @@ from .kernels import flash_attention as flash_attention
 from .model import KVCache as KVCache
 from .model import VishwamAI as VishwamAI
 from .model import count_parameters as count_parameters
+from .tokenizer import VishwamAITokenizer as VishwamAITokenizer
 
 __version__ = "0.1.0"

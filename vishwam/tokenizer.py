@@ -1,0 +1,927 @@
+"""VishwamAITokenizer: a lossless SentencePiece tokenizer with an LRU cache and HF-compatible files.
+
+Models trained here use the identity normaliser, keep whitespace runs and fall back to
+UTF-8 bytes for characters outside the vocabulary, so ``decode(encode(s)) == s`` for any
+text. Special ids are fixed: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, user symbols after.
+
+Example:
+    tok = VishwamAITokenizer.train(documents, "out/tok.model", vocab_size=4096)
+    batch = tok(["hello", "a longer text"], padding="longest", return_tensors="np")
+    tok.save_pretrained("out/hf")  # tokenizer.model + tokenizer_config.json + special_tokens_map.json
+"""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_SPECIAL_NAMES = ("pad", "unk", "bos", "eos")  # index == fixed id
+_DEFAULT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+
+# SentencePiece's whitespace marker. Text spaces become it, and sp renders it back as a
+# space, so a literal U+2581 in the input needs the byte-level escape in `_encode_meta`.
+_META = "\u2581"
+
+# Texts longer than this are encoded but not cached: the cache is for frequent short lines,
+# and a few long documents would otherwise hold most of its memory.
+CACHE_MAX_CHARS = 8192
+
+# Trainer options that define the format (lossless, fixed ids); the caller may not change them.
+_LOSSLESS_TRAINER_OPTIONS = {
+    "pad_id": PAD_ID,
+    "unk_id": UNK_ID,
+    "bos_id": BOS_ID,
+    "eos_id": EOS_ID,
+    "pad_piece": _DEFAULT_SPECIAL_TOKENS[0],
+    "unk_piece": _DEFAULT_SPECIAL_TOKENS[1],
+    "bos_piece": _DEFAULT_SPECIAL_TOKENS[2],
+    "eos_piece": _DEFAULT_SPECIAL_TOKENS[3],
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "byte_fallback": True,
+    "add_dummy_prefix": True,
+}
+_RESERVED_TRAINER_OPTIONS = frozenset(_LOSSLESS_TRAINER_OPTIONS) | {
+    "input",
+    "model_prefix",
+    "model_writer",
+    "sentence_iterator",
+    "sentence_reader",
+    "vocab_size",
+    "model_type",
+    "user_defined_symbols",
+    "control_symbols",
+    "hard_vocab_limit",
+    "normalization_rule_tsv",
+}
+# Llama-style defaults the caller may override through **sentencepiece_options.
+_DEFAULT_TRAINER_OPTIONS = {
+    "allow_whitespace_only_pieces": True,
+    "split_digits": True,
+    "max_sentence_length": 4192,
+    "minloglevel": 2,
+}
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+# Probe used to reject models whose normaliser would change text.
+_LOSSLESS_PROBE = "  two  spaces\tand\ttabs  "
+
+
+@runtime_checkable
+class IdArray(Protocol):
+    """A numpy or JAX array of token ids."""
+
+    ndim: int
+
+    def tolist(self) -> Any: ...
+
+
+class VishwamAITokenizer:
+    """A lossless SentencePiece tokenizer with fixed special ids and a thread-safe LRU cache.
+
+    Arguments:
+        model_path: a SentencePiece ``.model`` file with ``[PAD]=0, [UNK]=1, [BOS]=2,
+            [EOS]=3`` and byte fallback (as written by `VishwamAITokenizer.train`).
+        max_length: default length limit of `__call__` (truncation and ``"max_length"`` padding).
+        pad_token, unk_token, bos_token, eos_token: must equal the model's pieces at ids 0-3.
+        cache_size: entries of the encode cache; ``0`` turns the cache (and its counters) off.
+            Texts longer than `CACHE_MAX_CHARS` characters are never cached.
+        num_threads: SentencePiece threads for batch calls; ``None`` uses every core.
+        add_bos_token, add_eos_token: whether `__call__` adds BOS/EOS (HF's ``add_bos_token``).
+        padding_side: ``"right"`` or ``"left"``, where `__call__` pads.
+
+    Encoding results are cached as tuples; every public method returns fresh lists that the
+    caller may mutate without affecting the cache.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        max_length: int = 512,
+        pad_token: str = "[PAD]",
+        unk_token: str = "[UNK]",
+        bos_token: str = "[BOS]",
+        eos_token: str = "[EOS]",
+        *,
+        cache_size: int = 4096,
+        num_threads: int | None = None,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        padding_side: str = "right",
+    ):
+        path = Path(model_path)
+        self._sp = _load_processor(path)
+        self._model_path = path
+        tokens = (pad_token, unk_token, bos_token, eos_token)
+        _check_special_tokens(self._sp, path, tokens)
+        _check_lossless(self._sp, path)
+
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0 (0 turns the cache off), got {cache_size!r}.")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be None (all cores) or an int >= 1, got {num_threads!r}.")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        _check_max_length(max_length, bool(add_bos_token) + bool(add_eos_token), "max_length")
+
+        self._max_length = max_length
+        self._add_bos_token = bool(add_bos_token)
+        self._add_eos_token = bool(add_eos_token)
+        self._padding_side = padding_side
+        self._special_tokens = tokens
+        self._special_ids = frozenset(range(len(tokens)))
+        self._num_threads = -1 if num_threads is None else num_threads
+        self._fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
+        self._meta_id = self._sp.piece_to_id(_META)
+        self._byte_ids = tuple(self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256))
+        # A character that falls back to bytes emits one lead byte and 0-3 continuation bytes.
+        self._lead_byte_ids = frozenset(i for b, i in enumerate(self._byte_ids) if b & 0xC0 != 0x80)
+
+        self._cache_size = cache_size
+        self._cache: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def train(
+        cls,
+        input: Iterable[str] | Iterable[str | os.PathLike] | str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        vocab_size: int = 131072,
+        model_type: str = "bpe",
+        user_symbols: Sequence[str] = (),
+        hard_vocab_limit: bool = True,
+        max_length: int = 512,
+        input_kind: str = "auto",
+        **sentencepiece_options: Any,
+    ) -> "VishwamAITokenizer":
+        """Train a lossless SentencePiece model, write it atomically and load it.
+
+        Arguments:
+            input: documents (an iterable of str) or text files (a path, or a list of paths).
+                With ``input_kind="auto"`` a list is read as files when every item is a
+                `Path` or a str naming an existing file; pass ``input_kind`` to be explicit.
+                Documents are split into lines, as SentencePiece reads files, so a newline
+                is never a learned piece: it encodes as the byte piece ``<0x0A>`` (one token,
+                as in Llama). Lines longer than ``max_sentence_length`` bytes are cut into
+                pieces (SentencePiece would drop them).
+            output_path: the ``.model`` file to write; parent directories are created.
+            vocab_size: pieces in the model, specials and byte pieces included.
+            model_type: ``"bpe"`` or ``"unigram"``.
+            user_symbols: strings always kept as one piece, with ids from 4 on.
+            hard_vocab_limit: if False, a corpus too small for ``vocab_size`` yields a
+                smaller vocabulary instead of an error.
+            max_length: passed to the returned tokenizer.
+            **sentencepiece_options: other `SentencePieceTrainer` options (e.g.
+                ``character_coverage``, ``input_sentence_size``, ``num_threads``).
+
+        Returns:
+            The tokenizer loaded from ``output_path``.
+        """
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}.")
+        if model_type not in ("bpe", "unigram"):
+            raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
+        reserved = sorted(_RESERVED_TRAINER_OPTIONS.intersection(sentencepiece_options))
+        if reserved:
+            raise ValueError(
+                f"SentencePiece options {reserved} are fixed by VishwamAITokenizer.train (lossless "
+                "normalisation, special ids 0-3) or are its own arguments (vocab_size, model_type, "
+                "user_symbols, hard_vocab_limit, input); remove them."
+            )
+        symbols = _check_user_symbols(user_symbols)
+        output = Path(output_path)
+        if output.is_dir():
+            raise IsADirectoryError(f"output_path {output} is a directory; pass the .model file to write.")
+
+        options = {**_DEFAULT_TRAINER_OPTIONS, **sentencepiece_options}
+        feed = _SentenceFeed(_training_sentences(input, input_kind), int(options["max_sentence_length"]))
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(feed),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                user_defined_symbols=list(symbols),
+                hard_vocab_limit=hard_vocab_limit,
+                **_LOSSLESS_TRAINER_OPTIONS,
+                **options,
+            )
+        except RuntimeError as error:
+            raise _training_error(error, feed, vocab_size, model_type) from None
+        _atomic_write(output, model.getvalue())
+        return cls(output, max_length=max_length)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of one text, as a fresh list."""
+        if not isinstance(text, str):
+            raise TypeError(_text_type_error("encode", text))
+        return _add_specials(self._encode_one(text), add_bos, add_eos)
+
+    def batch_encode(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """Token ids of many texts (one multi-threaded SentencePiece call), as fresh lists."""
+        texts = _check_texts("batch_encode", texts)
+        ids = self._encode_many(texts)
+        if add_bos or add_eos:
+            for row in ids:
+                _add_specials(row, add_bos, add_eos)
+        return ids
+
+    def _encode_one(self, text: str) -> list[int]:
+        """Fresh list of the ids of `text` (the caller may mutate it)."""
+        if not self._cache_size or len(text) > CACHE_MAX_CHARS:
+            return self._encode_text(text)
+        with self._cache_lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                self._hits += 1
+                return list(cached)
+            self._misses += 1
+        ids = self._encode_text(text)
+        self._store([text], [ids])
+        return ids
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Fresh lists of ids, one per text; a text repeated in the batch is encoded once.
+
+        Counters: a miss is a text SentencePiece had to encode, every other text is a hit.
+        """
+        if not self._cache_size:
+            return self._encode_uncached(texts)
+        out: list[Any] = [None] * len(texts)
+        missing: dict[str, None] = {}
+        with self._cache_lock:
+            cache = self._cache
+            for i, text in enumerate(texts):
+                cached = cache.get(text)
+                if cached is None:
+                    missing[text] = None
+                else:
+                    cache.move_to_end(text)
+                    out[i] = list(cached)
+            self._misses += len(missing)
+            self._hits += len(texts) - len(missing)
+        if not missing:
+            return out
+        new_texts = list(missing)
+        new_ids = self._encode_uncached(new_texts)
+        self._store(new_texts, new_ids)
+        if len(new_texts) == len(texts):  # all distinct and all new: already in order
+            return new_ids
+        fresh = dict(zip(new_texts, new_ids))
+        given: set[str] = set()
+        for i, ids in enumerate(out):
+            if ids is None:
+                text = texts[i]
+                # The first occurrence takes sp's own list; repeats get copies.
+                out[i] = list(fresh[text]) if text in given else fresh[text]
+                given.add(text)
+        return out
+
+    def _store(self, texts: list[str], ids: list[list[int]]) -> None:
+        # Only the newest `cache_size` entries can survive the insertion, so skip the rest.
+        start = max(0, len(texts) - self._cache_size)
+        with self._cache_lock:
+            cache = self._cache
+            for text, text_ids in zip(texts[start:], ids[start:]):
+                if len(text) <= CACHE_MAX_CHARS:
+                    cache[text] = tuple(text_ids)
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
+
+    def _encode_text(self, text: str) -> list[int]:
+        # sp's single-text call: its batch call costs a thread-pool round trip per call.
+        return self._encode_meta(text) if _META in text else self._sp.encode(text)
+
+    def _encode_uncached(self, texts: list[str]) -> list[list[int]]:
+        ids = self._sp.encode(texts, num_threads=self._num_threads)
+        for i, text in enumerate(texts):
+            if _META in text:
+                ids[i] = self._encode_meta(text)
+        return ids
+
+    def _encode_meta(self, text: str) -> list[int]:
+        """Encode a text containing a literal U+2581, which sp would decode as a space.
+
+        The pieces whose source text holds a literal U+2581 are re-spelt character by
+        character, the literal marker as its three UTF-8 byte pieces; all others are kept.
+        """
+        result = self._sp.encode(text, out_type="offset_mapping")
+        ids: list[int] = []
+        for piece_id, piece, (begin, end) in zip(result["ids"], result["pieces"], result["offsets"]):
+            surface = text[begin:end]
+            if _META not in surface:
+                ids.append(piece_id)
+                continue
+            # The piece carries one marker per space or literal marker in its surface,
+            # plus one for the dummy prefix when it starts the text.
+            if piece.count(_META) > surface.count(" ") + surface.count(_META):
+                ids.append(self._meta_id)
+            for char in surface:
+                if char == " ":
+                    ids.append(self._meta_id)
+                elif char != _META and not self._sp.is_unknown(char_id := self._sp.piece_to_id(char)):
+                    ids.append(char_id)
+                else:
+                    ids.extend(self._byte_ids[b] for b in char.encode("utf-8"))
+        return ids
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, ids: Sequence[int] | IdArray, skip_special_tokens: bool = True) -> str:
+        """Text of one id sequence (list, tuple or 1-D numpy/JAX array).
+
+        With ``skip_special_tokens=False`` the special tokens appear as their text, so
+        ``decode(encode(s, add_bos=True), False) == "[BOS]" + s``.
+        """
+        if type(ids) is not list or (ids and type(ids[0]) is not int):  # the common case skips this
+            ids = _as_id_list(ids, 1, "decode")
+        if skip_special_tokens:
+            return self._sp_decode(_without_unk(ids), "decode")
+        return self._decode_showing_specials(ids)
+
+    def batch_decode(
+        self, batch_ids: Sequence[Sequence[int]] | IdArray, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Texts of many id sequences (a list of sequences or a 2-D numpy/JAX array)."""
+        batch = _as_id_list(batch_ids, 2, "batch_decode")
+        if not batch:  # sp would read [] as one empty sequence and return ""
+            return []
+        if not skip_special_tokens:
+            return [self._decode_showing_specials(ids) for ids in batch]
+        return self._sp_decode([_without_unk(ids) for ids in batch], "batch_decode")
+
+    def _decode_showing_specials(self, ids: list[int]) -> str:
+        specials = self._special_ids
+        if specials.isdisjoint(ids):
+            return self._sp_decode(ids, "decode")
+        parts: list[str] = []
+        run: list[int] = []
+        first_run = True
+        for i in [*ids, None]:  # None flushes the last run
+            if i is not None and i not in specials:
+                run.append(i)
+                continue
+            if run:
+                # sp drops the dummy-prefix space at the start of what it decodes, right for
+                # the first run only; a leading marker piece (decoded to "") absorbs it for the rest.
+                parts.append(self._sp_decode(run if first_run else [self._meta_id, *run], "decode"))
+                first_run, run = False, []
+            if i is not None:
+                parts.append(self._special_tokens[i])
+        return "".join(parts)
+
+    def _sp_decode(self, ids: list, method: str) -> Any:
+        """sp's decode of one id list or a batch of them. [PAD], [BOS] and [EOS] are control
+        pieces that sp decodes to "", so only [UNK] needs removing to skip special tokens."""
+        try:
+            return self._sp.decode(ids, num_threads=self._num_threads)
+        except IndexError:
+            rows = ids if method == "batch_decode" else [ids]
+            for row in rows:
+                self._check_range(row)
+            raise
+        except TypeError as error:
+            raise TypeError(f"{method} expects int ids ({error}).") from None
+
+    def _check_range(self, ids: list[int]) -> None:
+        n = self._sp.vocab_size()
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {n}); were the ids made by another tokenizer?"
+            )
+
+    # ------------------------------------------------------------------ HF-style call
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: str | bool = "longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ) -> dict[str, Any]:
+        """Encode, truncate and pad like a HuggingFace tokenizer.
+
+        Arguments:
+            texts: one text or a list of texts.
+            padding: ``"longest"``/True (to the longest in the batch), ``"max_length"`` (to
+                ``max_length``) or ``False``/``"do_not_pad"``.
+            truncation: cut sequences to ``max_length`` (keeping BOS/EOS).
+            max_length: defaults to the tokenizer's ``max_length``.
+            return_tensors: ``None`` (lists), ``"np"`` or ``"jax"`` (int32 ``[batch, len]``).
+            add_bos, add_eos: default to ``add_bos_token``/``add_eos_token``.
+
+        Returns:
+            ``{"input_ids": ..., "attention_mask": ...}``; with ``return_tensors=None`` and a
+            single text, flat lists (as in HF).
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else _check_texts("__call__", texts)
+        bos = self._add_bos_token if add_bos is None else bool(add_bos)
+        eos = self._add_eos_token if add_eos is None else bool(add_eos)
+        limit = self._max_length if max_length is None else max_length
+        _check_max_length(limit, bos + eos, "max_length")
+        mode = _padding_mode(padding)
+        if return_tensors not in (None, "np", "jax"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}.")
+
+        room = limit - bos - eos
+        input_ids = self._encode_many(batch)
+        for ids in input_ids:
+            if truncation:
+                del ids[room:]
+            _add_specials(ids, bos, eos)
+        lengths = [len(ids) for ids in input_ids]
+        target = {"longest": max(lengths, default=0), "max_length": limit, None: 0}[mode]
+        attention_mask = []
+        for ids, n in zip(input_ids, lengths):
+            pad = max(0, target - n)
+            if self._padding_side == "right":
+                attention_mask.append([1] * n + [0] * pad)
+                ids.extend([PAD_ID] * pad)
+            else:
+                attention_mask.append([0] * pad + [1] * n)
+                ids[:0] = [PAD_ID] * pad
+
+        if return_tensors is None:
+            if single:
+                return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if len(set(len(ids) for ids in input_ids)) > 1:
+            raise ValueError(
+                f"cannot make a {return_tensors!r} tensor from sequences of lengths {sorted(set(lengths))}; "
+                "pass padding='longest' or padding='max_length' (with truncation=True)."
+            )
+        width = len(input_ids[0]) if input_ids else target
+        arrays = {
+            "input_ids": np.array(input_ids, dtype=np.int32).reshape(len(input_ids), width),
+            "attention_mask": np.array(attention_mask, dtype=np.int32).reshape(len(input_ids), width),
+        }
+        if return_tensors == "jax":
+            import jax.numpy as jnp
+
+            return {name: jnp.asarray(array) for name, array in arrays.items()}
+        return arrays
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    def __len__(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos_token
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos_token
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """``{"pad_token": "[PAD]", ...}``."""
+        return {f"{name}_token": token for name, token in zip(_SPECIAL_NAMES, self._special_tokens)}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the serialized model proto: equal digests, equal encodings."""
+        return self._fingerprint
+
+    @property
+    def model_path(self) -> Path:
+        return self._model_path
+
+    def cache_info(self) -> dict[str, int]:
+        with self._cache_lock:
+            size = len(self._cache)
+            return {"hits": self._hits, "misses": self._misses, "size": size, "maxsize": self._cache_size}
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+    def coverage(self, texts: Sequence[str]) -> float:
+        """Fraction of the characters of ``texts`` that are encoded by vocabulary pieces
+        rather than byte fallback or ``[UNK]`` (1.0 for empty input)."""
+        texts = _check_texts("coverage", texts)
+        total = sum(len(text) for text in texts)
+        if total == 0:
+            return 1.0
+        lead, fallback = self._lead_byte_ids, 0
+        for ids in self._encode_many(texts):
+            fallback += sum(1 for i in ids if i in lead or i == UNK_ID)
+        return 1.0 - fallback / total
+
+    def __repr__(self) -> str:
+        return (
+            f"VishwamAITokenizer(model_path={str(self._model_path)!r}, vocab_size={self.vocab_size}, "
+            f"max_length={self._max_length})"
+        )
+
+    # ------------------------------------------------------------------ HF files
+
+    def save_pretrained(self, directory: str | os.PathLike) -> tuple[Path, Path, Path]:
+        """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        The layout is the one transformers' ``LlamaTokenizer`` reads (``legacy=True``: the
+        SentencePiece model's own dummy-prefix handling), so plain text gets the same ids
+        there. Each file is written atomically.
+        """
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        specials = self.special_tokens
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": self._add_bos_token,
+            "add_eos_token": self._add_eos_token,
+            "legacy": True,
+            "model_max_length": self._max_length,
+            "padding_side": self._padding_side,
+            "clean_up_tokenization_spaces": False,
+            "sp_model_kwargs": {},
+            **specials,
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": token,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
+                for i, token in enumerate(self._special_tokens)
+            },
+        }
+        names = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+        paths = (folder / names[0], folder / names[1], folder / names[2])
+        _atomic_write(paths[0], self._sp.serialized_model_proto())
+        _atomic_write(paths[1], _json_bytes(config))
+        _atomic_write(paths[2], _json_bytes(specials))
+        return paths
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "VishwamAITokenizer":
+        """Load a directory written by `save_pretrained` (or a Llama-style HF directory with
+        the same special ids); ``kwargs`` override the saved settings."""
+        folder = Path(directory)
+        model = folder / "tokenizer.model"
+        if not model.is_file():
+            raise FileNotFoundError(
+                f"{model} not found: from_pretrained expects a directory written by save_pretrained "
+                "(tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
+            )
+        config = _read_json(folder / "tokenizer_config.json")
+        config.update(_read_json(folder / "special_tokens_map.json"))
+        settings: dict[str, Any] = {}
+        for name in _SPECIAL_NAMES:
+            token = config.get(f"{name}_token")
+            if token is not None:
+                settings[f"{name}_token"] = token["content"] if isinstance(token, dict) else token
+        for key, name in (
+            ("model_max_length", "max_length"),
+            ("add_bos_token", "add_bos_token"),
+            ("add_eos_token", "add_eos_token"),
+            ("padding_side", "padding_side"),
+        ):
+            if key in config:
+                settings[name] = config[key]
+        return cls(model, **{**settings, **kwargs})
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _load_processor(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SentencePiece model file not found: {path}. Train one with VishwamAITokenizer.train(...) "
+            "or scripts/train_tokenizer.py."
+        )
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(path.read_bytes())
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path} is not a valid SentencePiece model ({error}). The file is corrupt or of another "
+            "format; re-train it or copy it again."
+        ) from None
+    return processor
+
+
+def _check_special_tokens(processor: spm.SentencePieceProcessor, path: Path, tokens: tuple[str, ...]) -> None:
+    model_ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+    for want, (name, token, got) in enumerate(zip(_SPECIAL_NAMES, tokens, model_ids)):
+        if got != want:
+            raise ValueError(
+                f"{path}: the model's {name} id is {got}, but VishwamAITokenizer needs "
+                f"[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3. Re-train it with VishwamAITokenizer.train."
+            )
+        piece = processor.id_to_piece(want)
+        if piece != token:
+            raise ValueError(
+                f"{path}: {name}_token={token!r} disagrees with the model, whose id {want} is {piece!r}; "
+                f"pass {name}_token={piece!r}."
+            )
+
+
+def _check_lossless(processor: spm.SentencePieceProcessor, path: Path) -> None:
+    if processor.decode(processor.encode(_LOSSLESS_PROBE)) != _LOSSLESS_PROBE:
+        raise ValueError(
+            f"{path}: the model's normaliser changes text (whitespace is not kept), so decode(encode(s)) "
+            "!= s. Re-train it with VishwamAITokenizer.train (identity normalisation)."
+        )
+    if processor.piece_to_id("<0xFF>") == processor.unk_id():
+        raise ValueError(
+            f"{path}: the model has no byte-fallback pieces, so characters outside its vocabulary "
+            "become [UNK]. Re-train it with VishwamAITokenizer.train (byte_fallback=True)."
+        )
+
+
+def _check_max_length(max_length: object, n_special: int, name: str) -> None:
+    if not isinstance(max_length, int) or isinstance(max_length, bool):
+        raise TypeError(f"{name} must be an int, got {type(max_length).__name__}.")
+    if max_length < n_special + 1:
+        what = ["nothing", "BOS or EOS", "BOS and EOS"][n_special]
+        raise ValueError(
+            f"{name}={max_length} is too small to hold {what} plus one token; pass {name}>={n_special + 1}."
+        )
+
+
+def _check_user_symbols(symbols: object) -> tuple[str, ...]:
+    if isinstance(symbols, str):
+        raise TypeError(f"user_symbols must be a sequence of str, got the str {symbols!r}; put it in a list.")
+    symbols = tuple(symbols)
+    for symbol in symbols:
+        if not isinstance(symbol, str):
+            raise TypeError(f"user_symbols must hold str, got {type(symbol).__name__} {symbol!r}.")
+        if not symbol:
+            raise ValueError("user_symbols may not contain the empty string.")
+        if symbol in _DEFAULT_SPECIAL_TOKENS:
+            raise ValueError(f"user symbol {symbol!r} is already a special token (ids 0-3).")
+    if len(set(symbols)) != len(symbols):
+        duplicates = sorted({s for s in symbols if symbols.count(s) > 1})
+        raise ValueError(f"user_symbols has duplicates: {duplicates}.")
+    return symbols
+
+
+def _add_specials(ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+    if add_bos:
+        ids.insert(0, BOS_ID)
+    if add_eos:
+        ids.append(EOS_ID)
+    return ids
+
+
+def _text_type_error(method: str, value: object) -> str:
+    return f"{method} expects str, got {type(value).__name__}: {value!r:.80}"
+
+
+def _check_texts(method: str, texts: object) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        kind = type(texts).__name__
+        raise TypeError(f"{method} expects a list of str, got a single {kind}; put it in a list.")
+    if not isinstance(texts, list):
+        if not isinstance(texts, (tuple, Sequence)):
+            raise TypeError(f"{method} expects a list of str, got {type(texts).__name__}.")
+        texts = list(texts)
+    if not all(isinstance(text, str) for text in texts):
+        index, value = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+        kind = type(value).__name__
+        raise TypeError(f"{method} expects a list of str, but item {index} is {kind}: {value!r:.80}")
+    return texts
+
+
+def _as_id_list(ids: object, ndim: int, method: str) -> list:
+    """`ids` as a list (of lists), without copying lists; sp checks the element types."""
+    if hasattr(ids, "tolist") and hasattr(ids, "ndim"):  # numpy / JAX arrays
+        if ids.ndim != ndim:
+            raise ValueError(f"{method} expects a {ndim}-D array of ids, got shape {tuple(ids.shape)}.")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{method} expects integer ids, got dtype {ids.dtype}.")
+        return ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{method} expects a sequence of int ids, got {type(ids).__name__}.")
+    if ndim == 1:
+        rows = [ids if type(ids) is list else list(ids)]
+    else:
+        rows = [row if type(row) is list else _as_id_list(row, 1, method) for row in ids]
+    # sp reads a sequence that starts with a str as pieces, not ids.
+    first = next((row[0] for row in rows if row), None)
+    if isinstance(first, (str, bytes)):
+        raise TypeError(f"{method} expects int ids, got {type(first).__name__}: {first!r:.80}")
+    return rows[0] if ndim == 1 else rows
+
+
+def _without_unk(ids: list[int]) -> list[int]:
+    return [i for i in ids if i != UNK_ID] if UNK_ID in ids else ids
+
+
+def _padding_mode(padding: object) -> str | None:
+    if padding is True or padding == "longest":
+        return "longest"
+    if padding is False or padding == "do_not_pad":
+        return None
+    if padding == "max_length":
+        return "max_length"
+    raise ValueError(
+        f"padding must be 'longest' (or True), 'max_length' or False ('do_not_pad'), got {padding!r}."
+    )
+
+
+def _training_sentences(input: Any, input_kind: str) -> Iterator[str]:
+    """Lines of the training documents or files, in order (files are checked here, eagerly)."""
+    if input_kind not in ("auto", "documents", "files"):
+        raise ValueError(f"input_kind must be 'auto', 'documents' or 'files', got {input_kind!r}.")
+    if isinstance(input, (str, os.PathLike)) and input_kind != "documents":
+        if isinstance(input, str) and not _names_file(input):
+            raise FileNotFoundError(
+                f"training file not found: {input!r:.80}. To train on text, pass a list of documents."
+            )
+        return _file_lines(_check_files([input]))
+    if isinstance(input, (str, bytes)):
+        raise TypeError("input_kind='documents' needs an iterable of str; put the single document in a list.")
+    if input_kind == "files":
+        return _file_lines(_check_files(list(input)))
+    if input_kind == "auto" and isinstance(input, (list, tuple)) and input:
+        named = [isinstance(x, os.PathLike) or (isinstance(x, str) and _names_file(x)) for x in input]
+        if all(named):
+            return _file_lines(_check_files(list(input)))
+        if any(isinstance(x, os.PathLike) for x in input):
+            index = named.index(False)
+            raise ValueError(
+                f"input mixes file paths and documents: item {index} ({input[index]!r:.80}) is not an "
+                "existing file. Pass input_kind='files' or 'documents'."
+            )
+    return _document_lines(input)
+
+
+def _names_file(text: str) -> bool:
+    return "\n" not in text and len(text) < 4096 and os.path.isfile(text)
+
+
+def _document_lines(documents: Iterable[str]) -> Iterator[str]:
+    for index, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise TypeError(
+                f"training input item {index} is {type(document).__name__}, expected str "
+                "(a document) or pass input_kind='files' with paths."
+            )
+        yield from document.split("\n")
+
+
+def _check_files(paths: list) -> list[Path]:
+    for raw in paths:
+        if not isinstance(raw, (str, os.PathLike)):
+            raise TypeError(f"training file paths must be str or Path, got {type(raw).__name__}.")
+        if not Path(raw).is_file():
+            raise FileNotFoundError(f"training file not found: {raw}")
+    return [Path(raw) for raw in paths]
+
+
+def _file_lines(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        try:
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    yield line.rstrip("\n")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"training file {path} is not UTF-8 text ({error}).") from None
+
+
+class _SentenceFeed:
+    """The sentences handed to SentencePiece, counted; long ones cut to fit.
+
+    SentencePiece turns an exception raised in the iterator into a bare RuntimeError and
+    reports empty input with an empty message, so both are kept here for `_training_error`.
+    """
+
+    def __init__(self, sentences: Iterator[str], max_bytes: int):
+        self._sentences = sentences
+        self._max_chars = max(1, max_bytes // 4)  # UTF-8 uses at most 4 bytes a character
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for sentence in self._sentences:
+                if not sentence.strip():
+                    continue
+                for start in range(0, len(sentence), self._max_chars):
+                    self.count += 1
+                    yield sentence[start : start + self._max_chars]
+        except Exception as error:
+            self.error = error
+            raise
+
+
+def _training_error(error: RuntimeError, feed: _SentenceFeed, vocab_size: int, model_type: str) -> Exception:
+    if feed.error is not None:
+        return feed.error
+    if feed.count == 0:
+        return ValueError(
+            "training input is empty: no line with non-whitespace text was found. Pass documents "
+            "(a list of str) or text files with content."
+        )
+    message = str(error)
+    if match := _TOO_HIGH.search(message):
+        largest = int(match.group(2))
+        return ValueError(
+            f"vocab_size={vocab_size} is more than this corpus supports with model_type={model_type!r}: "
+            f"the largest that works is {largest}. Pass vocab_size<={largest}, add text, or pass "
+            "hard_vocab_limit=False to accept a smaller vocabulary."
+        )
+    if match := _TOO_SMALL.search(message):
+        needed = int(match.group(2))
+        return ValueError(
+            f"vocab_size={vocab_size} is too small: this corpus needs at least {needed} pieces (4 special "
+            "tokens, user symbols, 256 byte-fallback pieces and its characters). Pass "
+            f"vocab_size>={needed} or a lower character_coverage."
+        )
+    return RuntimeError(f"SentencePiece training failed: {message}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save it with save_pretrained.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
