@@ -1,0 +1,118 @@
+"""Convert between HuggingFace Llama/Mixtral checkpoints and vishwam weights.
+
+    python scripts/convert_hf.py to-vishwam HF_DIR OUT_DIR [--dtype bfloat16]
+    python scripts/convert_hf.py to-hf VISHWAM_DIR OUT_DIR [--max-shard-size 5GB]
+
+`to-vishwam` reads an HF directory (config.json + safetensors, single or sharded)
+and writes a vishwam directory: `config.json` (the `ModelConfig`) and
+`model.safetensors` (every array leaf under its pytree path, the format of
+`VishwamAIPipeline.save` and `vishwam.pipeline.load_model_weights`). When the HF
+directory has a SentencePiece `tokenizer.model` that `VishwamAITokenizer` accepts,
+it writes a whole pipeline directory instead (`tokenizer/` and `pipeline.json`
+too), loadable with `VishwamAIPipeline.load`.
+
+`to-hf` reads such a vishwam directory (weights or pipeline) and writes an HF
+directory that transformers loads (`AutoModelForCausalLM.from_pretrained`), with
+the tokenizer files when the input has a `tokenizer/`.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+
+from vishwam.config import ModelConfig
+from vishwam.hf import load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint
+from vishwam.pipeline import load_model_weights
+
+
+def _named_arrays(model) -> dict:
+    """The `VishwamAIPipeline.save` naming: pytree path -> host array."""
+    import numpy as np
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _fresh_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SystemExit(f"convert_hf: {path} already exists; pass --overwrite or choose another directory.")
+
+
+def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool) -> str:
+    _fresh_output(target, overwrite)
+    model, config = load_hf_checkpoint(source, dtype=dtype)
+    tokenizer, why = None, "no tokenizer.model"
+    if (source / "tokenizer.model").is_file():
+        try:
+            tokenizer = load_hf_tokenizer(source)
+        except ValueError as error:
+            why = str(error)
+    if tokenizer is not None:
+        from vishwam.pipeline import VishwamAIPipeline
+
+        VishwamAIPipeline(model, tokenizer).save(target, overwrite=overwrite)
+        return f"pipeline (model + tokenizer, vocab {tokenizer.vocab_size})"
+    from safetensors.numpy import save_file
+
+    # Assembled beside the target and renamed into place: never a half-written directory.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (staging / "config.json").write_text(config.to_json())
+        save_file(_named_arrays(model), str(staging / "model.safetensors"), metadata={"format": "vishwam"})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return f"weights only ({why})"
+
+
+def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: bool) -> str:
+    _fresh_output(target, overwrite)
+    missing = [name for name in ("config.json", "model.safetensors") if not (source / name).is_file()]
+    if missing:
+        raise SystemExit(f"convert_hf: {source} lacks {missing}; expected a vishwam directory written by "
+                         "`convert_hf.py to-vishwam` or VishwamAIPipeline.save.")
+    config = ModelConfig.from_json(source / "config.json")
+    model = load_model_weights(source / "model.safetensors", config)
+    save_hf_checkpoint(model, config, target, max_shard_size=max_shard_size)
+    if (source / "tokenizer").is_dir():
+        from vishwam.tokenizer import VishwamAITokenizer
+
+        VishwamAITokenizer.from_pretrained(source / "tokenizer").save_pretrained(target)
+        return "model + tokenizer"
+    return "model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("to-vishwam", help="HF directory -> vishwam weights (or pipeline) directory")
+    a.add_argument("source", type=Path)
+    a.add_argument("target", type=Path)
+    a.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    b = sub.add_parser("to-hf", help="vishwam weights (or pipeline) directory -> HF directory")
+    b.add_argument("source", type=Path)
+    b.add_argument("target", type=Path)
+    b.add_argument("--max-shard-size", default=None, help="e.g. 5GB: split into shards with an index")
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing target directory")
+    args = parser.parse_args(argv)
+    if args.direction == "to-vishwam":
+        what = to_vishwam(args.source, args.target, args.dtype, args.overwrite)
+    else:
+        what = to_hf(args.source, args.target, args.max_shard_size, args.overwrite)
+    print(f"{args.source} -> {args.target}: {what}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""HF interop: hand-built Llama/Mixtral checkpoints (written with safetensors.numpy)
+against an independent numpy forward pass, exact round trips, sharded indexes,
+both RoPE config forms, and every refusal. No torch or transformers needed."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from vishwam import ModelConfig, VishwamAI
+from vishwam.hf import (
+    config_from_hf,
+    config_to_hf,
+    is_hf_checkpoint,
+    load_hf_checkpoint,
+    load_hf_pipeline,
+    load_hf_tokenizer,
+    save_hf_checkpoint,
+)
+from vishwam.parallel.mesh import make_mesh
+from vishwam.parallel.sharding import partition_spec, path_string
+
+V, D, L, H, KV, F = 64, 32, 2, 4, 2, 48
+LLAMA_HEAD_DIM = 16  # != D / H: q_proj is [64, 32], o_proj [32, 64]
+E, TOP_K = 4, 2
+PT = {"format": "pt"}
+
+forward = eqx.filter_jit(lambda model, tokens: model(tokens)[0])
+
+
+# ------------------------------------------------------------- hand-built checkpoints
+def _llama_hf_config(**changes):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "head_dim": LLAMA_HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5, "rope_theta": 5000.0, "rope_scaling": None, "tie_word_embeddings": False,
+            "torch_dtype": "float32", **changes}
+
+
+def _mixtral_hf_config(**changes):
+    # transformers 5 style: `dtype`, `rope_parameters`, no head_dim.
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 2000.0, "rope_type": "default"}, "num_local_experts": E,
+            "num_experts_per_tok": TOP_K, "router_aux_loss_coef": 0.02, "sliding_window": None,
+            "tie_word_embeddings": True, "dtype": "float32", **changes}
+
+
+def _linear(rng, out, inp):
+    return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
+
+
+def _norm(rng):
+    return (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+
+
+def _llama_tensors(seed=0):
+    rng = np.random.default_rng(seed)
+    t = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32),
+         "model.norm.weight": _norm(rng), "lm_head.weight": _linear(rng, V, D)}
+    for n in range(L):
+        p = f"model.layers.{n}."
+        t.update({p + "input_layernorm.weight": _norm(rng), p + "post_attention_layernorm.weight": _norm(rng),
+                  p + "self_attn.q_proj.weight": _linear(rng, H * LLAMA_HEAD_DIM, D),
+                  p + "self_attn.k_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
+                  p + "self_attn.v_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
+                  p + "self_attn.o_proj.weight": _linear(rng, D, H * LLAMA_HEAD_DIM),
+                  p + "mlp.gate_proj.weight": _linear(rng, F, D), p + "mlp.up_proj.weight": _linear(rng, F, D),
+                  p + "mlp.down_proj.weight": _linear(rng, D, F)})
+    return t
+
+
+def _mixtral_tensors(seed=1):
+    rng = np.random.default_rng(seed)
+    hd = D // H
+    t = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32), "model.norm.weight": _norm(rng)}
+    for n in range(L):
+        p = f"model.layers.{n}."
+        t.update({p + "input_layernorm.weight": _norm(rng), p + "post_attention_layernorm.weight": _norm(rng),
+                  p + "self_attn.q_proj.weight": _linear(rng, H * hd, D),
+                  p + "self_attn.k_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.v_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.o_proj.weight": _linear(rng, D, H * hd),
+                  p + "block_sparse_moe.gate.weight": 3 * _linear(rng, E, D)})
+        for e in range(E):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            t.update({q + "w1.weight": _linear(rng, F, D), q + "w3.weight": _linear(rng, F, D),
+                      q + "w2.weight": _linear(rng, D, F)})
+    return t
+
+
+def _write(folder: Path, hf_config: dict, tensors: dict, shards: int = 1) -> Path:
+    """An HF directory; with `shards > 1`, layer-aligned shards and an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata=PT)
+        return folder
+    groups = [[] for _ in range(shards)]
+    for name in tensors:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        groups[(layer + 1) % shards].append(name)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(folder / file), metadata=PT)
+        weight_map.update({n: file for n in names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+# ------------------------------------------------------------- numpy reference model
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, theta):  # x: (T, heads, hd); HF rotate-half
+    t, _, hd = x.shape
+    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(t)[:, None] * inv[None, :]
+    emb = np.concatenate([angles, angles], axis=-1)[:, None, :]  # (T, 1, hd)
+    rotated = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], axis=-1)
+    return x * np.cos(emb) + rotated * np.sin(emb)
+
+
+def _attention(x, w, p, hd, theta):
+    t = x.shape[0]
+    q = (x @ w[p + "self_attn.q_proj.weight"].T).reshape(t, -1, hd)
+    k = (x @ w[p + "self_attn.k_proj.weight"].T).reshape(t, -1, hd)
+    v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(t, -1, hd)
+    q, k = _rope(q, theta), _rope(k, theta)
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # HF repeat_kv
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("hqk,khd->qhd", probs, v).reshape(t, -1)
+    return out @ w[p + "self_attn.o_proj.weight"].T
+
+
+def _swiglu(x, gate, up, down):
+    g = x @ gate.T
+    return (g / (1 + np.exp(-g)) * (x @ up.T)) @ down.T
+
+
+def _moe(x, w, p, chosen):
+    logits = x @ w[p + "block_sparse_moe.gate.weight"].T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    for i in range(x.shape[0]):
+        top = np.argsort(-probs[i])[:TOP_K]
+        chosen.append(tuple(sorted(top)))
+        weights = probs[i, top] / probs[i, top].sum()
+        for e, weight in zip(top, weights):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            out[i] += weight * _swiglu(x[i], w[q + "w1.weight"], w[q + "w3.weight"], w[q + "w2.weight"])
+    return out
+
+
+def reference_logits(tensors, hf_config, tokens):
+    """Llama/Mixtral forward in float64 numpy, from the HF tensors as stored."""
+    w = {k: v.astype(np.float64) for k, v in tensors.items()}
+    eps = hf_config["rms_norm_eps"]
+    theta = hf_config.get("rope_theta") or hf_config["rope_parameters"]["rope_theta"]
+    hd = hf_config.get("head_dim") or D // H
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    rows, chosen = [], []
+    for row in tokens:
+        x = w["model.embed_tokens.weight"][row]
+        for n in range(hf_config["num_hidden_layers"]):
+            p = f"model.layers.{n}."
+            x = x + _attention(_rms(x, w[p + "input_layernorm.weight"], eps), w, p, hd, theta)
+            h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
+            if p + "mlp.gate_proj.weight" in w:
+                x = x + _swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+            else:
+                x = x + _moe(h, w, p, chosen)
+        rows.append(_rms(x, w["model.norm.weight"], eps) @ head.T)
+    return np.stack(rows), chosen
+
+
+# ----------------------------------------------------------------------- fixtures
+TOKENS = np.random.default_rng(5).integers(0, V, size=(2, 12)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("llama"), _llama_hf_config(), _llama_tensors())
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("mixtral"), _mixtral_hf_config(), _mixtral_tensors(), shards=3)
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return load_hf_checkpoint(llama_dir)
+
+
+@pytest.fixture(scope="module")
+def mixtral(mixtral_dir):
+    return load_hf_checkpoint(mixtral_dir)
+
+
+# -------------------------------------------------------------------------- tests
+def test_llama_forward_matches_numpy_reference(llama):
+    model, config = llama
+    assert (config.num_experts, config.kv_heads, config.dim_per_head, config.rope_theta, config.norm_eps) == (
+        1, KV, LLAMA_HEAD_DIM, 5000.0, 1e-5)
+    expected, _ = reference_logits(_llama_tensors(), _llama_hf_config(), TOKENS)
+    np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mixtral_forward_matches_numpy_reference(mixtral):
+    model, config = mixtral
+    assert (config.num_experts, config.experts_per_token, config.rope_theta, config.tie_embeddings) == (
+        E, TOP_K, 2000.0, True)
+    assert config.router_aux_loss_coef == 0.02 and model.lm_head is None
+    expected, chosen = reference_logits(_mixtral_tensors(), _mixtral_hf_config(), TOKENS)
+    assert len(set(chosen)) >= 3  # the routing really varies between tokens
+    np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_round_trip_is_byte_identical(llama, llama_dir, tmp_path):
+    model, config = llama
+    save_hf_checkpoint(model, config, tmp_path / "a")
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (llama_dir / "model.safetensors").read_bytes()
+    again, again_config = load_hf_checkpoint(tmp_path / "a")
+    assert again_config == config
+    save_hf_checkpoint(again, again_config, tmp_path / "b")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    np.testing.assert_array_equal(forward(again, jnp.asarray(TOKENS)), forward(model, jnp.asarray(TOKENS)))
+
+
+def test_mixtral_sharded_round_trip(mixtral, tmp_path):
+    model, config = mixtral
+    files = save_hf_checkpoint(model, config, tmp_path / "s", max_shard_size="40KB")
+    shards = sorted(p.name for p in files if p.name.startswith("model-"))
+    assert len(shards) > 2 and not (tmp_path / "s/model.safetensors").exists()
+    index = json.loads((tmp_path / "s/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    stored = {}
+    for shard in shards:
+        stored.update(load_file(str(tmp_path / "s" / shard)))
+    original = _mixtral_tensors()
+    assert stored.keys() == original.keys()  # tied: no lm_head.weight
+    for name, value in original.items():
+        np.testing.assert_array_equal(stored[name], value, err_msg=name)
+    # A single-file re-save over the sharded one replaces the shards and the index.
+    again, again_config = load_hf_checkpoint(tmp_path / "s")
+    assert again_config == config
+    save_hf_checkpoint(again, again_config, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json", "model.safetensors"]
+    np.testing.assert_array_equal(forward(again, jnp.asarray(TOKENS)), forward(model, jnp.asarray(TOKENS)))
+
+
+def test_vishwam_model_round_trip_keeps_dtypes(tmp_path):
+    config = ModelConfig.preset("tiny", param_dtype="bfloat16", compute_dtype="float32", moe_dispatch="capacity",
+                                router_z_loss_coef=0.0)
+    model = VishwamAI(config, key=jax.random.key(3))
+    save_hf_checkpoint(model, config, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.0.block_sparse_moe.gate.weight").get_dtype() == "F32"  # router stays fp32
+    loaded, loaded_config = load_hf_checkpoint(tmp_path)
+    assert loaded_config.param_dtype == "bfloat16"
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(eqx.filter(model, eqx.is_array)),
+                                 jax.tree_util.tree_leaves_with_path(eqx.filter(loaded, eqx.is_array))):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    upcast, upcast_config = load_hf_checkpoint(tmp_path, dtype="float32")
+    assert upcast_config.param_dtype == upcast_config.compute_dtype == "float32"
+    assert upcast.embed.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(upcast.embed), np.asarray(model.embed).astype(np.float32))
+
+
+def test_load_onto_a_mesh(mixtral, mixtral_dir):
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded, _ = load_hf_checkpoint(mixtral_dir, mesh=mesh)
+    plain = jax.tree_util.tree_leaves_with_path(eqx.filter(mixtral[0], eqx.is_array))
+    spread = 0
+    for (path, a), b in zip(plain, jax.tree_util.tree_leaves(eqx.filter(sharded, eqx.is_array))):
+        assert b.sharding.spec == partition_spec(path_string(path), b.shape, mesh), path_string(path)
+        spread += b.sharding.spec != jax.sharding.PartitionSpec()
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert spread >= 5
+    replicated, _ = load_hf_checkpoint(mixtral_dir, mesh=mesh, partition=lambda path, shape: jax.sharding.PartitionSpec())
+    assert replicated.embed.sharding.is_fully_replicated and len(replicated.embed.sharding.device_set) == 8
+
+
+def test_rope_config_forms_and_scaling_refused():
+    top = config_from_hf(_llama_hf_config(rope_theta=123.0))
+    nested = config_from_hf({k: v for k, v in _llama_hf_config(
+        rope_parameters={"rope_theta": 123.0, "rope_type": "default"}).items() if k != "rope_theta"})
+    assert top.rope_theta == nested.rope_theta == 123.0 and top == nested
+    assert config_from_hf(_mixtral_hf_config(rope_parameters=None)).rope_theta == 1e6  # Mixtral's default
+    for bad in ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+                {"rope_scaling": {"type": "linear", "factor": 2.0}}):
+        with pytest.raises(ValueError, match="RoPE type '(llama3|linear)'.*not implemented"):
+            config_from_hf(_llama_hf_config(**bad))
+
+
+def test_config_fields_and_export():
+    config = config_from_hf(_mixtral_hf_config(sliding_window=32, router_jitter_noise=0.1, dtype=None,
+                                               torch_dtype="bfloat16"))
+    assert (config.max_seq_len, config.router_jitter, config.param_dtype, config.capacity_factor) == (
+        32, 0.1, "bfloat16", None)
+    assert config.router_z_loss_coef == 0.0 and config.router_renormalize and config.router_type == "softmax"
+    hf = config_to_hf(config_from_hf(_llama_hf_config()))
+    for name, value in _llama_hf_config().items():
+        assert hf[name] == value, name
+    assert config_from_hf(hf) == config_from_hf(_llama_hf_config())
+    with pytest.raises(ValueError, match="norm_type='layer'.*num_shared_experts=1"):
+        config_to_hf(ModelConfig.preset("tiny", norm_type="layer", num_shared_experts=1))
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    base = _llama_tensors()
+    cases = {
+        "missing": ({k: v for k, v in base.items() if k != "model.layers.1.mlp.up_proj.weight"},
+                    r"missing model\.layers\.1\.mlp\.up_proj\.weight \(expected shape \[48, 32\]\)"),
+        "unexpected": ({**base, "model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)},
+                       r"unexpected model\.layers\.0\.self_attn\.q_proj\.bias \[64\]"),
+        "shape": ({**base, "model.layers.0.self_attn.k_proj.weight": np.zeros((16, 32), np.float32)},
+                  r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \[16, 32\], expected \[32, 32\]"),
+        "dtype": ({**base, "model.norm.weight": np.ones(D, np.int32)}, r"model\.norm\.weight has dtype I32"),
+    }
+    for name, (tensors, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_hf_checkpoint(_write(tmp_path / name, _llama_hf_config(), tensors))
+    untied = {**_mixtral_tensors(), "lm_head.weight": np.zeros((V, D), np.float32)}
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        load_hf_checkpoint(_write(tmp_path / "tied", _mixtral_hf_config(), untied))
+    old = {**base, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}
+    assert load_hf_checkpoint(_write(tmp_path / "inv_freq", _llama_hf_config(), old))[1].num_layers == L
+
+
+def test_file_and_config_errors(tmp_path, llama_dir):
+    pickled = tmp_path / "bin"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(_llama_hf_config()))
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="never unpickles"):
+        load_hf_checkpoint(pickled)
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_hf_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_hf_checkpoint(tmp_path / "nowhere")
+    lost = _write(tmp_path / "lost", _mixtral_hf_config(), _mixtral_tensors(), shards=3)
+    (lost / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model-00002-of-00003\.safetensors"):
+        load_hf_checkpoint(lost)
+    moved = _write(tmp_path / "moved", _mixtral_hf_config(), _mixtral_tensors(), shards=3)
+    index = json.loads((moved / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00003-of-00003.safetensors"
+    (moved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"maps \['model\.norm\.weight'\] to model-00003-of-00003"):
+        load_hf_checkpoint(moved)
+    bad_configs = {
+        "unsupported architecture \\['GPT2LMHeadModel'\\]": {"architectures": ["GPT2LMHeadModel"]},
+        "attention_bias=true": {"attention_bias": True},
+        "hidden_act='gelu'": {"hidden_act": "gelu"},
+        "Unsupported dtype 'int8'": {"torch_dtype": "int8"},
+    }
+    for message, change in bad_configs.items():
+        with pytest.raises(ValueError, match=message):
+            config_from_hf(_llama_hf_config(**change))
+    model, config = load_hf_checkpoint(llama_dir)
+    with pytest.raises(ValueError, match="differs from model.config"):
+        save_hf_checkpoint(model, config.replace(norm_eps=1e-3), tmp_path / "x")
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_hf_checkpoint(model, config, tmp_path / "x", max_shard_size="lots")
+
+
+def test_tokenizer_and_pipeline(tmp_path, getkey):
+    from vishwam.tokenizer import VishwamAITokenizer
+
+    with pytest.raises(FileNotFoundError, match="no SentencePiece tokenizer.model"):
+        load_hf_tokenizer(tmp_path)
+    text = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 20
+    tok = VishwamAITokenizer.train(text, tmp_path / "t.model", vocab_size=300, hard_vocab_limit=False)
+    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, num_experts=1, experts_per_token=1)
+    model = VishwamAI(config, key=getkey())
+    save_hf_checkpoint(model, config, tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    assert load_hf_tokenizer(tmp_path / "hf").encode("the lazy fox") == tok.encode("the lazy fox")
+    pipeline = load_hf_pipeline(tmp_path / "hf")
+    assert pipeline.tokenizer.fingerprint == tok.fingerprint
+    np.testing.assert_array_equal(np.asarray(pipeline.model.embed), np.asarray(model.embed))
+
+
+def _convert_module():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_hf.py"
+    spec = importlib.util.spec_from_file_location("vishwam_convert_hf", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_script_both_ways(llama_dir, tmp_path):
+    from vishwam.pipeline import load_model_weights
+
+    convert = _convert_module()
+    convert.main(["to-vishwam", str(llama_dir), str(tmp_path / "v")])
+    assert is_hf_checkpoint(llama_dir) and not is_hf_checkpoint(tmp_path / "v")
+    config = ModelConfig.from_json(tmp_path / "v" / "config.json")
+    weights = load_model_weights(tmp_path / "v" / "model.safetensors", config)
+    np.testing.assert_array_equal(np.asarray(weights.embed), _llama_tensors()["model.embed_tokens.weight"])
+    with pytest.raises(SystemExit, match="already exists"):
+        convert.main(["to-vishwam", str(llama_dir), str(tmp_path / "v")])
+    convert.main(["to-hf", str(tmp_path / "v"), str(tmp_path / "back")])
+    assert (tmp_path / "back/model.safetensors").read_bytes() == (llama_dir / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "back")
