@@ -51,6 +51,7 @@ class Block(eqx.Module):
                 dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
                 jitter=config.router_jitter, num_shared_experts=config.num_shared_experts,
                 aux_free_bias=config.aux_free_bias, use_fp8=fp8_mlp,
+                fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
                 init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=km,
             )
         else:

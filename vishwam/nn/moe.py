@@ -1,9 +1,31 @@
 """Mixture-of-Experts layer: router, load-balancing losses, expert dispatch.
 
-The steps are named as free functions (`route`, the dispatch functions,
-`load_balancing_loss`, `router_z_loss`) so they can be tested and swapped alone.
+The steps are named as free functions (`route`, `assign_slots`, the dispatch
+functions, `load_balancing_loss`, `router_z_loss`) so they can be tested and
+swapped alone.
+
+Dispatches (all equal to `dense` in values and gradients whenever nothing is dropped):
+
+- `dense`: every expert on every token, combined with the top-k weights. The
+  oracle; `num_experts / k` times the expert FLOPs of the others. Drops nothing.
+- `capacity`: each expert gets a `[capacity, hidden]` buffer, filled by a sort
+  and a gather (no one-hot dispatch tensors), run as one batched einsum over
+  `[experts, capacity, hidden]`, then gathered back and weighted.
+  `capacity = min(tokens, ceil(tokens * k / experts * capacity_factor))`
+  (`expert_capacity`);
+  `capacity_factor=None` (and every `inference=True` call) means the worst case,
+  `capacity = tokens`, which never drops. See `assign_slots` for what is dropped.
+- `ragged`: assignments sorted by expert and run with `jax.lax.ragged_dot`
+  (grouped GEMM on GPU/TPU). Dropless. On CPU XLA lowers it to a masked dense dot
+  (slow); it is here for accelerators.
+
+Expert parallelism: when the layer is traced under `jax.set_mesh(mesh)` and the
+mesh has an `expert` axis larger than 1, the routed experts run through
+`vishwam.parallel.expert.expert_parallel_dispatch` (shard_map + all_to_all on
+capacity buffers) instead; see that module.
 """
 
+import functools
 from typing import NamedTuple
 
 import equinox as eqx
@@ -11,6 +33,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ..parallel.expert import (
+    assign_slots as assign_slots,
+    combine_buffers as combine_buffers,
+    expert_capacity as expert_capacity,
+    expert_parallel_dispatch,
+    gather_buffers as gather_buffers,
+    use_expert_parallel,
+)
+from .fp8 import fp8_batched_matmul
 from .mlp import MLP
 
 
@@ -55,7 +86,7 @@ def route(
 
 def expert_fractions(indices: Int[Array, "tokens k"], num_experts: int) -> Float[Array, " experts"]:
     """Fraction of all (token, slot) assignments that go to each expert."""
-    counts = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=(0, 1))
+    counts = jnp.zeros((num_experts,), jnp.float32).at[indices.reshape(-1)].add(1.0)
     return counts / indices.size
 
 
@@ -98,6 +129,34 @@ class Experts(eqx.Module):
         return self.gate.shape[0]
 
 
+class Fp8Spec(NamedTuple):
+    """fp8 settings of the expert GEMMs (see `vishwam.nn.fp8`)."""
+
+    scaling: str = "tensor"
+    block_size: int = 128
+
+
+def expert_ffn(
+    buffers: Float[Array, "experts capacity hidden"],
+    gate: Float[Array, "experts hidden ffn"],
+    up: Float[Array, "experts hidden ffn"],
+    down: Float[Array, "experts ffn hidden"],
+    fp8: Fp8Spec | None = None,
+) -> Float[Array, "experts capacity hidden"]:
+    """Each expert's SwiGLU MLP on its own buffer: three batched GEMMs.
+
+    With `fp8` set the GEMMs run on fp8 operands (`fp8_batched_matmul`, scales per expert).
+    """
+    dt = buffers.dtype
+    gate, up, down = gate.astype(dt), up.astype(dt), down.astype(dt)
+    if fp8 is None:
+        matmul = functools.partial(jnp.einsum, "ecd,edf->ecf")
+    else:
+        matmul = functools.partial(fp8_batched_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
+    h = jax.nn.silu(matmul(buffers, gate)) * matmul(buffers, up)  # (E, C, F)
+    return matmul(h, down)  # (E, C, D)
+
+
 def dispatch_dense(
     x: Float[Array, "tokens hidden"], experts: Experts, routing: Routing
 ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
@@ -115,7 +174,54 @@ def dispatch_dense(
     return y, jnp.zeros((), jnp.float32)
 
 
-DISPATCHES = {"dense": dispatch_dense}
+def dispatch_capacity(
+    x: Float[Array, "tokens hidden"],
+    experts: Experts,
+    routing: Routing,
+    *,
+    capacity: int | None = None,
+    fp8: Fp8Spec | None = None,
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+    """Capacity buffers + one batched einsum per projection (see `assign_slots` for drops).
+
+    Arguments:
+        capacity: rows per expert; `None` means `tokens` (dropless).
+        fp8: run the expert GEMMs in fp8.
+
+    Returns the output and the fraction of (token, slot) assignments dropped.
+    """
+    tokens = x.shape[0]
+    capacity = tokens if capacity is None else capacity
+    slots = assign_slots(routing.indices, routing.weights, experts.num_experts, capacity)
+    buffers = gather_buffers(x, slots, experts.num_experts)  # (E, C, D)
+    outputs = expert_ffn(buffers, experts.gate, experts.up, experts.down, fp8)
+    return combine_buffers(outputs, slots, routing.weights), slots.dropped
+
+
+def dispatch_ragged(
+    x: Float[Array, "tokens hidden"], experts: Experts, routing: Routing
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+    """Assignments sorted by expert, expert MLPs as grouped GEMMs (`jax.lax.ragged_dot`).
+
+    Dropless. Returns the output and the dropped fraction (always 0).
+    """
+    tokens, k = routing.indices.shape
+    dt = x.dtype
+    n = tokens * k
+    expert = routing.indices.reshape(n)
+    order = jnp.argsort(expert).astype(jnp.int32)  # any order within an expert will do
+    sizes = jnp.zeros((experts.num_experts,), jnp.int32).at[expert].add(1)
+    rows = jnp.take(x, order // k, axis=0)  # (T*k, D), grouped by expert
+    gate = jax.lax.ragged_dot(rows, experts.gate.astype(dt), sizes)  # (T*k, F)
+    up = jax.lax.ragged_dot(rows, experts.up.astype(dt), sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts.down.astype(dt), sizes)  # (T*k, D)
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    picked = jnp.take(out, inverse, axis=0).reshape(tokens, k, -1)  # (T, k, D)
+    y = jnp.einsum("tkd,tk->td", picked, routing.weights.astype(dt))
+    return y, jnp.zeros((), jnp.float32)
+
+
+DISPATCHES = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged}
 
 
 class MoE(eqx.Module):
@@ -125,6 +231,12 @@ class MoE(eqx.Module):
     `router_z_loss`, `expert_load` (fraction of assignments per expert) and
     `dropped_fraction`; the model averages them over layers and the training
     loss weights them with the config's coefficients.
+
+    `capacity_factor` applies to the `capacity` dispatch in training only;
+    `inference=True` always routes dropless. `use_fp8` runs the routed experts'
+    GEMMs in fp8 (`fp8_batched_matmul`) in the `capacity` dispatch and the
+    expert-parallel path, and the shared experts' linears in fp8; the `dense`
+    oracle and `ragged` (no fp8 grouped GEMM) stay in the compute dtype.
     """
 
     router: Float[Array, "hidden experts"]
@@ -139,18 +251,22 @@ class MoE(eqx.Module):
     capacity_factor: float | None = eqx.field(static=True)
     jitter: float = eqx.field(static=True)
     use_fp8: bool = eqx.field(static=True)
+    fp8_scaling: str = eqx.field(static=True)
+    fp8_block_size: int = eqx.field(static=True)
 
     def __init__(self, hidden_size: int, ffn_dim: int, num_experts: int, top_k: int, *,
                  router_type: str = "softmax", renormalize: bool = True, dispatch: str = "dense",
                  capacity_factor: float | None = None, jitter: float = 0.0, num_shared_experts: int = 0,
-                 aux_free_bias: bool = False, use_fp8: bool = False, init_std: float = 0.02, out_init_std: float | None = None, dtype=jnp.float32,
-                 key: PRNGKeyArray):
+                 aux_free_bias: bool = False, use_fp8: bool = False, fp8_scaling: str = "tensor",
+                 fp8_block_size: int = 128, init_std: float = 0.02, out_init_std: float | None = None,
+                 dtype=jnp.float32, key: PRNGKeyArray):
         kr, ke, ks = jax.random.split(key, 3)
         self.router = (init_std * jax.random.normal(kr, (hidden_size, num_experts))).astype(jnp.float32)
         self.experts = Experts(num_experts, hidden_size, ffn_dim, init_std=init_std,
                                out_init_std=out_init_std, dtype=dtype, key=ke)
         self.shared = (
-            MLP(hidden_size, ffn_dim * num_shared_experts, init_std=init_std, out_init_std=out_init_std,
+            MLP(hidden_size, ffn_dim * num_shared_experts, use_fp8=use_fp8, fp8_scaling=fp8_scaling,
+                fp8_block_size=fp8_block_size, init_std=init_std, out_init_std=out_init_std,
                 dtype=dtype, key=ks)
             if num_shared_experts > 0 else None
         )
@@ -165,18 +281,48 @@ class MoE(eqx.Module):
         self.capacity_factor = capacity_factor
         self.jitter = jitter
         self.use_fp8 = use_fp8
+        self.fp8_scaling = fp8_scaling
+        self.fp8_block_size = fp8_block_size
 
     def __check_init__(self):
         if self.top_k > self.num_experts:
             raise ValueError(f"MoE: top_k={self.top_k} exceeds num_experts={self.num_experts}.")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoE: unknown dispatch {self.dispatch!r}; choose one of {sorted(DISPATCHES)}.")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"MoE: capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}.")
 
-    def router_logits(self, x: Float[Array, "tokens hidden"], *, key=None, inference=False):
+    @property
+    def fp8(self) -> Fp8Spec | None:
+        return Fp8Spec(self.fp8_scaling, self.fp8_block_size) if self.use_fp8 else None
+
+    def router_logits(
+        self, x: Float[Array, "tokens hidden"], *, key: PRNGKeyArray | None = None, inference: bool = False
+    ) -> Float[Array, "tokens experts"]:
+        """fp32 router logits; with `jitter > 0`, a training `key` and not `inference`,
+        the inputs are scaled by uniform noise in `[1 - jitter, 1 + jitter]`."""
         xf = x.astype(jnp.float32)
         if self.jitter > 0 and key is not None and not inference:
             xf = xf * jax.random.uniform(key, xf.shape, minval=1 - self.jitter, maxval=1 + self.jitter)
         return xf @ self.router
+
+    def routed(
+        self, x: Float[Array, "tokens hidden"], routing: Routing, *, inference: bool = False
+    ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+        """The routed experts' output and dropped fraction, by this layer's dispatch,
+        or expert-parallel when the current mesh has an `expert` axis > 1."""
+        # `dense` and `ragged` promise no drops, so they never get a finite capacity.
+        factor = self.capacity_factor if self.dispatch == "capacity" and not inference else None
+        if use_expert_parallel(x.shape[0]):
+            e = self.experts
+            return expert_parallel_dispatch(
+                x, routing.indices, routing.weights, e.gate, e.up, e.down,
+                ffn=functools.partial(expert_ffn, fp8=self.fp8), capacity_factor=factor,
+            )
+        if self.dispatch == "capacity":
+            capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, factor)
+            return dispatch_capacity(x, self.experts, routing, capacity=capacity, fp8=self.fp8)
+        return DISPATCHES[self.dispatch](x, self.experts, routing)
 
     def __call__(
         self, x: Float[Array, "*batch hidden"], *, key: PRNGKeyArray | None = None, inference: bool = False
@@ -186,7 +332,7 @@ class MoE(eqx.Module):
         logits = self.router_logits(tokens, key=key, inference=inference)
         routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize,
                         selection_bias=self.selection_bias)
-        y, dropped = DISPATCHES[self.dispatch](tokens, self.experts, routing)
+        y, dropped = self.routed(tokens, routing, inference=inference)
         if self.shared is not None:
             y = y + self.shared(tokens)
         aux = {

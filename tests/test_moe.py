@@ -1,0 +1,268 @@
+"""MoE layer: dispatches against the dense oracle, the capacity drop rule, router options."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vishwam import ModelConfig, VishwamAI
+from vishwam.nn.moe import (
+    MoE,
+    Routing,
+    dispatch_capacity,
+    dispatch_dense,
+    dispatch_ragged,
+    expert_capacity,
+    load_balancing_loss,
+    route,
+)
+
+T, D, F, E, K = 48, 16, 24, 8, 2
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return MoE(D, F, E, K, key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jax.random.normal(jax.random.key(1), (T, D))
+
+
+def _routing(indices, seed=0) -> Routing:
+    indices = jnp.asarray(indices, jnp.int32)
+    weights = jax.random.uniform(jax.random.key(seed), indices.shape, minval=0.1, maxval=1.0)
+    probs = jnp.full((indices.shape[0], E), 1.0 / E)
+    return Routing(weights, indices, probs)
+
+
+def _distinct_pairs(rng, choices, first=None):
+    """T rows of K distinct experts drawn from `choices` (first column fixed if given)."""
+    rows = []
+    for _ in range(T):
+        pool = [c for c in choices if c != first]
+        rest = list(rng.choice(pool, K - (first is not None), replace=False))
+        rows.append(([first] if first is not None else []) + rest)
+    return np.array(rows)
+
+
+ROUTINGS = {
+    "random": lambda rng: _distinct_pairs(rng, range(E)),
+    "empty_experts": lambda rng: _distinct_pairs(rng, [1, 4, 6]),  # 5 experts get nothing
+    "all_on_one_expert": lambda rng: _distinct_pairs(rng, range(E), first=3),  # every token uses 3
+}
+
+
+def _values_and_grads(dispatch, x, experts, weights, indices):
+    def loss(x, experts, weights):
+        y, dropped = dispatch(x, experts, Routing(weights, indices, jnp.zeros((x.shape[0], E))))
+        return jnp.sum(jnp.sin(3 * y)), (y, dropped)
+
+    (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, experts, weights)
+    return y, dropped, grads
+
+
+@pytest.fixture(scope="module")
+def all_dispatches():
+    """One compiled function: every dispatch's output, dropped fraction and gradients."""
+    fns = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged}
+    return jax.jit(lambda x, ex, w, i: {n: _values_and_grads(f, x, ex, w, i) for n, f in fns.items()})
+
+
+def _assert_trees_close(a, b, **tol):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), **tol)
+
+
+@pytest.mark.parametrize("case", sorted(ROUTINGS))
+def test_every_dispatch_equals_dense_values_and_grads(case, layer, x, all_dispatches):
+    routing = _routing(ROUTINGS[case](np.random.default_rng(0)))
+    out = all_dispatches(x, layer.experts, routing.weights, routing.indices)
+    y_ref, _, grads_ref = out["dense"]
+    assert float(jnp.max(jnp.abs(y_ref))) > 1e-3  # a non-trivial comparison
+    for name in ("capacity", "ragged"):
+        y, dropped, grads = out[name]
+        assert float(dropped) == 0.0
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6, err_msg=name)
+        _assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
+
+
+def _expected_keep(indices, weights, capacity):
+    """The documented rule, by hand: per expert keep the `capacity` assignments with
+    the largest weight, ties to the earlier token, then the earlier choice."""
+    indices, weights = np.asarray(indices), np.asarray(weights)
+    keep = np.zeros(indices.shape, bool)
+    for e in range(E):
+        members = [(-weights[t, j], t, j) for t in range(indices.shape[0]) for j in range(indices.shape[1])
+                   if indices[t, j] == e]
+        for _, t, j in sorted(members)[:capacity]:
+            keep[t, j] = True
+    return keep
+
+
+def test_capacity_drops_exactly_the_documented_assignments(layer, x):
+    rng = np.random.default_rng(1)
+    indices = _distinct_pairs(rng, [0, 1, 2, 5])  # 4 busy experts: heavy overflow
+    # Coarse weights so that ties occur and the tie-break is exercised.
+    weights = jnp.asarray(rng.integers(1, 4, indices.shape) / 4, jnp.float32)
+    routing = Routing(weights, jnp.asarray(indices, jnp.int32), jnp.zeros((T, E)))
+    capacity = expert_capacity(T, K, E, 1.0)
+    assert capacity == T * K // E == 12
+    keep = _expected_keep(indices, weights, capacity)
+    assert 0 < keep.sum() < keep.size
+
+    def capacity_loss(x, experts):
+        y, dropped = dispatch_capacity(x, experts, routing, capacity=capacity)
+        return jnp.sum(jnp.sin(3 * y)), (y, dropped)
+
+    def oracle_loss(x, experts):  # dense with the dropped assignments' weights zeroed
+        y, _ = dispatch_dense(x, experts, routing._replace(weights=weights * keep))
+        return jnp.sum(jnp.sin(3 * y)), y
+
+    @jax.jit
+    def both(x, experts):
+        return (jax.value_and_grad(capacity_loss, argnums=(0, 1), has_aux=True)(x, experts),
+                jax.value_and_grad(oracle_loss, argnums=(0, 1), has_aux=True)(x, experts))
+
+    ((_, (y, dropped)), grads), ((_, y_ref), grads_ref) = both(x, layer.experts)
+    np.testing.assert_allclose(float(dropped), 1 - keep.mean(), rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_rule_on_a_hand_example(layer):
+    # Expert 0 gets four assignments, capacity 2: keeps the 0.9 (token 2) and the
+    # earlier of the two 0.7s (token 0 beats token 3); drops token 3 and token 1.
+    indices = jnp.array([[0, 1], [2, 0], [0, 3], [0, 4]], jnp.int32)
+    weights = jnp.array([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.7, 0.3]])
+    routing = Routing(weights, indices, jnp.zeros((4, E)))
+    xs = jax.random.normal(jax.random.key(2), (4, D))
+    keep = np.array([[1, 1], [1, 0], [1, 1], [0, 1]], bool)
+    (y, dropped), (y_ref, _) = jax.jit(lambda xs, experts: (
+        dispatch_capacity(xs, experts, routing, capacity=2),
+        dispatch_dense(xs, experts, routing._replace(weights=weights * keep))))(xs, layer.experts)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-7)
+    assert float(dropped) == pytest.approx(2 / 8)
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(100, 2, 8, 1.25) == 32  # ceil(100 * 2 / 8 * 1.25) = ceil(31.25)
+    assert expert_capacity(100, 2, 8, None) == 100  # dropless worst case
+    assert expert_capacity(4, 2, 2, 10.0) == 4  # never more rows than tokens
+
+
+def test_moe_layer_capacity_drops_in_training_not_at_inference(x):
+    common = dict(key=jax.random.key(3))
+    dense = MoE(D, F, E, K, dispatch="dense", **common)
+    capped = MoE(D, F, E, K, dispatch="capacity", capacity_factor=0.5, **common)
+    (y_dense, aux_dense), (y_train, aux_train), (y_infer, aux_infer) = eqx.filter_jit(
+        lambda dense, capped, x: (dense(x), capped(x), capped(x, inference=True)))(dense, capped, x)
+    assert float(aux_train["dropped_fraction"]) >= 0.5 - 1e-6  # half the capacity of a balanced load
+    assert float(aux_infer["dropped_fraction"]) == 0.0 == float(aux_dense["dropped_fraction"])
+    np.testing.assert_allclose(y_infer, y_dense, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y_train, y_dense, atol=1e-4)
+    for name in ("load_balancing_loss", "router_z_loss", "expert_load"):
+        np.testing.assert_allclose(aux_train[name], aux_dense[name], rtol=1e-6)
+
+
+def test_fp8_experts_are_close_to_full_precision(x):
+    common = dict(dispatch="capacity", key=jax.random.key(4))
+
+    @eqx.filter_jit
+    def output_and_grads(m, x):
+        return eqx.filter_value_and_grad(lambda m: jnp.sum(jnp.sin(300 * m(x)[0])))(m), m(x)[0]
+
+    (_, g_ref), y_ref = output_and_grads(MoE(D, F, E, K, **common), x)
+    for scaling, block in (("tensor", 128), ("block", 8)):
+        fp8 = MoE(D, F, E, K, use_fp8=True, fp8_scaling=scaling, fp8_block_size=block, **common)
+        (_, g_fp8), y_fp8 = output_and_grads(fp8, x)
+        assert not np.array_equal(y_fp8, y_ref)  # really quantised
+        rel = float(jnp.linalg.norm(y_fp8 - y_ref) / jnp.linalg.norm(y_ref))
+        assert rel < 0.1, (scaling, rel)
+        for name in ("gate", "up", "down"):
+            a, b = getattr(g_fp8.experts, name), getattr(g_ref.experts, name)
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.2, (scaling, name)
+
+
+# ------------------------------------------------------------------ router options
+def test_sigmoid_router_scores_and_renormalisation():
+    logits = jax.random.normal(jax.random.key(5), (T, E)) * 2
+    bias = jnp.linspace(-0.3, 0.3, E)
+    for renormalize in (True, False):
+        r = route(logits, K, router_type="sigmoid", renormalize=renormalize, selection_bias=bias)
+        scores = jax.nn.sigmoid(logits)
+        expected_idx = jnp.argsort(-(scores + bias), axis=-1)[:, :K]
+        np.testing.assert_array_equal(r.indices, expected_idx)
+        w = jnp.take_along_axis(scores, expected_idx, axis=-1)  # the bias never enters the weights
+        w = w / w.sum(-1, keepdims=True) if renormalize else w
+        np.testing.assert_allclose(r.weights, w, rtol=1e-6)
+        np.testing.assert_allclose(r.probs, scores / scores.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_selection_bias_has_no_gradient():
+    logits = jax.random.normal(jax.random.key(6), (T, E))
+    grad = jax.grad(lambda b: jnp.sum(route(logits, K, selection_bias=b).weights ** 2))(jnp.ones(E) * 0.1)
+    assert np.all(np.asarray(grad) == 0.0)
+
+
+def test_load_balancing_loss_is_one_when_uniform():
+    indices = jnp.arange(E * K, dtype=jnp.int32).reshape(E, K) % E
+    routing = Routing(jnp.full((E, K), 0.5), indices, jnp.full((E, E), 1.0 / E))
+    assert float(load_balancing_loss(routing, E)) == pytest.approx(1.0)
+
+
+def test_shared_experts_add_to_the_routed_output(x):
+    layer = MoE(D, F, E, K, num_shared_experts=2, key=jax.random.key(7))
+    plain = eqx.tree_at(lambda m: m.shared, layer, None, is_leaf=lambda v: v is None)
+    y, y_routed, y_shared = eqx.filter_jit(lambda a, b, x: (a(x)[0], b(x)[0], a.shared(x)))(layer, plain, x)
+    assert layer.shared.gate_proj.weight.shape == (D, 2 * F)
+    np.testing.assert_allclose(y, y_routed + y_shared, rtol=1e-5, atol=1e-6)
+
+
+def test_router_jitter_only_in_training_and_bounded(x):
+    jitter = 0.1
+    layer = MoE(D, F, E, K, jitter=jitter, key=jax.random.key(8))
+    clean = x @ layer.router
+    noisy = layer.router_logits(x, key=jax.random.key(9))
+    assert not np.allclose(noisy, clean)
+    bound = jitter * (jnp.abs(x) @ jnp.abs(layer.router))
+    assert np.all(np.abs(noisy - clean) <= bound + 1e-6)
+    np.testing.assert_array_equal(layer.router_logits(x, key=jax.random.key(9), inference=True), clean)
+    np.testing.assert_array_equal(layer.router_logits(x), clean)
+
+
+def test_aux_free_bias_updates_move_loads_toward_uniform():
+    config = ModelConfig.preset("tiny", aux_free_bias=True, aux_free_bias_rate=0.01,
+                                attention_impl="reference")
+    model = VishwamAI(config, key=jax.random.key(10))
+    # Skew every router: all hidden states share a direction u, and experts 0 and 1
+    # score high along it, so nearly every token picks experts 0 and 1.
+    u = jax.random.normal(jax.random.key(11), (config.hidden_size,))
+    u = u / jnp.linalg.norm(u)
+    model = eqx.tree_at(lambda m: m.embed, model, model.embed + 0.05 * u)
+    skew = jnp.zeros((config.hidden_size, config.num_experts)).at[:, :2].set(u[:, None])
+    router = lambda m: m.stages[0].blocks[0].mlp.router  # noqa: E731  [layers, hidden, experts]
+    model = eqx.tree_at(router, model, router(model) + skew)
+    tokens = jax.random.randint(jax.random.key(12), (4, 32), 0, config.vocab_size)
+
+    @eqx.filter_jit
+    def step(model):
+        _, aux = model(tokens)
+        return model.update_router_bias(aux["expert_load"]), aux["expert_load"]
+
+    def imbalance(load):
+        return float(jnp.max(jnp.abs(load - 1.0 / config.num_experts)))
+
+    model, first = step(model)
+    assert imbalance(first) > 0.2
+    late = []
+    for i in range(99):
+        model, load = step(model)
+        if i >= 89:
+            late.append(imbalance(load))
+    # Sign updates end in a small oscillation around balance: judge the last ten steps.
+    assert np.mean(late) < 0.5 * imbalance(first), (first, late)
+    bias = model.stages[0].blocks[0].mlp.selection_bias  # [repeats, experts]
+    assert np.all(np.asarray(bias[:, :2]) < 0) and np.all(np.asarray(bias[:, 2:]) > 0)

@@ -1,0 +1,221 @@
+"""Expert parallelism: experts split over the mesh axis `expert`, tokens moved by all-to-all.
+
+Also home of the capacity-buffer maths (`assign_slots`, `gather_buffers`,
+`combine_buffers`) that the single-device `capacity` dispatch in
+`vishwam.nn.moe` shares with the expert-parallel path.
+
+How a layer runs with expert parallelism (`expert_parallel_dispatch`), inside
+one `jax.shard_map` over the whole mesh:
+
+1. Every device holds `num_experts / ep` experts (weights split over `expert`,
+   and over `tensor` along the ffn dim when the mesh has one) and its own slice
+   of the tokens (split over `data`, `fsdp` and `expert`; replicated over `tensor`).
+2. It packs its tokens into fixed-size `[experts, capacity, hidden]` buffers,
+   `capacity = expert_capacity(local_tokens, k, experts, factor)` per expert,
+   ranked as in `assign_slots` (so drops are decided per device).
+3. `jax.lax.all_to_all` over `expert` sends each expert's buffer to the device
+   holding that expert: it receives `[ep, experts / ep, capacity, hidden]`.
+4. It runs its experts on the received rows, then a second all-to-all returns
+   every row to the device it came from, which combines them with the router
+   weights. With a `tensor` axis each device computes a slice of the ffn dim and
+   the outputs are summed over `tensor` (`psum`).
+
+Gradients flow back through the same exchanges (the transpose of an all-to-all
+is the reverse all-to-all); weight gradients are summed over the data axes by
+`shard_map`'s autodiff.
+
+When it is used: `MoE` switches to this path by itself when traced under
+`jax.set_mesh(mesh)` (a mesh from `vishwam.parallel.make_mesh`, Auto axes) whose
+`expert` axis is larger than 1 (`use_expert_parallel`), e.g.
+
+    with jax.set_mesh(mesh):
+        logits, aux = model(tokens)        # or a jitted train step
+
+Functions here also take `mesh=` explicitly. A call whose token count does not
+split evenly over the batch axes (e.g. decoding one sequence on an 8-way mesh)
+falls back to the single-device dispatch, which the compiler partitions by
+itself (correct; the expert weights are gathered, so slower).
+
+Dropless (`capacity_factor=None`) buffers hold `local_tokens` rows per expert:
+`num_experts` times the tokens cross the network. Training uses a capacity
+factor; inference and the dropless dispatches (`dense`, `ragged`) use None.
+"""
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from .mesh import axis_size, check_experts_divisible
+from .sharding import batch_axes
+
+
+def expert_capacity(tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int:
+    """Buffer rows per expert: `min(tokens, ceil(tokens * k / num_experts * factor))`.
+
+    `None` gives `tokens`, the worst case (top-k experts are distinct, so an expert
+    sees each token at most once): nothing can be dropped.
+    """
+    if capacity_factor is None:
+        return tokens
+    return max(1, min(tokens, math.ceil(tokens * k / num_experts * capacity_factor)))
+
+
+class Slots(NamedTuple):
+    """Where each (token, choice) assignment sits in the `[experts * capacity]` buffer rows.
+
+    Two index maps, each the other's inverse on the kept assignments:
+    `source[r]` is the token that fills buffer row `r` (`tokens` = empty row), and
+    `row[t, j]` is the buffer row of token `t`'s j-th choice (`experts * capacity` = dropped).
+    """
+
+    source: Int[Array, " rows"]
+    row: Int[Array, "tokens k"]
+    dropped: Float[Array, ""]
+    """Fraction of assignments dropped."""
+
+
+def assign_slots(
+    indices: Int[Array, "tokens k"],
+    weights: Float[Array, "tokens k"],
+    num_experts: int,
+    capacity: int,
+) -> Slots:
+    """Place every assignment in its expert's buffer; drop what does not fit.
+
+    Drop rule: an expert keeps the `capacity` assignments with the largest router
+    weight; ties go to the earlier token, then to its earlier choice. Everything
+    else sent to that expert is dropped (adds zero to the output; the residual
+    stream still carries the token). One sort by (expert, -weight, position) ranks
+    them; no `[tokens, experts, capacity]` one-hot tensors are built.
+    """
+    tokens, k = indices.shape
+    n = tokens * k
+    expert = indices.reshape(n)
+    priority = -jax.lax.stop_gradient(weights).reshape(n).astype(jnp.float32)
+    position = jnp.arange(n, dtype=jnp.int32)  # token-major: t * k + j
+    expert_sorted, _, order = jax.lax.sort((expert, priority, position), num_keys=3)
+    counts = jnp.zeros((num_experts,), jnp.int32).at[expert].add(1)
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.arange(n, dtype=jnp.int32) - starts[expert_sorted]  # place within its expert
+    kept = rank < capacity
+    empty = num_experts * capacity
+    row_sorted = jnp.where(kept, expert_sorted * capacity + rank, empty)
+    row = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted)
+    source = jnp.full((empty,), tokens, jnp.int32).at[row_sorted].set(order // k, mode="drop")
+    dropped = jnp.sum(~kept).astype(jnp.float32) / n
+    return Slots(source, row.reshape(tokens, k), dropped)
+
+
+def gather_buffers(
+    x: Float[Array, "tokens hidden"], slots: Slots, num_experts: int
+) -> Float[Array, "experts capacity hidden"]:
+    """`[experts, capacity, hidden]` buffers of token rows; empty rows are zero."""
+    rows = jnp.take(x, slots.source, axis=0, mode="fill", fill_value=0)  # (E*C, D)
+    return rows.reshape(num_experts, -1, x.shape[-1])
+
+
+def combine_buffers(
+    outputs: Float[Array, "experts capacity hidden"], slots: Slots, weights: Float[Array, "tokens k"]
+) -> Float[Array, "tokens hidden"]:
+    """`y[t] = sum_j weights[t, j] * outputs[row[t, j]]`; dropped assignments add zero."""
+    flat = outputs.reshape(-1, outputs.shape[-1])  # (E*C, D)
+    picked = jnp.take(flat, slots.row, axis=0, mode="fill", fill_value=0)  # (T, k, D)
+    return jnp.einsum("tkd,tk->td", picked, weights.astype(outputs.dtype))
+
+
+# ---------------------------------------------------------------- expert parallel
+def _mesh_or_current(mesh):
+    return jax.sharding.get_abstract_mesh() if mesh is None else mesh
+
+
+def batch_shards(mesh) -> int:
+    """How many slices the tokens are split into: the product of the batch axes."""
+    return math.prod(axis_size(mesh, axis) for axis in batch_axes(mesh))
+
+
+def use_expert_parallel(tokens: int, mesh=None) -> bool:
+    """Whether a MoE layer on `tokens` tokens runs expert-parallel on `mesh`
+    (default: the mesh set by `jax.set_mesh`): an `expert` axis > 1 that is not
+    already manual (inside a shard_map), and tokens that split evenly."""
+    mesh = _mesh_or_current(mesh)
+    if mesh.empty or axis_size(mesh, "expert") == 1:
+        return False
+    if "expert" in getattr(mesh, "manual_axes", ()):
+        return False
+    return tokens % batch_shards(mesh) == 0
+
+
+ExpertFn = Callable[..., Float[Array, "experts capacity hidden"]]
+
+
+def expert_parallel_dispatch(
+    x: Float[Array, "tokens hidden"],
+    indices: Int[Array, "tokens k"],
+    weights: Float[Array, "tokens k"],
+    gate: Float[Array, "experts hidden ffn"],
+    up: Float[Array, "experts hidden ffn"],
+    down: Float[Array, "experts ffn hidden"],
+    *,
+    ffn: ExpertFn,
+    capacity_factor: float | None = None,
+    mesh=None,
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+    """Routed experts with expert parallelism over the mesh axis `expert` (see module doc).
+
+    Arguments:
+        x: the layer's tokens (global view; split over the batch axes inside).
+        indices, weights: the top-k routing of each token.
+        gate, up, down: stacked expert weights (global view).
+        ffn: `ffn(buffers [e, rows, hidden], gate [e, hidden, f], up, down [e, f, hidden])`
+            -> `[e, rows, hidden]`, each expert's MLP on its rows. It receives an
+            ffn-dim slice of the weights under a `tensor` axis, so it must be a sum
+            over the ffn dim (as a SwiGLU MLP is).
+        capacity_factor: per-device capacity factor; `None` is dropless.
+        mesh: default the mesh set by `jax.set_mesh`.
+
+    Returns `y [tokens, hidden]` and the fraction of assignments dropped.
+    """
+    mesh = _mesh_or_current(mesh)
+    num_experts, hidden, ffn_dim = gate.shape
+    tokens, k = indices.shape
+    check_experts_divisible(num_experts, mesh)
+    shards = batch_shards(mesh)
+    if tokens % shards:
+        raise ValueError(
+            f"expert_parallel_dispatch: {tokens} tokens do not split over {shards} batch shards "
+            f"(data x fsdp x expert of mesh {dict(mesh.shape)}); use a batch * seq that is a multiple of {shards}."
+        )
+    ep = axis_size(mesh, "expert")
+    local_experts = num_experts // ep
+    tp = axis_size(mesh, "tensor")
+    tensor = "tensor" if tp > 1 and ffn_dim % tp == 0 else None
+    capacity = expert_capacity(tokens // shards, k, num_experts, capacity_factor)
+
+    def local(x, indices, weights, gate, up, down):
+        slots = assign_slots(indices, weights, num_experts, capacity)
+        send = gather_buffers(x, slots, num_experts)  # (E, C, D): experts in device order
+        send = send.reshape(ep, local_experts, capacity, hidden)  # (ep, E/ep, C, D)
+        received = jax.lax.all_to_all(send, "expert", 0, 0)  # (ep sources, E/ep, C, D)
+        rows = received.transpose(1, 0, 2, 3).reshape(local_experts, ep * capacity, hidden)
+        out = ffn(rows, gate, up, down)  # (E/ep, ep*C, D)
+        out = out.reshape(local_experts, ep, capacity, hidden).transpose(1, 0, 2, 3)
+        back = jax.lax.all_to_all(out, "expert", 0, 0)  # (ep owners, E/ep, C, D) = my rows
+        y = combine_buffers(back.reshape(num_experts, capacity, hidden), slots, weights)
+        if tensor is not None:
+            y = jax.lax.psum(y, tensor)  # each device summed its slice of the ffn dim
+        return y, slots.dropped[None]
+
+    rows = P(batch_axes(mesh), None)
+    w_in = P("expert", None, tensor)
+    w_out = P("expert", tensor, None)
+    y, dropped = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(rows, rows, rows, w_in, w_in, w_out),
+        out_specs=(rows, P(batch_axes(mesh))),
+    )(x, indices, weights, gate, up, down)
+    return y, jnp.mean(dropped)

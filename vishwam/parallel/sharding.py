@@ -1,0 +1,198 @@
+"""Sharding rules: parameter paths -> `PartitionSpec`s, batch specs, per-device bytes.
+
+A rule is `(regex, logical_spec)`. The regex is searched in a leaf's dotted path
+(`stages.0.blocks.0.mlp.experts.gate`); the first match wins and unmatched leaves
+are replicated. `logical_spec` names the mesh axis of each of the array's
+*trailing* dims, so one rule covers a plain layer `[E, D, F]`, a stacked
+(scanned) layer `[repeats, E, D, F]` and an optimiser's moments of either: the
+extra leading dims are left unsharded. Optax states mirror the parameters
+(`mu.stages.0....`), so the same rules shard them (`shard_model(opt_state, mesh)`).
+
+Per axis:
+- `fsdp`: the hidden (model) dim of every large weight (ZeRO-3 style: gathered
+  for use, gradients reduce-scattered, by the compiler).
+- `tensor`: attention heads (q/k/v output dims, o input dim), the ffn dim of
+  MLPs and experts, the vocabulary.
+- `expert`: the experts axis of the stacked expert weights (expert parallelism).
+- Batches are split over `data`, `fsdp` and `expert`: outside the MoE layers the
+  expert axis is one more data-parallel axis, and inside them every device sends
+  its own tokens to the experts' devices (see `vishwam.parallel.expert`).
+
+A dim that an axis does not divide stays unsharded on that axis (correct, just
+less spread), except the experts dim: experts must split evenly over `expert`,
+else `ValueError`.
+
+Multi-host
+----------
+One process per host, each seeing its local devices. Start every process with
+
+    import jax
+    jax.distributed.initialize()   # or coordinator_address="host0:1234",
+                                   #    num_processes=N, process_id=i
+    mesh = make_mesh(data=-1, expert=8)     # over all hosts' devices (jax.devices())
+
+before any other JAX call (on Cloud TPU / SLURM / Kubernetes the arguments are
+found automatically). Every process runs the same program; each loads only its
+own slice of the data and turns it into one global array with
+`make_global_batch(local_batch, mesh)`. Parameters made under the same key are
+identical on every host, so `shard_model(model, mesh)` needs no broadcast.
+"""
+
+import math
+import re
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .mesh import axis_size, check_experts_divisible
+
+Rule = tuple[str, tuple[str | None, ...]]
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    (r"(^|\.)experts\.(gate|up)$", ("expert", "fsdp", "tensor")),  # [E, D, F]
+    (r"(^|\.)experts\.down$", ("expert", "tensor", "fsdp")),  # [E, F, D]
+    # The router ([D, E]) and the selection bias are tiny and read by every token.
+    (r"(^|\.)(router|selection_bias)$", ()),
+    (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("fsdp", "tensor")),  # [D, H*hd] / [D, F]
+    (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
+    (r"(^|\.)(o_proj|down_proj)\.weight$", ("tensor", "fsdp")),  # [H*hd, D] / [F, D]
+    (r"(^|\.)embed$", ("tensor", "fsdp")),  # [V, D]
+    (r"(^|\.)lm_head\.weight$", ("fsdp", "tensor")),  # [D, V]
+)
+"""Rules for `VishwamAI` (norm scales and biases not listed are replicated)."""
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def path_string(path: Sequence) -> str:
+    """Dotted form of a `jax.tree_util` key path: `stages.0.blocks.1.attn.q_proj.weight`."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def _is_leaf_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> P:
+    """The `PartitionSpec` of one array at dotted `path` with `shape` on `mesh`."""
+    for pattern, logical in rules:
+        if re.search(pattern, path):
+            break
+    else:
+        return P()
+    if len(logical) > len(shape):  # e.g. a factored optimiser statistic: too small to bother
+        return P()
+    names = (None,) * (len(shape) - len(logical)) + tuple(logical)
+    spec = []
+    for dim, axis in zip(shape, names):
+        size = axis_size(mesh, axis) if axis is not None else 1
+        if axis == "expert" and size > 1:
+            check_experts_divisible(dim, mesh)
+        spec.append(axis if size > 1 and dim % size == 0 else None)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def tree_specs(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
+    """`PartitionSpec` for every array (or `ShapeDtypeStruct`) leaf of `tree`; other leaves `None`."""
+    def spec(path, leaf):
+        if _is_leaf_array(leaf):
+            return partition_spec(path_string(path), leaf.shape, mesh, rules)
+        return None
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def tree_shardings(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
+    """`NamedSharding`s for the array leaves of `tree` (e.g. for `jax.jit` out_shardings
+    or `eqx.filter_shard`); other leaves `None`."""
+    return jax.tree_util.tree_map(
+        lambda s: None if s is None else NamedSharding(mesh, s),
+        tree_specs(tree, mesh, rules), is_leaf=lambda s: s is None or isinstance(s, P),
+    )
+
+
+def shard_model(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
+    """Place every array leaf of `tree` (a model, an optimiser state, a train state)
+    on `mesh` by `rules`; non-array leaves pass through. Outside jit it is a
+    `jax.device_put` (no compile); inside, a sharding constraint."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    shardings = tree_shardings(arrays, mesh, rules)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(arrays)):
+        arrays = jax.lax.with_sharding_constraint(arrays, shardings)
+    else:
+        arrays = jax.device_put(arrays, shardings)
+    return eqx.combine(arrays, static)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes the batch dim is split over: those of `data, fsdp, expert` the mesh has."""
+    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
+def batch_spec(mesh, ndim: int = 2) -> P:
+    """`PartitionSpec` of a `[batch, ...]` array with `ndim` dims: batch over `batch_axes`."""
+    return P(batch_axes(mesh), *([None] * (ndim - 1)))
+
+
+def _check_batch(shape, mesh, name: str):
+    shards = math.prod(axis_size(mesh, axis) for axis in batch_axes(mesh))
+    if not shape or shape[0] % shards:
+        sizes = " x ".join(f"{axis}={axis_size(mesh, axis)}" for axis in batch_axes(mesh))
+        raise ValueError(
+            f"{name}: batch dim of shape {tuple(shape)} is not divisible by {sizes} = {shards} "
+            f"batch shards; use a (global) batch size that is a multiple of {shards}."
+        )
+
+
+def shard_batch(batch, mesh):
+    """Place every array leaf of `batch` (`[batch, ...]` arrays) on `mesh`, split by `batch_spec`."""
+    def put(x):
+        if not eqx.is_array(x):
+            return x
+        _check_batch(x.shape, mesh, "shard_batch")
+        return jax.device_put(x, NamedSharding(mesh, batch_spec(mesh, x.ndim)))
+
+    return jax.tree_util.tree_map(put, batch)
+
+
+def make_global_batch(local_batch, mesh, spec: P | None = None):
+    """Assemble each process's slice of the batch into global arrays on `mesh`.
+
+    Every process passes its own `local_batch` (a pytree of `[local_batch, ...]`
+    numpy or JAX arrays, the rows its devices will hold under `spec`, default
+    `batch_spec`); the result's leaves are global `[processes * local_batch, ...]`
+    arrays (`jax.make_array_from_process_local_data`). With one process the local
+    batch is the global batch. See this module's docstring for launching hosts.
+    """
+    def make(x):
+        x = np.asarray(x)
+        leaf_spec = batch_spec(mesh, x.ndim) if spec is None else spec
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        if spec is None:
+            _check_batch(global_shape, mesh, "make_global_batch")
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, leaf_spec), x, global_shape)
+
+    return jax.tree_util.tree_map(make, local_batch)
+
+
+def per_device_bytes(tree) -> dict[jax.Device, int]:
+    """Bytes each device holds of the array leaves of `tree`, from their shards."""
+    totals: dict[jax.Device, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
