@@ -1,0 +1,117 @@
+"""What a compiled program needs in device memory, to choose a remat policy before training.
+
+`compiled_memory(fn, *args)` compiles `fn` for these arguments (arrays or
+`jax.ShapeDtypeStruct`s, so nothing needs allocating) and returns XLA's
+`memory_analysis()` as a dict; `memory_stats(compiled)` does the same for a
+program you compiled yourself (and go on to run). `remat_memory(config, ...)` does it for a model's
+loss-and-gradient under every remat policy: temporaries are where the saved
+activations live, which is what the policies trade against recomputation.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig, RematPolicy
+from .model import VishwamAI
+
+_FIELDS = (
+    "temp_size_in_bytes",
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "generated_code_size_in_bytes",
+    "host_temp_size_in_bytes",
+    "host_argument_size_in_bytes",
+    "host_output_size_in_bytes",
+    "host_alias_size_in_bytes",
+)
+REMAT_POLICIES: tuple[str, ...] = RematPolicy.__args__
+
+
+def _is_dynamic(x) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def compiled_memory(fn, *args, donate: bool = False, compiler_options: dict | None = None,
+                    **kwargs) -> dict[str, int]:
+    """Compile `fn(*args, **kwargs)` and return its memory analysis in bytes.
+
+    Arrays and `jax.ShapeDtypeStruct` leaves are traced; every other leaf (static
+    module fields, Python numbers) is baked in, as `eqx.filter_jit` would. An
+    already-jitted `fn` is inlined into this compilation.
+
+    Arguments:
+        donate: donate every traced argument, as a train step that donates its
+            state does (donated inputs show up in `alias_size_in_bytes`).
+        compiler_options: passed to `.compile()`. `{"xla_backend_optimization_level": 0}`
+            halves XLA:CPU compile time and left every figure here unchanged
+            (buffers are assigned before LLVM runs).
+
+    Returns:
+        The fields of `memory_analysis()` (`temp_size_in_bytes`: scratch space the
+        program allocates itself, saved activations included; `argument_...`,
+        `output_...`, `alias_...`; `host_...` for memory offloaded to the host)
+        plus `total_size_in_bytes` = arguments + outputs - aliased + temporaries,
+        the device footprint while the program runs.
+    """
+    dynamic, static = eqx.partition((args, kwargs), _is_dynamic)
+
+    def run(dynamic):
+        a, k = eqx.combine(dynamic, static)
+        return fn(*a, **k)
+
+    lowered = jax.jit(run, donate_argnums=0 if donate else ()).lower(dynamic)
+    return memory_stats(lowered.compile(compiler_options=compiler_options))
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """`compiled.memory_analysis()` of a `jax.stages.Compiled` as a dict (see `compiled_memory`)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError(
+            f"memory_stats: backend {jax.default_backend()!r} reports no memory analysis "
+            "for compiled programs; measure on a backend that does (CPU, GPU and TPU do)."
+        )
+    out = {name: int(getattr(stats, name)) for name in _FIELDS}
+    out["total_size_in_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def next_token_loss(model: VishwamAI, tokens) -> jax.Array:
+    """Mean cross-entropy of predicting `tokens[:, 1:]` from `tokens[:, :-1]` (fp32)."""
+    logits, _ = model(tokens[:, :-1])
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
+
+
+def remat_memory(
+    config: ModelConfig,
+    *,
+    batch: int,
+    seq_len: int,
+    policies: tuple[str, ...] = REMAT_POLICIES,
+    loss_fn=next_token_loss,
+    compiler_options: dict | None = None,
+) -> dict[str, dict[str, int]]:
+    """Memory of `value_and_grad(loss_fn)(model, tokens)` per remat policy.
+
+    The model is abstract (`eqx.filter_eval_shape`): nothing is allocated, so this
+    also answers for configs far larger than the machine. `seq_len` counts the
+    tokens fed to the model (one more is loaded for the shifted targets).
+
+    Returns:
+        `{policy: compiled_memory(...)}`.
+    """
+    unknown = [p for p in policies if p not in REMAT_POLICIES]
+    if unknown:
+        raise ValueError(f"remat_memory: unknown polic(ies) {unknown}; choose from {list(REMAT_POLICIES)}.")
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    step = eqx.filter_value_and_grad(loss_fn)
+    report = {}
+    for policy in policies:
+        cfg = config.replace(remat_policy=policy)
+        model = eqx.filter_eval_shape(VishwamAI, cfg, key=jax.random.key(0))
+        report[policy] = compiled_memory(step, model, tokens, compiler_options=compiler_options)
+    return report
