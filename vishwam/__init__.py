@@ -3,9 +3,11 @@
 from . import nn as nn
 from .config import ModelConfig as ModelConfig
 from .kernels import flash_attention as flash_attention
+from .generate import generate as generate
 from .model import KVCache as KVCache
 from .model import VishwamAI as VishwamAI
 from .model import count_parameters as count_parameters
+from .pipeline import VishwamAIPipeline as VishwamAIPipeline
 from .tokenizer import VishwamAITokenizer as VishwamAITokenizer
 
 __version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Complete a prompt with a saved pipeline or a training run.
+
+    python scripts/generate.py runs/small "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
+    python scripts/generate.py runs/small "Once upon a time" --step 1500     # a checkpoint of the run
+    python scripts/generate.py my_pipeline/ "Once upon a time" --temperature 0  # greedy
+
+DIRECTORY is one of
+- a pipeline directory (`VishwamAIPipeline.save`: config.json, model.safetensors,
+  tokenizer/, pipeline.json);
+- a training run directory (`runs/<name>/`): its exported `pipeline/` when the run
+  finished, otherwise (or with `--step`) the model weights of an orbax checkpoint in
+  `checkpoints/`, with the run's `config.json` and `tokenizer/`.
+
+The completion streams to stdout token by token (`--no-stream`: printed at the end).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
+    """A `VishwamAIPipeline` with the model of checkpoint `step` (default: the latest) of a run.
+
+    The run's `config.json` (`model` and `train` sections, as the trainer writes it)
+    rebuilds the abstract train state the checkpoint was saved from; only its model is kept.
+    """
+    import equinox as eqx
+    import jax
+
+    from vishwam.config import ModelConfig, TrainConfig
+    from vishwam.model import VishwamAI
+    from vishwam.pipeline import VishwamAIPipeline
+    from vishwam.tokenizer import VishwamAITokenizer
+    from vishwam.train.checkpoint import Checkpointer, checkpoint_steps, combine_arrays, partition_arrays
+    from vishwam.train.step import init_train_state
+
+    config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a run directory holds the config.json the trainer wrote.")
+    saved = json.loads(config_path.read_text())
+    if "model" not in saved or "train" not in saved:
+        raise ValueError(f"{config_path} has no 'model' and 'train' sections; is {run_dir} a training run directory?")
+    complete, unfinished = checkpoint_steps(checkpoints)
+    if unfinished:
+        # Opening the checkpoint manager would delete these, failing a save still in flight.
+        raise RuntimeError(f"{checkpoints} holds unfinished saves {unfinished}: a run is saving (wait for it) or "
+                           "was killed mid-save (resume it, or delete them).")
+    if not complete:
+        raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint.")
+    model_config, train_config = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
+
+    def abstract_state(key):
+        return init_train_state(VishwamAI(model_config, key=key), train_config, key=key)
+
+    arrays, static = partition_arrays(eqx.filter_eval_shape(abstract_state, jax.random.key(0)))
+    with Checkpointer(checkpoints, keep=None, async_save=False) as manager:
+        restored, _ = manager.restore(step, arrays)
+    model = combine_arrays(restored, static).model
+    return VishwamAIPipeline(model, VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"))
+
+
+def load_pipeline(directory: str | Path, step: int | None = None):
+    """A pipeline directory, a finished run's `pipeline/`, or a run checkpoint (see the module docstring)."""
+    from vishwam.pipeline import VishwamAIPipeline
+
+    directory = Path(directory)
+    if step is None:
+        for candidate in (directory, directory / "pipeline"):
+            if (candidate / "pipeline.json").is_file():
+                return VishwamAIPipeline.load(candidate)
+    if (directory / "checkpoints").is_dir():
+        return pipeline_from_checkpoint(directory, step)
+    raise FileNotFoundError(f"{directory} is neither a pipeline directory (pipeline.json, ...) nor a training run "
+                            "directory (config.json, tokenizer/, checkpoints/ or pipeline/).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", type=Path, help="pipeline or training-run directory")
+    parser.add_argument("prompt", help="text to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: its final "
+                        "pipeline/, else the latest checkpoint)")
+    parser.add_argument("--no-stream", action="store_true", help="print the completion once it is complete")
+    args = parser.parse_args(argv)
+
+    pipeline = load_pipeline(args.directory, args.step)
+
+    def show(row: int, token: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    [completion] = pipeline(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, callback=None if args.no_stream else show)
+    if args.no_stream:
+        sys.stdout.write(completion)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

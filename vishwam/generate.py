@@ -1,0 +1,355 @@
+"""Autoregressive generation: KV-cache prefill + decode loop in one jit, and sampling.
+
+`generate` runs the whole loop (prefill of the padded prompts, then one token
+per row per step) inside a single `eqx.filter_jit`-compiled `lax.while_loop`
+that stops as soon as every row has produced its EOS. `generate_stream` yields
+the same tokens step by step from Python (for streaming callbacks), and
+`generate_without_cache` recomputes the full sequence every step (the oracle
+for the tests and the baseline of `benchmarks/generate.py`).
+
+Layout of the output `tokens [batch, prompt + max_new_tokens]`: row `i` holds its
+`prompt_lengths[i]` prompt tokens, then its generated tokens immediately after
+them, then `pad_id` up to the end. `lengths[i]` counts the prompt and the
+generated tokens, the EOS included.
+
+Sampling at step `t` uses `jax.random.fold_in(key, t)`, so every entry point
+draws the same tokens from the same key. Note the draw for a row depends on the
+whole batch's shape: the same prompt in another batch samples differently
+(greedy decoding does not).
+
+A new compile happens per prompt width `P`, `max_new_tokens`, `top_k`, and
+whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
+and `eos_id` are traced, so changing them does not recompile.
+"""
+
+from collections.abc import Iterator
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .model import KVCache, VishwamAI
+
+_PromptLike = Int[Array, "batch prompt"] | Int[np.ndarray, "batch prompt"]
+_LengthsLike = Int[Array, " batch"] | Int[np.ndarray, " batch"]
+
+
+# --------------------------------------------------------------------------- sampling
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
+    """Draw one token per row. Order: temperature, then top-k, then nucleus (top-p)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is None and not use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # Candidates sorted best first; nucleus filtering needs the sorted order anyway.
+    values, indices = jax.lax.top_k(logits, logits.shape[-1] if top_k is None else top_k)
+    if use_top_p:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The best candidate always survives (mass_before = 0 < top_p).
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    choice = jax.random.categorical(key, values, axis=-1)
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+_sample_jit = eqx.filter_jit(_sample)
+
+
+def _check_sampling(temperature, top_k, top_p, key, vocab_size: int, where: str):
+    """Validate sampling options; returns the static flags `(greedy, top_k, use_top_p)`."""
+    temperature = float(temperature)
+    if not temperature >= 0:
+        raise ValueError(f"{where}: temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
+        raise ValueError(f"{where}: top_k must be None or an int in [1, vocab_size={vocab_size}], got {top_k!r}.")
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"{where}: top_p must be None or in (0, 1], got {top_p}.")
+    greedy = temperature == 0.0
+    if not greedy and key is None:
+        raise ValueError(f"{where}: sampling (temperature={temperature} > 0) needs a PRNG key; pass "
+                         "key=jax.random.key(seed), or temperature=0 for greedy decoding.")
+    return greedy, (None if greedy else top_k), (not greedy and top_p is not None and float(top_p) < 1.0)
+
+
+def sample_logits(
+    logits: Float[Array, "batch vocab"],
+    key: PRNGKeyArray | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Int[Array, " batch"]:
+    """One token id per row: greedy when `temperature == 0`, otherwise a draw from
+    `softmax(logits / temperature)` restricted to the `top_k` best tokens and then to
+    the smallest set of best tokens whose probability reaches `top_p`."""
+    greedy, top_k, use_top_p = _check_sampling(temperature, top_k, top_p, key, logits.shape[-1], "sample_logits")
+    return _sample_jit(logits, key, jnp.float32(max(temperature, 1e-30)),
+                       jnp.float32(1.0 if top_p is None else top_p), greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+
+# ------------------------------------------------------------------------ validation
+def _prepare(model: VishwamAI, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
+             eos_id, pad_id, where: str):
+    """Check every argument eagerly (static shapes, concrete lengths) and build the traced inputs."""
+    config = model.config
+    prompt = jnp.asarray(prompt_tokens)
+    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"{where}: prompt_tokens must be an integer array [batch, prompt_len], got "
+                         f"shape {prompt.shape} and dtype {prompt.dtype}.")
+    batch, width = prompt.shape
+    if batch == 0 or width == 0:
+        raise ValueError(f"{where}: empty prompt batch of shape {prompt.shape}; every row needs at least "
+                         "one token (e.g. the tokenizer's BOS id).")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"{where}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    if width + max_new_tokens > config.max_seq_len:
+        raise ValueError(
+            f"{where}: prompt length {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} "
+            f"exceeds the model's max_seq_len={config.max_seq_len} (the KV cache size); shorten the prompt "
+            f"or ask for at most {config.max_seq_len - width} new tokens.")
+    if prompt_lengths is None:
+        lengths = np.full((batch,), width, np.int32)
+    else:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"{where}: prompt_lengths must be integers of shape ({batch},), got shape "
+                             f"{lengths.shape} and dtype {lengths.dtype}.")
+        if lengths.min() < 1 or lengths.max() > width:
+            raise ValueError(f"{where}: prompt_lengths must lie in [1, {width}] (empty prompts are not "
+                             f"allowed; start a row with BOS instead), got {lengths.tolist()}.")
+    for name, token, optional in (("eos_id", eos_id, True), ("pad_id", pad_id, False)):
+        if (token is not None or not optional) and not (isinstance(token, int) and 0 <= token < config.vocab_size):
+            raise ValueError(f"{where}: {name} must be {'None or ' if optional else ''}an int in "
+                             f"[0, vocab_size={config.vocab_size}), got {token!r}.")
+    # Only the prompts themselves: whatever fills the padding is replaced by pad_id.
+    real = np.asarray(prompt)[np.arange(width)[None, :] < lengths[:, None]]
+    if real.min() < 0 or real.max() >= config.vocab_size:
+        raise ValueError(f"{where}: prompt token ids span [{real.min()}, {real.max()}], outside the model's "
+                         f"vocabulary [0, {config.vocab_size}).")
+    greedy, top_k, use_top_p = _check_sampling(temperature, top_k, top_p, key, config.vocab_size, where)
+    dynamic = dict(
+        prompt=prompt.astype(jnp.int32),
+        lengths=jnp.asarray(lengths, jnp.int32),
+        temperature=jnp.float32(max(float(temperature), 1e-30)),
+        top_p=jnp.float32(1.0 if top_p is None else top_p),
+        # Token ids are >= 0, so -1 never stops a row.
+        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+        key=jax.random.key(0) if key is None else key,
+    )
+    static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p, pad_id=pad_id)
+    return dynamic, static
+
+
+# ----------------------------------------------------------------------- the loop
+def _padded_buffer(prompt, lengths, total: int, pad_id: int):
+    """`[batch, total]` output buffer: each prompt, then `pad_id` (over any padding of the input too)."""
+    width = prompt.shape[1]
+    prompt = jnp.where(jnp.arange(width)[None, :] < lengths[:, None], prompt, pad_id)
+    return jnp.full((prompt.shape[0], total), pad_id, jnp.int32).at[:, :width].set(prompt)
+
+
+def _prefill(model: VishwamAI, prompt, lengths, cache_len: int):
+    """Run the padded prompts through the model, filling a fresh cache; logits at each row's last token."""
+    batch, width = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    # Padding writes junk at slots >= length; a row's decode step overwrites its slot before
+    # reading it, and slots past a row's position are masked.
+    logits, cache = model.decode(prompt, positions, model.init_cache(batch, cache_len))
+    return logits[jnp.arange(batch), lengths - 1], cache
+
+
+def _loop(first_logits, next_logits, state, prompt, lengths, temperature, top_p, eos_id, key, *, max_new_tokens: int,
+          greedy: bool, top_k, use_top_p: bool, pad_id: int, return_logits: bool):
+    """Sample `max_new_tokens` tokens per row; `next_logits(state, tokens, prev, positions) -> (logits, state)`
+    gives the logits after feeding `prev` at `positions`."""
+    batch = prompt.shape[0]
+    rows = jnp.arange(batch)
+    total = prompt.shape[1] + max_new_tokens
+    sample = lambda logits, t: _sample(logits, jax.random.fold_in(key, t), temperature, top_p,  # noqa: E731
+                                       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+    tokens = _padded_buffer(prompt, lengths, total, pad_id)
+    first = sample(first_logits, 0)
+    tokens = tokens.at[rows, lengths].set(first)
+    saved = (jnp.zeros((batch, max_new_tokens, first_logits.shape[-1]), jnp.float32).at[:, 0].set(first_logits)
+             if return_logits else None)
+    carry = (jnp.int32(1), tokens, first, first == eos_id, jnp.ones((batch,), jnp.int32), state, saved)
+
+    def cond(carry):
+        t, _, _, done, _, _, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, tokens, prev, done, generated, state, saved = carry
+        logits, state = next_logits(state, tokens, prev, lengths + t - 1)
+        tok = jnp.where(done, pad_id, sample(logits, t))
+        tokens = tokens.at[rows, lengths + t].set(tok)
+        generated = generated + (~done).astype(jnp.int32)
+        if return_logits:
+            saved = saved.at[:, t].set(logits)
+        return t + 1, tokens, tok, done | (tok == eos_id), generated, state, saved
+
+    _, tokens, _, _, generated, _, saved = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths + generated, saved
+
+
+@eqx.filter_jit
+def _generate_cached(model: VishwamAI, prompt, lengths, temperature, top_p, eos_id, key, *, return_logits: bool,
+                     **static):
+    total = prompt.shape[1] + static["max_new_tokens"]
+    # The last generated token is never fed back, so the cache needs total - 1 slots.
+    first_logits, cache = _prefill(model, prompt, lengths, total - 1)
+
+    def next_logits(cache: KVCache, tokens, prev, positions):
+        logits, cache = model.decode(prev[:, None], positions[:, None], cache)
+        return logits[:, 0], cache
+
+    return _loop(first_logits, next_logits, cache, prompt, lengths, temperature, top_p, eos_id, key,
+                 return_logits=return_logits, **static)
+
+
+@eqx.filter_jit
+def _generate_recompute(model: VishwamAI, prompt, lengths, temperature, top_p, eos_id, key, *,
+                        return_logits: bool, **static):
+    total = prompt.shape[1] + static["max_new_tokens"]
+    rows = jnp.arange(prompt.shape[0])
+
+    def full_forward_at(tokens, positions):
+        logits, _ = model(tokens, inference=True)
+        return logits[rows, positions]
+
+    def next_logits(state, tokens, prev, positions):
+        return full_forward_at(tokens, positions), state
+
+    first_logits = full_forward_at(_padded_buffer(prompt, lengths, total, static["pad_id"]), lengths - 1)
+    return _loop(first_logits, next_logits, None, prompt, lengths, temperature, top_p, eos_id, key,
+                 return_logits=return_logits, **static)
+
+
+def generate(
+    model: VishwamAI,
+    prompt_tokens: _PromptLike,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    eos_id: int | None = None,
+    prompt_lengths: _LengthsLike | None = None,
+    pad_id: int = 0,
+    return_logits: bool = False,
+) -> tuple[Int[Array, "batch total"], Int[Array, " batch"]] | tuple[
+        Int[Array, "batch total"], Int[Array, " batch"], Float[Array, "batch new vocab"]]:
+    """Complete a batch of prompts with a KV cache; the whole loop is one compiled call.
+
+    Arguments:
+        model: the language model (its MoE layers route dropless here).
+        prompt_tokens: right-padded prompts `[batch, P]`, `P >= 1`.
+        max_new_tokens: tokens generated per row (fewer when the row stops at EOS);
+            `P + max_new_tokens` must not exceed `model.config.max_seq_len`.
+        temperature: softmax temperature; `0` decodes greedily (no key needed).
+        top_k: sample among the `top_k` most likely tokens only.
+        top_p: nucleus sampling: among the fewest best tokens whose mass reaches `top_p`.
+        key: PRNG key, required when `temperature > 0`.
+        eos_id: a row stops after producing this token; the rest of the row is `pad_id`.
+        prompt_lengths: `[batch]` true prompt lengths in `[1, P]`; default: all `P`.
+        pad_id: filler after each row's end (and over the input's padding).
+        return_logits: also return the fp32 logits each token was drawn from.
+
+    Returns:
+        `(tokens [batch, P + max_new_tokens], lengths [batch])`, plus `logits
+        [batch, max_new_tokens, vocab]` when `return_logits` (rows of steps after a row's
+        EOS, or after the loop stopped, are meaningless: zeros or logits of pad steps).
+    """
+    dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
+                               eos_id, pad_id, "generate")
+    tokens, lengths, logits = _generate_cached(model, **dynamic, return_logits=return_logits, **static)
+    return (tokens, lengths, logits) if return_logits else (tokens, lengths)
+
+
+def generate_without_cache(
+    model: VishwamAI,
+    prompt_tokens: _PromptLike,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    eos_id: int | None = None,
+    prompt_lengths: _LengthsLike | None = None,
+    pad_id: int = 0,
+    return_logits: bool = False,
+) -> tuple[Int[Array, "batch total"], Int[Array, " batch"]] | tuple[
+        Int[Array, "batch total"], Int[Array, " batch"], Float[Array, "batch new vocab"]]:
+    """`generate` without a cache: every step runs the full forward pass over the whole
+    `[batch, P + max_new_tokens]` buffer (causality makes the not-yet-written tail
+    irrelevant). The oracle for `generate`, and the benchmark baseline."""
+    dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
+                               eos_id, pad_id, "generate_without_cache")
+    tokens, lengths, logits = _generate_recompute(model, **dynamic, return_logits=return_logits, **static)
+    return (tokens, lengths, logits) if return_logits else (tokens, lengths)
+
+
+# --------------------------------------------------------------------- streaming
+@eqx.filter_jit
+def _stream_first(model: VishwamAI, prompt, lengths, temperature, top_p, key, *, cache_len: int, greedy: bool,
+                  top_k, use_top_p: bool):
+    logits, cache = _prefill(model, prompt, lengths, cache_len)
+    tok = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy, top_k=top_k,
+                  use_top_p=use_top_p)
+    return tok, cache
+
+
+# Everything after the first argument is donated: the cache is updated in place.
+@eqx.filter_jit(donate="all-except-first")
+def _stream_step(fixed, cache: KVCache, prev, positions, t, *, greedy: bool, top_k, use_top_p: bool):
+    model, temperature, top_p, key = fixed
+    logits, cache = model.decode(prev[:, None], positions[:, None], cache)
+    tok = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
+                  use_top_p=use_top_p)
+    return tok, cache
+
+
+def generate_stream(
+    model: VishwamAI,
+    prompt_tokens: _PromptLike,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: PRNGKeyArray | None = None,
+    eos_id: int | None = None,
+    prompt_lengths: _LengthsLike | None = None,
+    pad_id: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`generate`, one step at a time from Python: yields `(tokens [batch], active [batch])`
+    per step, where `active[i]` says row `i` produced `tokens[i]` (it had not stopped
+    before this step); inactive rows show `pad_id`. Stops after `max_new_tokens` steps
+    or once every row has stopped. Same arguments and same tokens as `generate`
+    (one jitted decode step per token, cache donated; slower than `generate`)."""
+    dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
+                               eos_id, pad_id, "generate_stream")
+    sampling = dict(greedy=static["greedy"], top_k=static["top_k"], use_top_p=static["use_top_p"])
+    lengths = dynamic["lengths"]
+    prompt = _padded_buffer(dynamic["prompt"], lengths, dynamic["prompt"].shape[1], pad_id)
+    cache_len = prompt.shape[1] + max_new_tokens - 1
+    tok, cache = _stream_first(model, prompt, lengths, dynamic["temperature"], dynamic["top_p"], dynamic["key"],
+                               cache_len=cache_len, **sampling)
+    fixed = (model, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    done = np.zeros(lengths.shape, bool)
+    for t in range(max_new_tokens):
+        if t > 0:
+            tok, cache = _stream_step(fixed, cache, jnp.asarray(tok), lengths + (t - 1), jnp.int32(t), **sampling)
+        out = np.where(done, pad_id, np.asarray(tok))
+        yield out, ~done
+        if eos_id is not None:
+            done = done | (out == eos_id)
+            if done.all():
+                return
+        tok = out
