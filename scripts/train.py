@@ -1,0 +1,286 @@
+"""Train a VishwamAI MoE language model: the project's main job.
+
+    python scripts/train.py                      # `small` MoE preset on the built-in corpus, a few minutes on CPU
+    python scripts/train.py --preset tiny --steps 50 --name smoke
+    python scripts/train.py --data 'texts/*.txt' --steps 2000 --batch 32 --lr 6e-4 --mesh data=-1
+    python scripts/train.py --teacher runs/small --set hidden_size=128 --set num_layers=2   # distil
+
+Writes `runs/<name>/`: `metrics.duckdb` (DuckDB: runs, metrics, events), `checkpoints/`
+(orbax, the latest few), `tokenizer/` (trained on the data first if none is given),
+`config.json`, and at the end `pipeline/` (`VishwamAIPipeline.load(...)`).
+
+Running the same command again resumes from the latest checkpoint (the run's
+`config.json` is the base, so flags you do not repeat keep their values; a flag
+that changes the model or the optimiser is refused with the list of differing
+fields). `--new` starts over, `--resume` insists on a checkpoint. SIGTERM or
+Ctrl-C writes a checkpoint and exits with 128 + the signal number. Exit codes: 0
+done, 2 bad configuration / database held by another process, 3 diverged (NaN).
+
+Several hosts: start the same command on every host with `--distributed` (JAX
+finds the coordinator on TPU pods / SLURM, or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) and a mesh over all devices, e.g.
+`--mesh data=-1,expert=8`; only process 0 writes files and logs. Train the tokenizer
+first (scripts/train_tokenizer.py) and pass `--tokenizer`, so that hosts do not race to write it.
+
+JAX's persistent compilation cache lives in $VISHWAM_JAX_CACHE (default
+~/.cache/vishwam-jax; set it empty to turn it off), so a second run compiles in seconds.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PRESET = "small"
+# The main job: sized for a few minutes on a 2-core CPU with the loss clearly falling.
+MAIN_JOB = {"steps": 250, "batch_size": 8, "seq_len": 128, "learning_rate": 2e-3, "warmup_steps": 25,
+            "eval_every": 50, "checkpoint_every": 100}
+MIN_TOKENIZER_VOCAB = 512  # 256 byte-fallback pieces + 4 specials need room for real pieces
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("model and data")
+    base = what.add_mutually_exclusive_group()
+    base.add_argument("--preset", help=f"ModelConfig preset: tiny, small, seed (default {DEFAULT_PRESET})")
+    base.add_argument("--config", type=Path,
+                      help="JSON with 'model' and/or 'train' sections (a run's config.json works), or a ModelConfig")
+    what.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a ModelConfig field (JSON value), e.g. --set num_layers=2; repeatable")
+    what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs "
+                      "(default: the built-in corpus, vishwam.data.default_corpus())")
+    what.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's, trained if missing)")
+    what.add_argument("--vocab-size", type=int, help="vocabulary of a newly trained tokenizer (default: the preset's)")
+    what.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    train = p.add_argument_group("optimisation (TrainConfig)")
+    train.add_argument("--steps", type=int, help=f"optimiser steps (schedule length; default {MAIN_JOB['steps']})")
+    train.add_argument("--batch", type=int, help=f"global batch in sequences (default {MAIN_JOB['batch_size']})")
+    train.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {MAIN_JOB['seq_len']})")
+    train.add_argument("--accum", type=int, help="micro-batches per step (gradient accumulation)")
+    train.add_argument("--lr", type=float, help=f"peak learning rate (default {MAIN_JOB['learning_rate']})")
+    train.add_argument("--warmup", type=int, help="warm-up steps")
+    train.add_argument("--seed", type=int, help="seed of the init, the data order and the step keys")
+    train.add_argument("--nan-policy", choices=["stop", "skip"], help="on a non-finite loss: stop, or skip the step")
+    train.add_argument("--teacher", type=Path, metavar="RUN_DIR", help="distil from this run's latest checkpoint")
+    train.add_argument("--distill-alpha", type=float, help="weight of the data CE (rest: teacher KL)")
+    train.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation KL")
+    run = p.add_argument_group("run")
+    run.add_argument("--name", help="run name: writes runs/<name>/ (default: the preset's name)")
+    run.add_argument("--runs", type=Path, default=Path("runs"), help="parent directory of runs")
+    run.add_argument("--run-dir", type=Path, help="the run directory itself (overrides --runs/--name)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    mode.add_argument("--new", action="store_true", help="delete the run's checkpoints and metrics and start over")
+    run.add_argument("--max-steps", type=int, help="stop after this many steps (default: --steps)")
+    run.add_argument("--eval-every", type=int, help=f"default {MAIN_JOB['eval_every']}")
+    run.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
+    run.add_argument("--checkpoint-every", type=int, help=f"default {MAIN_JOB['checkpoint_every']}")
+    run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    run.add_argument("--log-every", type=int, default=10, help="progress-bar refresh interval in steps")
+    run.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (default: all devices on data)")
+    run.add_argument("--db-fallback", action="store_true",
+                     help="if another process holds metrics.duckdb, log to a separate file instead of failing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    return p
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def _enable_compile_cache() -> None:
+    import jax
+
+    cache = os.environ.get("VISHWAM_JAX_CACHE", os.path.expanduser("~/.cache/vishwam-jax"))
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
+    """Model and train dicts before CLI overrides, and where they came from."""
+    from vishwam.config import PRESETS
+
+    saved = run_dir / "config.json"
+    if args.config is not None:
+        data = json.loads(args.config.read_text())
+        sectioned = "model" in data or "train" in data
+        model = data.get("model", {}) if sectioned else data
+        return dict(model), dict(data.get("train", {}) if sectioned else {}), str(args.config)
+    if saved.exists() and not args.new and not args.preset:
+        data = json.loads(saved.read_text())
+        return dict(data["model"]), dict(data["train"]), f"{saved} (resuming)"
+    preset = args.preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[preset]), {}, f"preset {preset!r}"
+
+
+def _tokenizer(args, run_dir: Path, source, vocab_size: int):
+    from vishwam.data import as_source
+    from vishwam.tokenizer import VishwamAITokenizer
+
+    if args.tokenizer is not None:
+        return VishwamAITokenizer.from_pretrained(args.tokenizer), f"{args.tokenizer}"
+    if (run_dir / "tokenizer" / "tokenizer.model").exists() and not args.new:
+        return VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"), f"{run_dir / 'tokenizer'}"
+    start = time.perf_counter()
+    documents = as_source(source).read().documents
+    target = args.vocab_size or max(vocab_size, MIN_TOKENIZER_VOCAB)
+    tokenizer = VishwamAITokenizer.train(documents, run_dir / "tokenizer" / "tokenizer.model", vocab_size=target,
+                                         hard_vocab_limit=False, input_kind="documents")
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    return tokenizer, (f"trained here: vocab {tokenizer.vocab_size} on {len(documents)} documents "
+                       f"in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None, *, callbacks=()) -> int:
+    """Run the CLI; `callbacks` go to `VishwamAITrainer` (embedding the job in a program that
+    watches its events: `callback(kind, step, detail)`). Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    began = time.perf_counter()
+    _enable_compile_cache()
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+
+    from vishwam.config import ModelConfig, TrainConfig
+    from vishwam.data import make_datasets
+    from vishwam.model import VishwamAI
+    from vishwam.pipeline import VishwamAIPipeline
+    from vishwam.train.checkpoint import CheckpointError
+    from vishwam.train.metrics_db import MetricsDBLockedError
+    from vishwam.train.trainer import RunConfig, TrainingDiverged, VishwamAITrainer, load_run_model
+
+    if args.name:
+        name = args.name
+    elif args.teacher is not None:
+        name = f"{args.teacher.absolute().name}-student"
+    else:
+        name = args.preset or (args.config.stem if args.config else DEFAULT_PRESET)
+    run_dir = (args.run_dir or args.runs / name).absolute()
+    model_dict, train_dict, origin = _base_configs(args, run_dir)
+    try:
+        for item in args.set:
+            field, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+            model_dict[field] = _parse_value(value)
+        source = None if args.data is None else list(args.data)
+
+        teacher, teacher_tokenizer = None, None
+        if args.teacher is not None:
+            from vishwam.tokenizer import VishwamAITokenizer
+
+            teacher, _ = load_run_model(args.teacher)
+            teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
+        if teacher_tokenizer is not None and args.tokenizer is None:
+            tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
+        else:
+            tokenizer, tok_origin = _tokenizer(args, run_dir, source, int(model_dict.get("vocab_size", 0)))
+        model_dict["vocab_size"] = int(tokenizer.vocab_size)
+        model_config = ModelConfig.from_dict(model_dict)
+
+        overrides = {"total_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
+                     "accum_steps": args.accum, "learning_rate": args.lr, "warmup_steps": args.warmup,
+                     "seed": args.seed, "nan_policy": args.nan_policy, "distill_alpha": args.distill_alpha,
+                     "distill_temperature": args.distill_temperature}
+        if not train_dict:  # a preset: the main job's optimisation settings
+            total = args.steps or MAIN_JOB["steps"]
+            train_dict = {"batch_size": MAIN_JOB["batch_size"], "seq_len": MAIN_JOB["seq_len"],
+                          "learning_rate": MAIN_JOB["learning_rate"], "total_steps": total,
+                          # inside a short schedule too (e.g. --steps 20)
+                          "warmup_steps": min(MAIN_JOB["warmup_steps"], total // 10)}
+        train_config = TrainConfig.from_dict({**train_dict, **{k: v for k, v in overrides.items() if v is not None}})
+        run_config = RunConfig(
+            run_dir=str(run_dir), max_steps=args.max_steps,
+            eval_every=args.eval_every if args.eval_every is not None else MAIN_JOB["eval_every"],
+            eval_batches=args.eval_batches,
+            checkpoint_every=(args.checkpoint_every if args.checkpoint_every is not None
+                              else MAIN_JOB["checkpoint_every"]),
+            keep_checkpoints=args.keep, log_every=args.log_every,
+            resume="require" if args.resume else "never" if args.new else "auto",
+            mesh=None if args.mesh is None else _parse_mesh(args.mesh),
+            on_db_locked="fallback" if args.db_fallback else "raise", progress=not args.no_progress)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say(f"run:       {run_dir}")
+    say(f"config:    {origin}; {model_config.num_layers} layers x {model_config.hidden_size}, "
+        f"{model_config.num_experts} experts (top-{model_config.experts_per_token}), vocab {model_config.vocab_size}")
+    say(f"tokenizer: {tok_origin}")
+    train_iter, val_iter = make_datasets(tokenizer, source, seq_len=train_config.seq_len,
+                                         batch_size=train_config.batch_size, val_fraction=args.val_fraction,
+                                         seed=train_config.seed, cache_dir=run_dir.parent / ".cache" / "tokens")
+    say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
+        f"{train_iter.rows.num_tokens:,} train tokens, "
+        f"{0 if val_iter is None else val_iter.rows.num_tokens:,} validation tokens")
+    model = VishwamAI(model_config, key=jax.random.key(train_config.seed))
+    pipeline = VishwamAIPipeline(model, tokenizer)
+    trainer = VishwamAITrainer(
+        pipeline, train_config, train_iter, val_iter, run=run_config, teacher=teacher, callbacks=callbacks,
+        extra_config={"data": {"source": "default corpus" if source is None else source,
+                               "val_fraction": args.val_fraction},
+                      "teacher_run": None if args.teacher is None else str(args.teacher.absolute())})
+    try:
+        result = trainer.train()
+    except (MetricsDBLockedError, FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, MetricsDBLockedError) and not args.db_fallback:
+            print("(or rerun with --db-fallback to log into a separate file)", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        train_iter.close()
+        if val_iter is not None:
+            val_iter.close()
+
+    def loss(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    say()
+    if result.start_step >= trainer.max_steps:
+        say(f"Nothing to do: {run_dir} is already at step {result.step} of {trainer.max_steps} "
+            "(use --new to start over, or --steps/--max-steps to go further).")
+    skipped = f" ({result.skipped_steps} non-finite steps skipped)" if result.skipped_steps else ""
+    say(f"validation loss: {loss(result.initial_val_loss)} at step 0 -> {loss(result.final_val_loss)} "
+        f"at step {result.step}{skipped}")
+    say(f"stopped by:      {result.stop_reason}; {time.perf_counter() - began:.0f} s in all")
+    say(f"run directory:   {run_dir}")
+    say(f"  metrics:       {result.metrics_path}   (python scripts/report.py {run_dir})")
+    say(f"  checkpoints:   {run_dir / 'checkpoints'} (latest step {result.checkpoint_step})")
+    say(f"  tokenizer:     {run_dir / 'tokenizer'}")
+    say(f"  config:        {run_dir / 'config.json'}")
+    if result.pipeline_path is not None:
+        say(f"  pipeline:      {result.pipeline_path}   (VishwamAIPipeline.load(...)(\"prompt\"))")
+    if result.stop_reason.startswith("SIG"):
+        say("Stopped by a signal after a final checkpoint; rerun the same command to resume.")
+        return 128 + int(getattr(signal, result.stop_reason))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,766 @@
+"""`VishwamAITrainer`: the loop around the train step, with evaluation, checkpoints and metrics.
+
+One `train()` call:
+
+1. opens `run_dir/metrics.duckdb` (fails at once, with a clear message, if another
+   process holds it) and the orbax checkpoints in `run_dir/checkpoints/`;
+2. resumes from the latest complete checkpoint if there is one (parameters,
+   optimiser state, step, PRNG key and the data iterator's position), after
+   checking that the run's config equals the checkpoint's (the error lists every
+   differing field), and deletes metric rows of steps after it;
+3. writes `run_dir/config.json` and `run_dir/tokenizer/`, evaluates once before
+   training (the initial validation loss), then steps: a progress bar (loss,
+   tokens/s, ETA), metrics per step into DuckDB (losses, gradient norm, learning
+   rate, tokens/s, estimated model FLOP utilisation), evaluation every
+   `eval_every` steps, a checkpoint every `checkpoint_every` steps;
+4. at the end evaluates, checkpoints, exports `run_dir/pipeline/` (safetensors +
+   tokenizer, for `VishwamAIPipeline.load`), and closes everything.
+
+Exactness: the loop is a pure function of (state, batch index), so a run killed
+at any point and started again reproduces the uninterrupted run's parameters and
+per-step metrics bit for bit. Metrics are flushed to DuckDB before every
+checkpoint, and a resumed run rewinds the rows of the steps it repeats.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) finishes the current step, writes a final
+checkpoint, closes the database (`status = 'stopped'`) and returns; a second
+signal interrupts at once. On an exception the checkpoint manager still waits
+for saves already started and the database is closed (`status = 'failed'`).
+
+Non-finite losses (`TrainConfig.nan_policy`): `"stop"` raises `TrainingDiverged`
+naming the last good checkpoint, without saving the diverged state; `"skip"`
+leaves the state unchanged for that batch (the step does this on device), counts
+it (`skipped` metric) and raises only after `max_consecutive_skips` in a row.
+
+Devices: without `RunConfig.mesh` a single device trains alone and several
+devices share the batch (`data` axis). A mesh from the config (e.g.
+`{"data": 2, "expert": 4}`) shards the state by `vishwam.parallel` rules and
+runs the step under `jax.set_mesh`, so MoE layers go expert-parallel. Several
+hosts: call `jax.distributed.initialize()` before building anything (scripts/
+train.py `--distributed`); every process runs the same program, each loads its
+share of every batch, and only process 0 writes the database, files and logs.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig, TrainConfig
+from ..model import VishwamAI, count_parameters
+from .checkpoint import Checkpointer, check_compatible, combine_arrays, partition_arrays
+from .metrics_db import MetricsDB
+from .step import TrainState, init_train_state, make_eval_step, make_train_step
+
+Callback = Callable[[str, int, Mapping[str, Any]], None]
+"""`callback(kind, step, detail)`: every event the trainer records (`start`, `resume`,
+`eval`, `checkpoint`, `nan`, `stop`, `finish`) plus `step` with the step's metrics."""
+
+_RESUME_MODES = ("auto", "require", "never")
+_DB_LOCKED_MODES = ("raise", "fallback")
+# Metrics that depend on the wall clock, not on the trajectory.
+TIMING_METRICS = ("step_time", "tokens_per_s", "mfu")
+_THROUGHPUT_WINDOW = 10  # steps
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a training run is driven: where it writes, how often it evaluates and saves.
+
+    Nothing here changes the numbers a step computes, so these may change when a
+    run resumes (the `TrainConfig` and `ModelConfig` may not).
+    """
+
+    run_dir: str = "runs/default"
+    """Directory of the run: `metrics.duckdb`, `checkpoints/`, `tokenizer/`, `config.json`, `pipeline/`."""
+    run_name: str | None = None
+    """Run id in the metrics database; `None` = the name of `run_dir`."""
+    max_steps: int | None = None
+    """Stop after this many steps (batches); `None` = `TrainConfig.total_steps`."""
+    eval_every: int = 100
+    """Evaluate every this many steps (and before the first and after the last); 0 = only then."""
+    eval_batches: int | None = None
+    """Validation batches per evaluation; `None` = the whole validation set."""
+    checkpoint_every: int = 500
+    """Checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT); 0 = only then."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk."""
+    async_checkpoint: bool = True
+    """Write checkpoints in a background thread (training continues meanwhile)."""
+    log_every: int = 10
+    """Refresh the progress bar's loss/throughput every this many steps (metrics go to
+    DuckDB every step regardless)."""
+    flush_every: int = 100
+    """Write buffered metric rows to DuckDB every this many steps (and before every checkpoint)."""
+    resume: str = "auto"
+    """`auto`: resume from the latest checkpoint if there is one; `require`: fail if there
+    is none; `never`: delete the run's checkpoints and metric rows and start afresh."""
+    mesh: dict[str, int] | None = None
+    """Device mesh axis sizes (`data`, `fsdp`, `expert`, `tensor`; one may be -1 = the
+    rest). Without -1 the first `prod(sizes)` devices are used. `None`: one device, or
+    all devices on `data` when there are several."""
+    nan_max_consecutive_skips: int = 20
+    """With `nan_policy="skip"`: give up (`TrainingDiverged`) after this many non-finite steps in a row."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of all devices together, for the MFU estimate; `None` = a table of
+    accelerators, or a short matmul measurement on CPU."""
+    on_db_locked: str = "raise"
+    """Another process holds `metrics.duckdb`: `raise` a clear error before training, or
+    `fallback` to a separate file beside it."""
+    progress: bool = True
+    """Show the tqdm progress bar (process 0 only)."""
+    export_pipeline: bool = True
+    """At the end, save `run_dir/pipeline/` (`VishwamAIPipeline.save`) on a single-process run."""
+    handle_signals: bool = True
+    """Turn SIGTERM/SIGINT into a checkpoint and a clean stop (main thread only)."""
+
+    def __post_init__(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"RunConfig.{field}: {message}")
+
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            fail("max_steps", f"must be a positive integer or None, got {self.max_steps!r}.")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                fail(name, f"must be an integer >= 0 (0 = only at start/end), got {value!r}.")
+        for name in ("keep_checkpoints", "log_every", "flush_every", "nan_max_consecutive_skips"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                fail(name, f"must be a positive integer, got {value!r}.")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
+            fail("eval_batches", f"must be a positive integer or None (all), got {self.eval_batches!r}.")
+        if self.resume not in _RESUME_MODES:
+            fail("resume", f"unknown value {self.resume!r}; choose one of {_RESUME_MODES}.")
+        if self.on_db_locked not in _DB_LOCKED_MODES:
+            fail("on_db_locked", f"unknown value {self.on_db_locked!r}; choose one of {_DB_LOCKED_MODES}.")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            fail("peak_flops", f"must be > 0 or None, got {self.peak_flops!r}.")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or Path(self.run_dir).absolute().name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient stopped the run (see `TrainConfig.nan_policy`)."""
+
+    def __init__(self, message: str, *, step: int, last_good_checkpoint: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_good_checkpoint = last_good_checkpoint
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `VishwamAITrainer.train` did."""
+
+    run_dir: Path
+    step: int
+    """Steps (batches) done, including those of earlier runs this one resumed."""
+    start_step: int
+    """Step this call started from (0, or the checkpoint it resumed)."""
+    state: TrainState
+    stop_reason: str
+    """`finished`, `data exhausted`, or the signal's name (`SIGTERM`, `SIGINT`)."""
+    initial_val_loss: float | None
+    final_val_loss: float | None
+    checkpoint_step: int | None
+    """Latest checkpoint on disk when `train` returned."""
+    skipped_steps: int
+    """Non-finite steps skipped (`nan_policy="skip"`), over the whole run."""
+    metrics_path: Path | None
+    """The DuckDB file written (a fallback file if the main one was held); None off process 0."""
+    pipeline_path: Path | None
+    wall_time: float
+
+
+# ------------------------------------------------------------------------- FLOPs
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's estimate: `6 N + 12 L H Q T`.
+
+    `N` counts the parameters a token uses (top-k experts only, LM head included,
+    embedding lookup excluded; a tied embedding counts once, as the head),
+    `L` layers, `H` heads of width `Q`, `T` the sequence length (attention over
+    the full, not the causal half, square as in PaLM).
+    """
+    active = count_parameters(config)["active"]
+    lookup = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
+    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
+    return 6.0 * (active - lookup) + attention
+
+
+# bf16 dense peak FLOP/s per chip (vendor figures), matched against `device_kind`.
+_PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("A10", 125e12), ("V100", 125e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
+    ("TPU v5", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+)
+
+
+def estimate_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
+    """Peak FLOP/s of `devices` together and how it was obtained.
+
+    Accelerators: the vendor bf16 dense figure of their `device_kind`. CPU (and
+    unknown kinds): a 1024^3 fp32 matmul timed here, for the whole process (CPU
+    "devices" share the same cores), so CPU MFU reads as a fraction of what this
+    machine's matmul reaches now.
+    """
+    kind = devices[0].device_kind
+    for name, flops in _PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops * len(devices), f"{len(devices)} x {name} bf16 peak"
+    n = 1024
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    repeats, start = 4, time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a)
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    return 2.0 * n**3 * repeats / seconds, f"measured {n}^3 fp32 matmul on {kind}"
+
+
+# ----------------------------------------------------------------------- signals
+class _StopSignals:
+    """SIGTERM/SIGINT set `signum`, which the loop checks between steps; a second
+    signal raises `KeyboardInterrupt` at once (cleanup still runs)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}) while stopping")
+        self.signum = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+
+# ------------------------------------------------------------------------ trainer
+class VishwamAITrainer:
+    """Train `pipeline.model` on `train_loader` (see the module docstring for the whole story).
+
+    Arguments:
+        pipeline: a `VishwamAIPipeline`, or anything with `.model` (a `VishwamAI`)
+            and `.tokenizer` (saved into the run with `save_pretrained`). After
+            `train()`, `pipeline.model` is the trained model.
+        config: the `TrainConfig` (optimiser, schedule, batch, accumulation, NaN policy).
+        train_loader: an iterator of batch dicts (`tokens`, `targets`, `loss_mask`,
+            optional `segment_ids`, `positions`; this process's rows of the global
+            batch). With `state()` / `restore(state)` (as `vishwam.data.DataIterator`)
+            its position is checkpointed and a resumed run continues exactly there.
+        eval_loader: validation batches: an object with `reset()` that then iterates
+            one pass (a `DataIterator` with `repeat=False`), or any re-iterable.
+        run: a `RunConfig` (directories, intervals, mesh, resume mode).
+        teacher: a frozen `VishwamAI` to distil from (same vocabulary); the loss is
+            then `TrainConfig.distill_alpha` CE + the rest KL.
+        extra_config: JSON-able facts about the run stored beside the configs in
+            `config.json` and the database (e.g. the data source); not compared on resume.
+        callbacks: called as `callback(kind, step, detail)` for every event (see `Callback`).
+    """
+
+    def __init__(self, pipeline: Any, config: TrainConfig, train_loader: Iterable,
+                 eval_loader: Iterable | None = None, *, run: RunConfig | None = None,
+                 teacher: VishwamAI | None = None, extra_config: Mapping[str, Any] | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        model = getattr(pipeline, "model", None)
+        if not isinstance(model, VishwamAI):
+            raise TypeError(f"VishwamAITrainer: pipeline.model must be a VishwamAI, got {type(model).__name__}; "
+                            "pass a VishwamAIPipeline(model, tokenizer).")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"VishwamAITrainer: config must be a TrainConfig, got {type(config).__name__}.")
+        self.pipeline = pipeline
+        self.model_config: ModelConfig = model.config
+        self.config = config
+        self.run = run if run is not None else RunConfig()
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.teacher = teacher
+        self.extra_config = dict(extra_config or {})
+        self.callbacks = list(callbacks)
+        self.max_steps = self.run.max_steps if self.run.max_steps is not None else config.total_steps
+        if config.seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"VishwamAITrainer: TrainConfig.seq_len={config.seq_len} exceeds the model's "
+                             f"max_seq_len={self.model_config.max_seq_len}; shorten seq_len or build the model "
+                             "with a larger max_seq_len.")
+        self.is_main = jax.process_index() == 0
+        self.mesh, self.device = self._devices()
+        self.run_dir = Path(self.run.run_dir).absolute()
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.duckdb"
+
+    # ---------------------------------------------------------------- configs
+    def _tokenizer_info(self) -> dict[str, Any]:
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is None:
+            return {}
+        return {"fingerprint": getattr(tokenizer, "fingerprint", None),
+                "vocab_size": int(getattr(tokenizer, "vocab_size", 0)) or None}
+
+    def compatibility_config(self) -> dict[str, Any]:
+        """What must equal the checkpoint's for a resume: everything that changes the numbers."""
+        return {"model": self.model_config.to_dict(), "train": self.config.to_dict(),
+                "tokenizer": self._tokenizer_info().get("fingerprint"),
+                "teacher": None if self.teacher is None else self.teacher.config.to_dict()}
+
+    def full_config(self) -> dict[str, Any]:
+        """`config.json`: the compatibility config, the run settings and `extra_config`."""
+        return {**self.extra_config, **self.compatibility_config(), "tokenizer": self._tokenizer_info(),
+                "run": self.run.to_dict(), "max_steps": self.max_steps}
+
+    # ---------------------------------------------------------------- devices
+    def _devices(self) -> tuple[jax.sharding.Mesh | None, jax.Device | None]:
+        from ..parallel import check_mesh, make_mesh
+
+        sizes = self.run.mesh
+        devices = jax.devices()
+        if sizes is None:
+            sizes = {"data": -1} if len(devices) > 1 else {}
+        if -1 not in sizes.values():
+            count = math.prod(sizes.values()) if sizes else 1
+            if count > len(devices):
+                raise ValueError(f"RunConfig.mesh={dict(sizes)} needs {count} devices; this process sees "
+                                 f"{len(devices)} ({devices[0].platform}). Use smaller axis sizes or -1 to fill.")
+            devices = devices[:count]
+        if len(devices) == 1:
+            return None, devices[0]
+        mesh = make_mesh(sizes, devices=devices)
+        check_mesh(self.model_config, mesh)
+        shards = math.prod(dict(mesh.shape)[axis] for axis in ("data", "fsdp", "expert"))
+        if self.config.batch_size % shards:
+            raise ValueError(f"VishwamAITrainer: batch_size={self.config.batch_size} is not divisible by the "
+                             f"mesh's {shards} batch shards ({dict(mesh.shape)}); use a multiple of {shards}.")
+        return mesh, None
+
+    def _place_tree(self, tree):
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        from ..parallel import shard_model
+
+        return shard_model(tree, self.mesh)
+
+    def _place_batch(self, batch: Mapping[str, Any]) -> dict:
+        if self.mesh is None:
+            return jax.device_put(dict(batch), self.device)
+        from ..parallel import make_global_batch
+
+        return make_global_batch(dict(batch), self.mesh)
+
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    # ------------------------------------------------------------------- train
+    def train(self) -> TrainResult:
+        """Run (or resume) the training; see the module docstring. Returns a `TrainResult`.
+
+        Raises:
+            MetricsDBLockedError: another process holds `metrics.duckdb` (`on_db_locked="raise"`).
+            IncompatibleConfigError: the checkpoint was written with another config (fields listed).
+            TrainingDiverged: a non-finite loss under `nan_policy="stop"` (or too many skips).
+        """
+        return _Run(self).execute()
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, kind: str, step: int, detail: Mapping[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback(kind, step, detail)
+
+
+class _Run:
+    """The state of one `train()` call (kept off the trainer so that it can be called again)."""
+
+    def __init__(self, trainer: VishwamAITrainer):
+        self.t = trainer
+        self.run = trainer.run
+        self.db: MetricsDB | None = None
+        self.ckpt: Checkpointer | None = None
+        self.final_status: str | None = None
+        self.initial_val_loss: float | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.last_checkpoint: int | None = None
+        self.pbar = None
+        self.postfix: dict[str, str] = {}
+        self.last_done = time.perf_counter()
+        self.intervals: collections.deque[float] = collections.deque(maxlen=_THROUGHPUT_WINDOW)
+        self.compiled = False
+        self.tokens_per_step = trainer.config.batch_size * trainer.config.seq_len
+        self.flops_per_token = model_flops_per_token(trainer.model_config, trainer.config.seq_len)
+        self.peak_flops: float | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def execute(self) -> TrainResult:
+        t, run = self.t, self.run
+        began = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            signals = stack.enter_context(_StopSignals(run.handle_signals))
+            if run.resume == "never" and self.t.is_main and t.checkpoint_dir.exists():
+                shutil.rmtree(t.checkpoint_dir)
+            self.ckpt = stack.enter_context(Checkpointer(t.checkpoint_dir, keep=run.keep_checkpoints,
+                                                         async_save=run.async_checkpoint))
+            # Checked before the database is touched: a refused resume leaves the run's records alone.
+            latest = self.ckpt.latest_step()
+            if latest is None and run.resume == "require":
+                raise FileNotFoundError(f"resume='require' but {t.checkpoint_dir} holds no complete checkpoint; "
+                                        "start without --resume (or with --new).")
+            if latest is not None:
+                check_compatible(self.ckpt.read_meta(latest).get("config"), t.compatibility_config())
+            self.db = MetricsDB(t.metrics_path, run.name, t.full_config(), flush_every=run.flush_every,
+                                on_locked=run.on_db_locked)
+            stack.push(self._close_db)
+            stack.callback(self._close_pbar)
+
+            state, start = self._initial_state(latest)
+            self._write_run_files()
+            teacher = None if t.teacher is None else t._place_tree(t.teacher)
+            train_step = make_train_step(t.model_config, t.config, teacher=teacher)
+            eval_step = make_eval_step(t.model_config)
+            self.peak_flops, peak_source = ((run.peak_flops, "RunConfig.peak_flops") if run.peak_flops
+                                            else estimate_peak_flops(self._devices_used()))
+            self._note(f"{run.name}: {'resuming from step ' + str(start) if start else 'starting'} "
+                       f"(max_steps {t.max_steps}, {self.tokens_per_step} tokens/step, "
+                       f"{self._device_text()}, peak {self.peak_flops / 1e9:,.0f} GFLOP/s: {peak_source})")
+
+            with t._mesh_context():
+                if start == 0:
+                    self.initial_val_loss = self._evaluate(eval_step, state.model, 0)
+                state, step, reason = self._loop(train_step, eval_step, state, start, signals)
+                if reason != "finished" and reason != "data exhausted":
+                    self._save(state, step, force_wait=True)
+                    self._record(step, "stop", {"signal": reason})
+                    self.final_status = "stopped"
+                else:
+                    if self.last_eval is None or self.last_eval["step"] != step:
+                        self._evaluate(eval_step, state.model, step)
+                    self._save(state, step, force_wait=False)
+                    self._record(step, "finish", {"reason": reason, "skipped": self.skipped})
+            self._close_pbar()
+            self.ckpt.wait()
+            t.pipeline.model = state.model
+            pipeline_path = None
+            if self.final_status is None:
+                pipeline_path = self._export(state)
+                self.final_status = "finished"
+        return TrainResult(
+            run_dir=t.run_dir, step=step, start_step=start, state=state, stop_reason=reason,
+            initial_val_loss=self.initial_val_loss,
+            final_val_loss=None if self.last_eval is None else self.last_eval["val_loss"],
+            checkpoint_step=self.last_checkpoint, skipped_steps=self.skipped,
+            metrics_path=self.db.path if t.is_main else None, pipeline_path=pipeline_path,
+            wall_time=time.perf_counter() - began)
+
+    def _close_db(self, exc_type, exc, tb) -> bool:
+        if self.db is not None:
+            status = self.final_status
+            if status is None and exc_type is not None:
+                status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            self.db.close(status)
+        return False
+
+    def _close_pbar(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+
+    def _devices_used(self) -> list:
+        return [self.t.device] if self.t.mesh is None else list(self.t.mesh.devices.flat)
+
+    def _device_text(self) -> str:
+        devices = self._devices_used()
+        text = f"{len(devices)} x {devices[0].device_kind}"
+        if self.t.mesh is not None:
+            text += f", mesh {dict(self.t.mesh.shape)}"
+        return text
+
+    # ------------------------------------------------------------ start/resume
+    def _initial_state(self, latest: int | None) -> tuple[TrainState, int]:
+        t = self.t
+        key = jax.random.fold_in(jax.random.key(t.config.seed), 1)
+        # A copy: the step donates its state, and the caller's model must stay usable.
+        model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
+        state = t._place_tree(init_train_state(model, t.config, key=key))
+        if latest is None:
+            if self.db.resumed:
+                # The run id exists but has no checkpoint: its rows belong to a trajectory we cannot continue.
+                self.db.rewind(-1)
+            self._record(0, "start", {"max_steps": t.max_steps})
+            return state, 0
+        arrays, static = partition_arrays(state)
+        restored, meta = self.ckpt.restore(latest, arrays)
+        state = combine_arrays(restored, static)
+        start = int(meta["step"])
+        data_state = meta.get("data")
+        if data_state is not None and hasattr(t.train_loader, "restore"):
+            t.train_loader.restore(data_state)
+        elif hasattr(t.train_loader, "restore"):
+            raise ValueError(f"checkpoint step {latest} in {t.checkpoint_dir} has no data position; the loader "
+                             "would restart from its first batch. Start a new run directory.")
+        self.initial_val_loss = meta.get("initial_val_loss")
+        self.last_eval = meta.get("last_eval")
+        self.skipped = int(meta.get("skipped", 0))
+        self.last_checkpoint = latest
+        deleted = self.db.rewind(start)
+        self._record(start, "resume", {"checkpoint": latest, "rewound_rows": deleted})
+        return state, start
+
+    def _write_run_files(self) -> None:
+        t = self.t
+        if not t.is_main:
+            return
+        t.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(t.run_dir / "config.json", json.dumps(t.full_config(), indent=2, sort_keys=True,
+                                                                  default=str))
+        tokenizer = getattr(t.pipeline, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(t.run_dir / "tokenizer")
+
+    # --------------------------------------------------------------------- loop
+    def _loop(self, train_step, eval_step, state: TrainState, start: int,
+              signals: _StopSignals) -> tuple[TrainState, int, str]:
+        t, run = self.t, self.run
+        self._open_pbar(start)
+        step, pending, reason = start, None, "finished"
+        iterator = iter(t.train_loader)
+        self.last_done = time.perf_counter()
+        while step < t.max_steps:
+            if signals.signum is not None:
+                reason = signals.name
+                break
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                reason = "data exhausted"
+                break
+            state, metrics = train_step(state, t._place_batch(batch))
+            step += 1
+            # One step of lag: the device runs step n while the host reads step n - 1.
+            if pending is not None:
+                self._finish_step(*pending)
+            pending = (step, metrics)
+            eval_due = run.eval_every and step % run.eval_every == 0
+            save_due = run.checkpoint_every and step % run.checkpoint_every == 0
+            if eval_due or save_due or step == t.max_steps or signals.signum is not None:
+                self._finish_step(*pending)
+                pending = None
+                if eval_due:
+                    self._evaluate(eval_step, state.model, step)
+                if save_due:
+                    self._save(state, step, force_wait=False)
+                self.last_done = time.perf_counter()
+        if pending is not None:
+            self._finish_step(*pending)
+        return state, step, reason
+
+    def _finish_step(self, step: int, metrics: dict) -> None:
+        t = self.t
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        elapsed, self.last_done = now - self.last_done, now
+        # Host observations of a run-ahead device are uneven step by step; their sum over
+        # a window is exact up to one step, so throughput is taken over the last few steps.
+        # The first step of a call includes compilation: logged, but kept out of the window.
+        if self.compiled:
+            self.intervals.append(elapsed)
+            window = self.intervals
+        else:
+            window, self.compiled = [elapsed], True
+        tokens_per_s = len(window) * self.tokens_per_step / max(sum(window), 1e-9)
+        values = {name: float(host[name]) for name in ("loss", "ce", "aux", "z", "grad_norm", "learning_rate",
+                                                       "tokens", "dropped_fraction")}
+        if t.teacher is not None:
+            values["distill"] = float(host["distill"])
+        load = np.asarray(host["expert_load"])
+        if load.size:
+            values["expert_load_max"] = float(load.max() * t.model_config.num_experts)
+        nonfinite = bool(host["nonfinite"])
+        values |= {"nonfinite": float(nonfinite), "step_time": elapsed, "tokens_per_s": tokens_per_s,
+                   "mfu": self.flops_per_token * tokens_per_s / self.peak_flops}
+        if nonfinite:
+            self._non_finite(step, values)
+        else:
+            self.consecutive_skips = 0
+        values["skipped"] = float(self.skipped)
+        self.db.log(step, values)
+        t._emit("step", step, values)
+        if self.pbar is not None:
+            if step % self.run.log_every == 0 or step == t.max_steps or nonfinite:
+                self.postfix = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if self.skipped:
+                    self.postfix["skipped"] = str(self.skipped)
+                self.pbar.set_postfix(self.postfix, refresh=False)
+            self.pbar.update(1)
+
+    def _non_finite(self, step: int, values: dict[str, float]) -> None:
+        t = self.t
+        detail = {"loss": values["loss"], "grad_norm": values["grad_norm"], "policy": t.config.nan_policy}
+        if t.config.nan_policy == "skip":
+            self.skipped += 1
+            self.consecutive_skips += 1
+            self._record(step, "nan", {**detail, "action": "skipped", "skipped_total": self.skipped})
+            if self.consecutive_skips <= self.run.nan_max_consecutive_skips:
+                return
+            why = (f"{self.consecutive_skips} non-finite steps in a row (up to step {step}; "
+                   f"nan_max_consecutive_skips={self.run.nan_max_consecutive_skips})")
+        else:
+            self._record(step, "nan", {**detail, "action": "stopped"})
+            why = (f"a non-finite loss or gradient at step {step} "
+                   f"(loss={values['loss']}, grad_norm={values['grad_norm']})")
+        self.db.log(step, values)
+        self.final_status = "nan"
+        good = self.last_checkpoint
+        where = (f"The last good checkpoint is step {good} in {t.checkpoint_dir}; the diverged state was not saved. "
+                 "Rerunning the same command resumes from it: lower the learning rate, raise warm-up, "
+                 "or check the data around this step"
+                 if good is not None else "No checkpoint was written before it; nothing was saved")
+        raise TrainingDiverged(f"Training stopped: {why}. {where} (or set nan_policy='skip' to skip such steps).",
+                               step=step, last_good_checkpoint=good)
+
+    # --------------------------------------------------------------- evaluate
+    def _evaluate(self, eval_step, model: VishwamAI, step: int) -> float | None:
+        loader = self.t.eval_loader
+        if loader is None:
+            return None
+        if hasattr(loader, "reset"):
+            loader.reset()
+        nll, tokens, batches = 0.0, 0.0, 0
+        started = time.perf_counter()
+        for batch in loader:
+            if self.run.eval_batches is not None and batches >= self.run.eval_batches:
+                break
+            out = eval_step(model, self.t._place_batch(batch))
+            nll, tokens, batches = nll + out["nll_sum"], tokens + out["tokens"], batches + 1
+        if batches == 0:
+            raise ValueError("VishwamAITrainer: the eval loader yielded no batch; pass eval_loader=None to "
+                             "train without evaluation, or give it validation data.")
+        nll, tokens = (float(x) for x in jax.device_get((nll, tokens)))
+        loss = nll / max(tokens, 1.0)
+        perplexity = math.exp(min(loss, 700.0))
+        self.last_eval = {"step": step, "val_loss": loss, "val_perplexity": perplexity}
+        self.db.log(step, {"val_loss": loss, "val_perplexity": perplexity})
+        self._record(step, "eval", {"val_loss": loss, "val_perplexity": perplexity, "batches": batches,
+                                    "tokens": tokens, "seconds": time.perf_counter() - started})
+        self._note(f"step {step}: val_loss {loss:.4f} (perplexity {perplexity:.2f}, {int(tokens)} tokens)")
+        return loss
+
+    # ------------------------------------------------------------- checkpoint
+    def _save(self, state: TrainState, step: int, *, force_wait: bool) -> None:
+        t = self.t
+        loader = t.train_loader
+        meta = {"step": step, "config": t.compatibility_config(),
+                "data": loader.state() if hasattr(loader, "state") else None,
+                "initial_val_loss": self.initial_val_loss, "last_eval": self.last_eval,
+                "skipped": self.skipped, "tokenizer": str(t.run_dir / "tokenizer")}
+        # Rows of every step this checkpoint covers must be on disk before it can exist.
+        self.db.flush()
+        arrays, _ = partition_arrays(state)
+        if self.ckpt.save(step, arrays, meta):
+            self.last_checkpoint = step
+            self._record(step, "checkpoint", {"directory": str(t.checkpoint_dir / str(step))})
+        if force_wait:
+            self.ckpt.wait()
+
+    def _export(self, state: TrainState) -> Path | None:
+        t = self.t
+        if not (self.run.export_pipeline and t.is_main and jax.process_count() == 1):
+            return None
+        tokenizer = getattr(t.pipeline, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        from ..pipeline import VishwamAIPipeline
+
+        return VishwamAIPipeline(state.model, tokenizer).save(t.run_dir / "pipeline", overwrite=True)
+
+    # ----------------------------------------------------------------- output
+    def _record(self, step: int, kind: str, detail: Mapping[str, Any]) -> None:
+        self.db.event(step, kind, detail)
+        self.t._emit(kind, step, detail)
+
+    def _note(self, text: str) -> None:
+        if not self.t.is_main:
+            return
+        if self.pbar is not None:
+            self.pbar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _open_pbar(self, start: int) -> None:
+        t = self.t
+        if not (self.run.progress and t.is_main) or start >= t.max_steps:
+            return
+        from tqdm.auto import tqdm
+
+        interactive = sys.stderr.isatty()
+        self.pbar = tqdm(total=t.max_steps, initial=start, unit="step", desc=self.run.name, dynamic_ncols=True,
+                         mininterval=0.5 if interactive else 10.0, smoothing=0.1, file=sys.stderr)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ runs on disk
+def load_run_state(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """The train state of a run's checkpoint (default: the latest) and that checkpoint's meta.
+
+    Rebuilds the state's structure from the configs stored in the checkpoint, so a
+    run need not have finished (no `pipeline/` export needed), e.g. for a teacher.
+    """
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist; pass a run directory written by "
+                                "VishwamAITrainer (runs/<name>).")
+    with Checkpointer(directory, keep=None, async_save=False) as ckpt:
+        meta = ckpt.read_meta(step)
+        model_config = ModelConfig.from_dict(meta["config"]["model"])
+        train_config = TrainConfig.from_dict(meta["config"]["train"])
+
+        def build() -> TrainState:
+            model = VishwamAI(model_config, key=jax.random.key(0))
+            return init_train_state(model, train_config, key=jax.random.key(0))
+
+        arrays, static = partition_arrays(eqx.filter_eval_shape(build))
+        restored, meta = ckpt.restore(step, arrays)
+    return combine_arrays(restored, static), meta
+
+
+def load_run_model(run_dir: str | os.PathLike, step: int | None = None) -> tuple[VishwamAI, dict[str, Any]]:
+    """The model of a run's checkpoint (default: the latest) and the checkpoint's meta."""
+    state, meta = load_run_state(run_dir, step)
+    return state.model, meta
