@@ -10,7 +10,14 @@ import os
 # expert-parallel tests need 8 devices.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# Compiling dominates this suite on a 2-core CPU; LLVM at -O0 roughly halves it
+# (tests/test_model.py cold: 88 s -> 32 s) and the tiny test programs barely notice
+# the slower code. Every comparison in the suite runs both sides under the same flags,
+# and subprocesses started by tests inherit them.
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -11,3 +11,12 @@ from .pipeline import VishwamAIPipeline as VishwamAIPipeline
 from .tokenizer import VishwamAITokenizer as VishwamAITokenizer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The runner pulls in orbax and duckdb; load it only when asked for.
+    if name == "VishwamAITrainer":
+        from .train.trainer import VishwamAITrainer
+
+        return VishwamAITrainer
+    raise AttributeError(f"module 'vishwam' has no attribute {name!r}")

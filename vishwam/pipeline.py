@@ -212,6 +212,9 @@ class VishwamAIPipeline:
             save_file(_named_arrays(self.model), str(staging / _WEIGHTS),
                       metadata={"format": "vishwam", "vishwam_format": str(_FORMAT)})
             self.tokenizer.save_pretrained(staging / _TOKENIZER)
+            # mkdtemp creates 0700; give the published directory ordinary permissions.
+            for path in (staging, *staging.rglob("*")):
+                path.chmod(0o755 if path.is_dir() else 0o644)
             if target.exists():
                 retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.replace(target, retired / target.name)
