@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, help="warm-up steps")
     train.add_argument("--seed", type=int, help="seed of the init, the data order and the step keys")
     train.add_argument("--nan-policy", choices=["stop", "skip"], help="on a non-finite loss: stop, or skip the step")
-    train.add_argument("--teacher", type=Path, metavar="RUN_DIR", help="distil from this run's latest checkpoint")
+    train.add_argument("--teacher", type=Path, metavar="RUN_DIR", help="distil from this run's latest checkpoint, or from a HuggingFace Llama/Mixtral directory")
     train.add_argument("--distill-alpha", type=float, help="weight of the data CE (rest: teacher KL)")
     train.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation KL")
     run = p.add_argument_group("run")
@@ -189,10 +189,17 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
 
         teacher, teacher_tokenizer = None, None
         if args.teacher is not None:
+            from vishwam.hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_tokenizer
             from vishwam.tokenizer import VishwamAITokenizer
 
-            teacher, _ = load_run_model(args.teacher)
-            teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
+            if is_hf_checkpoint(args.teacher):
+                # A HuggingFace Llama/Mixtral directory; its tokenizer.model must be a
+                # vishwam-layout SentencePiece model for the ids to line up.
+                teacher, _ = load_hf_checkpoint(args.teacher)
+                teacher_tokenizer = load_hf_tokenizer(args.teacher)
+            else:
+                teacher, _ = load_run_model(args.teacher)
+                teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
         if teacher_tokenizer is not None and args.tokenizer is None:
             tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
         else:

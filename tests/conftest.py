@@ -17,6 +17,11 @@ if "xla_force_host_platform_device_count" not in _flags:
 # and subprocesses started by tests inherit them.
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
+# With 8 simulated devices, XLA:CPU's concurrency-optimised scheduler can leave a
+# collective waiting until its timeout aborts the whole process (seen in about half the
+# runs of a sharded train step, most often when loaded from the compile cache).
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+    _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402

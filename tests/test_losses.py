@@ -1,0 +1,157 @@
+"""Losses against float64 numpy oracles: values, gradients, masking, distillation limits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vishwam.config import ModelConfig
+from vishwam.train.losses import (
+    cross_entropy_loss,
+    distillation_kl,
+    distillation_loss,
+    logit_z_loss,
+    masked_mean,
+    masked_sum,
+    moe_aux_loss,
+    token_cross_entropy,
+)
+
+B, T, V = 2, 5, 11
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(3.0 * rng.standard_normal((B, T, V)), jnp.float32)
+    teacher = jnp.asarray(3.0 * rng.standard_normal((B, T, V)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], jnp.float32)
+    return logits, teacher, targets, mask
+
+
+def test_token_cross_entropy_matches_oracle(data):
+    logits, _, targets, _ = data
+    expected = -np.take_along_axis(_log_softmax64(logits), np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_cross_entropy(logits, targets), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_logits_are_promoted_to_fp32(data):
+    logits, _, targets, _ = data
+    out = token_cross_entropy(logits.astype(jnp.bfloat16), targets)
+    assert out.dtype == jnp.float32
+    expected = token_cross_entropy(logits.astype(jnp.bfloat16).astype(jnp.float32), targets)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_cross_entropy_gradient_matches_oracle(data):
+    logits, _, targets, mask = data
+    grad = jax.grad(cross_entropy_loss)(logits, targets, mask)
+    probs = np.exp(_log_softmax64(logits))
+    onehot = np.eye(V)[np.asarray(targets)]
+    m = np.asarray(mask, np.float64)
+    expected = (probs - onehot) * m[..., None] / m.sum()
+    np.testing.assert_allclose(grad, expected, atol=1e-7)
+
+
+def test_masked_positions_change_nothing(data):
+    logits, _, targets, mask = data
+    masked = np.asarray(mask) == 0
+    other_logits = jnp.where(masked[..., None], 100.0 * logits[::-1, ::-1], logits)
+    other_targets = jnp.where(masked, (targets + 3) % V, targets)
+
+    def value_and_grad(lg, tg):
+        return jax.value_and_grad(cross_entropy_loss)(lg, tg, mask)
+
+    loss, grad = value_and_grad(logits, targets)
+    loss2, grad2 = value_and_grad(other_logits, other_targets)
+    assert float(loss) == float(loss2)
+    np.testing.assert_array_equal(grad, grad2)
+    assert not np.any(np.asarray(grad)[masked])
+
+
+def test_masked_mean_ignores_nonfinite_masked_values_and_empty_mask():
+    values = jnp.asarray([1.0, jnp.nan, 3.0, jnp.inf])
+    mask = jnp.asarray([1.0, 0.0, 1.0, 0.0])
+    assert float(masked_mean(values, mask)) == 2.0
+    assert float(masked_sum(values, mask)) == 4.0
+    assert float(masked_mean(values, jnp.zeros(4))) == 0.0
+
+
+def test_logit_z_loss_matches_oracle(data):
+    logits = data[0]
+    x = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(logit_z_loss(logits), lse**2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distillation_kl_matches_oracle(data, temperature):
+    student, teacher, _, _ = data
+    log_ps = _log_softmax64(np.asarray(student) / temperature)
+    log_pt = _log_softmax64(np.asarray(teacher) / temperature)
+    expected = (np.exp(log_pt) * (log_pt - log_ps)).sum(-1)
+    np.testing.assert_allclose(distillation_kl(student, teacher, temperature), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_kl_gradient_matches_oracle(data):
+    student, teacher, _, mask = data
+    temperature = 2.0
+    grad = jax.grad(lambda s: masked_mean(distillation_kl(s, teacher, temperature), mask))(student)
+    ps = np.exp(_log_softmax64(np.asarray(student) / temperature))
+    pt = np.exp(_log_softmax64(np.asarray(teacher) / temperature))
+    m = np.asarray(mask, np.float64)
+    expected = (ps - pt) / temperature * m[..., None] / m.sum()
+    np.testing.assert_allclose(grad, expected, atol=1e-7)
+
+
+def test_teacher_with_zero_probabilities_gives_finite_kl(data):
+    student, teacher, _, _ = data
+    teacher = teacher.at[..., :3].set(-jnp.inf)
+    kl = distillation_kl(student, teacher, 1.0)
+    assert np.all(np.isfinite(kl)) and np.all(np.asarray(kl) >= 0)
+
+
+def test_alpha_one_is_plain_cross_entropy(data):
+    student, teacher, targets, mask = data
+    distilled = distillation_loss(student, teacher, targets, mask, alpha=1.0, temperature=2.0)
+    assert float(distilled) == float(cross_entropy_loss(student, targets, mask))
+
+
+def test_alpha_zero_is_scaled_kl(data):
+    student, teacher, targets, mask = data
+    distilled = distillation_loss(student, teacher, targets, mask, alpha=0.0, temperature=3.0)
+    expected = 9.0 * masked_mean(distillation_kl(student, teacher, 3.0), mask)
+    np.testing.assert_allclose(distilled, expected, rtol=1e-6)
+
+
+def test_student_equal_to_teacher_has_zero_kl_and_zero_gradient(data):
+    student, _, targets, mask = data
+    kl = distillation_kl(student, student, 2.0)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-6)
+    grad = jax.grad(lambda s: distillation_loss(s, student, targets, mask, alpha=0.0, temperature=2.0))(student)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-7)
+
+
+def test_teacher_gets_no_gradient(data):
+    student, teacher, targets, mask = data
+    grad = jax.grad(lambda t: distillation_loss(student, t, targets, mask, alpha=0.3, temperature=2.0))(teacher)
+    assert not np.any(np.asarray(grad))
+
+
+def test_vocabulary_mismatch_is_a_clear_error(data):
+    student, teacher, _, _ = data
+    with pytest.raises(ValueError, match=r"student vocabulary 11 != teacher vocabulary 7"):
+        distillation_kl(student, teacher[..., :7], 1.0)
+
+
+def test_moe_aux_loss_uses_config_weights():
+    config = ModelConfig.preset("tiny", router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    aux = {"load_balancing_loss": jnp.asarray(2.0), "router_z_loss": jnp.asarray(3.0)}
+    np.testing.assert_allclose(moe_aux_loss(aux, config), 0.1 * 2.0 + 0.01 * 3.0, rtol=1e-6)

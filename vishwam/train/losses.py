@@ -1,0 +1,97 @@
+"""Training losses, all in fp32: token cross-entropy, logit z-loss, MoE aux, distillation.
+
+Per-token functions return one value per position; `masked_mean` and the step
+reduce them. The step divides masked *sums* by the token count of the whole
+optimiser batch, so that accumulating micro-batches gives the full-batch mean.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ..config import ModelConfig
+
+
+def token_cross_entropy(
+    logits: Float[Array, "*batch vocab"], targets: Int[Array, "*batch"]
+) -> Float[Array, "*batch"]:
+    """`-log softmax(logits)[target]` per position, in fp32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - target_logit
+
+
+def logit_z_loss(logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:
+    """`logsumexp(logits)**2` per position (PaLM's z-loss: keeps the softmax
+    normaliser near 1 so that logits do not drift)."""
+    return jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+
+
+def distillation_kl(
+    student_logits: Float[Array, "*batch vocab"],
+    teacher_logits: Float[Array, "*batch teacher_vocab"],
+    temperature: float,
+) -> Float[Array, "*batch"]:
+    """`KL(softmax(teacher / T) || softmax(student / T))` per position, in fp32.
+
+    Positions where the teacher gives a token zero probability contribute zero
+    (the `0 * log 0 = 0` convention), so very confident teachers give no NaN.
+    """
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"distillation_kl: student vocabulary {student_logits.shape[-1]} != teacher vocabulary "
+            f"{teacher_logits.shape[-1]}; the teacher must produce logits over the student's vocabulary."
+        )
+    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    p_teacher = jnp.exp(log_p_teacher)
+    return jnp.sum(jnp.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0), axis=-1)
+
+
+def masked_sum(values: Float[Array, "*batch"], mask: Float[Array, "*batch"]) -> Float[Array, ""]:
+    """`sum(values * mask)`. Masked positions are selected away (not multiplied),
+    so a NaN or inf value there cannot leak into the sum."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(jnp.where(mask != 0, values.astype(jnp.float32) * mask, 0.0))
+
+
+def masked_mean(values: Float[Array, "*batch"], mask: Float[Array, "*batch"]) -> Float[Array, ""]:
+    """`sum(values * mask) / sum(mask)`; 0 when the mask is empty."""
+    return masked_sum(values, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def cross_entropy_loss(
+    logits: Float[Array, "*batch vocab"],
+    targets: Int[Array, "*batch"],
+    loss_mask: Float[Array, "*batch"],
+) -> Float[Array, ""]:
+    """Masked mean token cross-entropy (padding and document ends have mask 0)."""
+    return masked_mean(token_cross_entropy(logits, targets), loss_mask)
+
+
+def distillation_loss(
+    student_logits: Float[Array, "*batch vocab"],
+    teacher_logits: Float[Array, "*batch vocab"],
+    targets: Int[Array, "*batch"],
+    loss_mask: Float[Array, "*batch"],
+    *,
+    alpha: float,
+    temperature: float,
+) -> Float[Array, ""]:
+    """`alpha * CE(student, targets) + (1 - alpha) * T**2 * KL(teacher_T || student_T)`,
+    masked mean over tokens. The `T**2` keeps the KL's gradient scale independent
+    of the temperature (Hinton et al., 2015). The teacher gets no gradient."""
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    per_token = alpha * token_cross_entropy(student_logits, targets) + (1.0 - alpha) * temperature**2 * (
+        distillation_kl(student_logits, teacher_logits, temperature)
+    )
+    return masked_mean(per_token, loss_mask)
+
+
+def moe_aux_loss(aux: dict, config: ModelConfig) -> Float[Array, ""]:
+    """The model's MoE losses weighted by the config:
+    `router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`
+    (both are already means over MoE layers; zero for a dense model)."""
+    return (config.router_aux_loss_coef * aux["load_balancing_loss"].astype(jnp.float32)
+            + config.router_z_loss_coef * aux["router_z_loss"].astype(jnp.float32))

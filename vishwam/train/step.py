@@ -1,0 +1,274 @@
+"""One optimiser step as one filtered-jit function; the evaluation step beside it.
+
+`make_train_step` returns `step(state, batch) -> (state, metrics)`. Inside one
+`eqx.filter_jit` (the state is donated) it splits the batch into `accum_steps`
+micro-batches and accumulates gradients over them with `jax.lax.scan`, so only
+one micro-batch's activations are alive at a time; runs a frozen teacher in the
+same step when distilling; clips, updates with optax, applies the MoE
+aux-loss-free bias update, and reports metrics.
+
+Batches are dicts of `[batch, seq]` arrays: `tokens`, `targets` (int32),
+`loss_mask` (float32, 0 on padding and document ends), and optionally
+`segment_ids` and `positions` (int32; the model derives positions from
+segments when `positions` is absent).
+
+Mixed precision is the model's policy (parameters in `param_dtype`, matmuls in
+`compute_dtype`, logits fp32); losses are fp32 and gradients accumulate in fp32.
+
+Normalisation: every token term is a masked *sum* divided by the token count of
+the whole optimiser batch, so accumulating micro-batches gives exactly the
+full-batch mean. The MoE losses are batch statistics (the Switch loss is a
+product of two batch means); each micro-batch contributes its own value,
+averaged over micro-batches.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from ..config import ModelConfig, TrainConfig
+from ..model import VishwamAI
+from .losses import distillation_kl, logit_z_loss, masked_sum, moe_aux_loss, token_cross_entropy
+from .optim import learning_rate_schedule, make_optimizer
+
+# Scalar loss terms summed over micro-batches (plus `expert_load`, a matrix).
+_TERMS = ("loss", "ce", "z", "distill", "aux", "dropped_fraction")
+
+REQUIRED_BATCH_KEYS = ("tokens", "targets", "loss_mask")
+OPTIONAL_BATCH_KEYS = ("segment_ids", "positions")
+
+
+class TrainState(eqx.Module):
+    """Everything that changes during training; resumable bit for bit.
+
+    `opt_state` covers only the model's floating-point arrays; static fields
+    (the config, hyperparameters) live in the tree structure. `key` is a typed
+    PRNG key, split every step (dropout and router jitter draw from it).
+    """
+
+    model: VishwamAI
+    opt_state: PyTree
+    step: Int[Array, ""]
+    key: PRNGKeyArray
+
+
+def init_train_state(model: VishwamAI, train_config: TrainConfig, *, key: PRNGKeyArray) -> TrainState:
+    """A fresh state at step 0: optimiser moments zero, `key` kept for the step's randomness."""
+    if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise TypeError(
+            f"init_train_state: `key` must be a typed PRNG key, got {type(key).__name__} "
+            f"with dtype {getattr(key, 'dtype', None)}; pass `jax.random.key(seed)` "
+            "(or `jax.random.wrap_key_data(raw)` for a legacy uint32 key)."
+        )
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt_state = make_optimizer(train_config).init(params)
+    return TrainState(model, opt_state, jnp.zeros((), jnp.int32), key)
+
+
+# --------------------------------------------------------------------- checks
+def _check_batch(batch: dict, accum_steps: int) -> None:
+    if not isinstance(batch, dict):
+        raise TypeError(f"train step: the batch must be a dict of arrays, got {type(batch).__name__}.")
+    missing = [k for k in REQUIRED_BATCH_KEYS if k not in batch]
+    unknown = sorted(set(batch) - set(REQUIRED_BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
+    if missing or unknown:
+        raise ValueError(
+            f"train step: batch keys {sorted(batch)}: missing {missing}, unknown {unknown}; "
+            f"expected {list(REQUIRED_BATCH_KEYS)} and optionally {list(OPTIONAL_BATCH_KEYS)}."
+        )
+    shape = batch["tokens"].shape
+    shapes = {k: tuple(v.shape) for k, v in batch.items()}
+    if len(shape) != 2 or any(s != shape for s in shapes.values()):
+        raise ValueError(f"train step: every batch array must be [batch, seq] of one shape, got {shapes}.")
+    if shape[0] % accum_steps:
+        raise ValueError(
+            f"train step: batch of {shape[0]} rows does not split into accum_steps={accum_steps} "
+            "equal micro-batches; make the batch a multiple of accum_steps."
+        )
+
+
+def teacher_logits(teacher, micro: dict) -> Float[Array, "batch seq vocab"]:
+    """Logits of a frozen teacher on a (micro-)batch, under `stop_gradient`.
+
+    A `VishwamAI` teacher runs in inference mode (no dropout, no token dropping);
+    any other callable is called as `teacher(tokens, segment_ids=..., positions=...)`
+    and may return logits or `(logits, aux)`.
+    """
+    kwargs = dict(segment_ids=micro.get("segment_ids"), positions=micro.get("positions"))
+    if isinstance(teacher, VishwamAI):
+        out = teacher(micro["tokens"], inference=True, **kwargs)
+    else:
+        out = teacher(micro["tokens"], **kwargs)
+    logits = out[0] if isinstance(out, tuple) else out
+    return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def _check_teacher(teacher, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Abstract evaluation only (nothing compiled or allocated)."""
+    seq = train_config.seq_len
+    probe = {name: jax.ShapeDtypeStruct((1, seq), jnp.int32) for name in ("tokens", "segment_ids", "positions")}
+    shape = eqx.filter_eval_shape(teacher_logits, teacher, probe).shape
+    if shape != (1, seq, model_config.vocab_size):
+        raise ValueError(
+            f"make_train_step: the teacher maps tokens [1, {seq}] to logits {list(shape)}, but the student "
+            f"needs [1, {seq}, vocab_size={model_config.vocab_size}]; distillation needs a teacher over the "
+            "same vocabulary (same tokenizer)."
+        )
+
+
+# ---------------------------------------------------------------------- train
+def _split_micro_batches(x: Array, accum_steps: int) -> Array:
+    """`[batch, ...]` -> `[accum_steps, batch // accum_steps, ...]`, micro-batch `a`
+    holding rows `a, a + accum_steps, ...`: with the batch sharded over devices in
+    contiguous blocks, each micro-batch then keeps every device busy."""
+    rows = x.shape[0] // accum_steps
+    return x.reshape(rows, accum_steps, *x.shape[1:]).swapaxes(0, 1)  # (A, B/A, ...)
+
+
+def make_train_step(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    teacher=None,
+    max_traces: int | None = None,
+):
+    """Build `step(state, batch) -> (state, metrics)`: one `eqx.filter_jit`, state donated.
+
+    Arguments:
+        model_config: the student's config (must equal `state.model.config`).
+        train_config: optimiser, schedule, accumulation, loss weights, NaN policy.
+        teacher: frozen teacher for distillation (a `VishwamAI` or any callable
+            returning logits over the same vocabulary); checked abstractly here,
+            before anything compiles. It is a jit argument, not a baked constant.
+        max_traces: fail (via `eqx.debug.assert_max_traces`) if the step is
+            traced more often than this; `None` = no limit.
+
+    Returns:
+        `step`. Its metrics (fp32 scalars unless noted): `loss` (what was
+        differentiated: `ce`, or `alpha*ce + (1-alpha)*distill` with a teacher,
+        plus `z` plus `aux`), `ce`, `distill` (`T**2 * KL`, 0 without teacher),
+        `z` (weighted logit z-loss), `aux` (weighted MoE losses), `grad_norm`
+        (before clipping), `learning_rate` (of this update), `tokens` (loss-mask
+        sum), `expert_load` `[num_moe_layers, experts]`, `dropped_fraction`, and
+        `nonfinite` (bool: loss or gradients had a NaN/inf; with
+        `nan_policy="skip"` the returned state is then the input state unchanged).
+    """
+    accum = train_config.accum_steps
+    optimizer = make_optimizer(train_config)
+    schedule = learning_rate_schedule(train_config)
+    alpha, temperature = train_config.distill_alpha, train_config.distill_temperature
+    z_coef = train_config.z_loss_coef
+    # Without dropout or jitter a key changes nothing but adds RNG code to compile.
+    uses_key = model_config.dropout > 0 or model_config.router_jitter > 0
+    if teacher is not None:
+        _check_teacher(teacher, model_config, train_config)
+
+    def update(inputs, state: TrainState):
+        batch, teacher = inputs
+        params, static = eqx.partition(state.model, eqx.is_inexact_array)
+        key, step_key = jax.random.split(state.key)
+        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        normalizer = jnp.maximum(num_tokens, 1.0)
+
+        def loss_fn(params, micro, micro_key):
+            model = eqx.combine(params, static)
+            logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
+                                positions=micro.get("positions"), key=micro_key if uses_key else None)
+            mask = micro["loss_mask"]
+            ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
+            zero = jnp.zeros((), jnp.float32)
+            z = z_coef * masked_sum(logit_z_loss(logits), mask) / normalizer if z_coef else zero
+            if teacher is None:
+                distill, main = zero, ce
+            else:
+                kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+                distill = temperature**2 * masked_sum(kl, mask) / normalizer
+                main = alpha * ce + (1.0 - alpha) * distill
+            aux_loss = moe_aux_loss(aux, model_config) / accum
+            loss = main + z + aux_loss
+            terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
+                         expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
+            return loss, terms
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        micro_batches = jax.tree.map(lambda x: _split_micro_batches(x, accum), batch)
+        micro_keys = jax.random.split(step_key, accum)
+
+        def accumulate(carry, xs):
+            (_, terms), grads = grad_fn(params, *xs)
+            return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (grads, terms)), None
+
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zero_terms = {name: jnp.zeros((), jnp.float32) for name in _TERMS}
+        zero_terms["expert_load"] = jnp.zeros((model_config.num_moe_layers, model_config.num_experts), jnp.float32)
+        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.combine(optax.apply_updates(params, updates), static)
+        if model_config.aux_free_bias:
+            model = model.update_router_bias(terms["expert_load"])
+        new_state = TrainState(model, opt_state, state.step + 1, key)
+
+        nonfinite = ~(jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm))
+        if train_config.nan_policy == "skip":
+            new_state = _keep_old_if(nonfinite, state, new_state)
+        metrics = dict(terms, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       tokens=num_tokens, nonfinite=nonfinite)
+        return new_state, metrics
+
+    if max_traces is not None:
+        update = eqx.debug.assert_max_traces(update, max_traces=max_traces)
+    compiled = eqx.filter_jit(update, donate="all-except-first")
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if state.model.config != model_config:
+            raise ValueError(
+                "train step: state.model.config differs from the step's model_config in "
+                f"{state.model.config.diff(model_config)} (state, step); build the step with the model's config."
+            )
+        _check_batch(batch, accum)
+        return compiled((batch, teacher), state)
+
+    return step
+
+
+def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> TrainState:
+    """`old` where `pred`, else `new`, selected on device (no host sync)."""
+    old_arrays, static = eqx.partition(old, eqx.is_array)
+    new_arrays, _ = eqx.partition(new, eqx.is_array)
+    chosen = jax.lax.cond(pred, lambda o, n: o, lambda o, n: n, old_arrays, new_arrays)
+    return eqx.combine(chosen, static)
+
+
+# ----------------------------------------------------------------------- eval
+def make_eval_step(model_config: ModelConfig):
+    """Build `eval_step(model, batch) -> metrics`, jitted, no gradients.
+
+    The model runs in inference mode (no dropout, MoE drops no tokens). Metrics:
+    `loss` (masked mean CE), `perplexity` (`exp(loss)`), `tokens` and `nll_sum`
+    (so a runner can average over many batches: `sum(nll_sum) / sum(tokens)`).
+    """
+
+    @eqx.filter_jit
+    def evaluate(model: VishwamAI, batch: dict) -> dict:
+        logits, _ = model(batch["tokens"], segment_ids=batch.get("segment_ids"),
+                          positions=batch.get("positions"), inference=True)
+        nll_sum = masked_sum(token_cross_entropy(logits, batch["targets"]), batch["loss_mask"])
+        tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        loss = nll_sum / jnp.maximum(tokens, 1.0)
+        return dict(loss=loss, perplexity=jnp.exp(loss), tokens=tokens, nll_sum=nll_sum)
+
+    def eval_step(model: VishwamAI, batch: dict) -> dict:
+        if model.config != model_config:
+            raise ValueError(
+                f"eval step: model.config differs from the step's model_config in "
+                f"{model.config.diff(model_config)} (model, step); build the step with the model's config."
+            )
+        _check_batch(batch, 1)
+        return evaluate(model, batch)
+
+    return eval_step
