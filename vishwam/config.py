@@ -29,8 +29,45 @@ _CHOICES = {
 }
 
 
+class _JsonConfig:
+    """JSON round trip shared by the config dataclasses (no pickle: configs are JSON)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: "str | Path"):
+        """Parse a JSON string, or read the file it names."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise FileNotFoundError(f"{cls.__name__}.from_json: no such file {path}")
+            text = path.read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: `{name: (self_value, other_value)}`."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_JsonConfig):
     """Everything that fixes the shape and the arithmetic of a `VishwamAI` model.
 
     Defaults are the VishwamAI seed sizes; use `ModelConfig.preset("tiny")` and
@@ -193,39 +230,6 @@ class ModelConfig:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}.")
 
-    # --------------------------------------------------------------------- JSON
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text_or_path: "str | Path") -> "ModelConfig":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise FileNotFoundError(f"ModelConfig.from_json: no such file {path}")
-            text = path.read_text()
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
-    def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
-        """Fields whose values differ: `{name: (self_value, other_value)}`."""
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -283,7 +287,7 @@ NanPolicy = Literal["stop", "skip"]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_JsonConfig):
     """Everything that fixes one optimisation step: optimiser, schedule, batch, losses.
 
     `batch_size` is the global batch of one optimiser step; it is split into
@@ -374,29 +378,3 @@ class TrainConfig:
     def micro_batch_size(self) -> int:
         return self.batch_size // self.accum_steps
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text_or_path: "str | Path") -> "TrainConfig":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise FileNotFoundError(f"TrainConfig.from_json: no such file {path}")
-            text = path.read_text()
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
