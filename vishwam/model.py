@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig
-from .nn.attention import positions_from_segments
+from .nn.attention import default_positions
 from .nn.block import Block
 from .nn.linear import Linear
 from .nn.norm import RMSNorm, TPULayerNorm, make_norm
@@ -225,10 +225,7 @@ class VishwamAI(eqx.Module):
                 f"VishwamAI: sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}."
             )
         if positions is None:
-            positions = (
-                positions_from_segments(segment_ids) if segment_ids is not None
-                else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-            )
+            positions = default_positions(segment_ids, tokens.shape)
         layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)
 
         def body(x, blocks, keys):

@@ -24,6 +24,13 @@ def positions_from_segments(segment_ids: Int[Array, "batch seq"]) -> Int[Array, 
     return idx - first
 
 
+def default_positions(segment_ids: Int[Array, "batch seq"] | None, shape: tuple[int, int]) -> Int[Array, "batch seq"]:
+    """`0..seq-1` per row, or restarting per document when `segment_ids` is given."""
+    if segment_ids is not None:
+        return positions_from_segments(segment_ids)
+    return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+
+
 class TPUMultiHeadAttention(eqx.Module):
     """Self-attention: q/k/v projections, RoPE, `flash_attention`, output projection.
 
@@ -122,11 +129,7 @@ class TPUMultiHeadAttention(eqx.Module):
             mask: optional boolean mask broadcastable to `[batch, heads, seq, seq]`.
         """
         if positions is None:
-            positions = (
-                positions_from_segments(segment_ids)
-                if segment_ids is not None
-                else jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-            )
+            positions = default_positions(segment_ids, x.shape[:2])
         q, k, v = self._project(x, positions)
         return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids)
 
