@@ -23,6 +23,10 @@ if "xla_backend_optimization_level" not in _flags:
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
     _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
+# libtpu is installed for ahead-of-time TPU compiles (`jax.experimental.topologies`
+# works without a TPU backend); without this every process started here would probe
+# for TPU hardware first (seconds each, and warnings). Subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
