@@ -160,9 +160,10 @@ class VishwamAI(eqx.Module):
         return self.embed[tokens].astype(self.precision.compute_dtype)
 
     def _logits(self, x) -> Float[Array, "batch seq vocab"]:
-        x = self.final_norm(x)
-        head = self.embed.T if self.lm_head is None else self.lm_head.weight  # (D, V)
-        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            x = self.final_norm(x)
+            head = self.embed.T if self.lm_head is None else self.lm_head.weight  # (D, V)
+            return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def _run_stages(self, body, x, xs_per_stage):
         """Run `body(x, blocks, xs) -> (x, ys)` over every layer repeat of every stage."""

@@ -146,7 +146,8 @@ def make_train_step(
             traced more often than this; `None` = no limit.
 
     Returns:
-        `step`. Its metrics (fp32 scalars unless noted): `loss` (what was
+        `step`, with `step.lower(state, batch)` giving its `jax.stages.Lowered` (for
+        `.compile().memory_analysis()`, or the HLO text). Its metrics (fp32 scalars unless noted): `loss` (what was
         differentiated: `ce`, or `alpha*ce + (1-alpha)*distill` with a teacher,
         plus `z` plus `aux`), `ce`, `distill` (`T**2 * KL`, 0 without teacher),
         `z` (weighted logit z-loss), `aux` (weighted MoE losses), `grad_norm`
@@ -177,17 +178,18 @@ def make_train_step(
             logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
                                 positions=micro.get("positions"), key=micro_key if uses_key else None)
             mask = micro["loss_mask"]
-            ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
-            zero = jnp.zeros((), jnp.float32)
-            z = z_coef * masked_sum(logit_z_loss(logits), mask) / normalizer if z_coef else zero
-            if teacher is None:
-                distill, main = zero, ce
-            else:
-                kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
-                distill = temperature**2 * masked_sum(kl, mask) / normalizer
-                main = alpha * ce + (1.0 - alpha) * distill
-            aux_loss = moe_aux_loss(aux, model_config) / accum
-            loss = main + z + aux_loss
+            with jax.named_scope("loss"):
+                ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
+                zero = jnp.zeros((), jnp.float32)
+                z = z_coef * masked_sum(logit_z_loss(logits), mask) / normalizer if z_coef else zero
+                if teacher is None:
+                    distill, main = zero, ce
+                else:
+                    kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+                    distill = temperature**2 * masked_sum(kl, mask) / normalizer
+                    main = alpha * ce + (1.0 - alpha) * distill
+                aux_loss = moe_aux_loss(aux, model_config) / accum
+                loss = main + z + aux_loss
             terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
                          expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
             return loss, terms
@@ -206,9 +208,10 @@ def make_train_step(
         (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        model = eqx.combine(optax.apply_updates(params, updates), static)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+            model = eqx.combine(optax.apply_updates(params, updates), static)
         if model_config.aux_free_bias:
             model = model.update_router_bias(terms["expert_load"])
         new_state = TrainState(model, opt_state, state.step + 1, key)
@@ -233,6 +236,12 @@ def make_train_step(
         _check_batch(batch, accum)
         return compiled((batch, teacher), state)
 
+    def lower(state: TrainState, batch: dict) -> jax.stages.Lowered:
+        # The executable compiled from this is the one `step` then runs (JAX caches it), so
+        # `step.lower(state, batch).compile().memory_analysis()` costs no second compile.
+        return compiled.lower((batch, teacher), state).lowered
+
+    step.lower = lower
     return step
 
 
