@@ -153,17 +153,16 @@ def plot_runs(series: list[tuple[str, Metrics]], out: Path) -> str:
 
     fig, (by_step, by_tokens, lr) = plt.subplots(1, 3, figsize=PLOT_INCHES, dpi=PLOT_DPI)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lines = 0
+    several = len(series) > 1
     no_tokens, no_lr = [], []
-    for label, metrics in series:
-        for name in sorted(n for n in metrics if "loss" in n):
+    for index, (label, metrics) in enumerate(series):
+        for number, name in enumerate(sorted(n for n in metrics if "loss" in n)):
             steps, values = metrics[name]
-            # Validation points are few and far apart: markers, dashed.
+            # Overlaid runs: one colour per run. Validation points are few and far apart: dashed, markers.
             held_out = "val" in name or "eval" in name
-            style = dict(color=colors[lines % len(colors)], linestyle="--" if held_out else "-",
-                         marker="o" if held_out or len(steps) < 20 else None, markersize=3,
-                         label=name if len(series) == 1 else f"{label}: {name}")
-            lines += 1
+            style = dict(color=colors[(index if several else number) % len(colors)],
+                         linestyle="--" if held_out else "-", marker="o" if held_out or len(steps) < 20 else None,
+                         markersize=3, label=f"{label}: {name}" if several else name)
             by_step.plot(steps, values, **style)
             tokens = _tokens_at(metrics, steps)
             if tokens is not None:
@@ -173,7 +172,8 @@ def plot_runs(series: list[tuple[str, Metrics]], out: Path) -> str:
         rates = [n for n in sorted(metrics) if "learning_rate" in n or n == "lr"]
         for name in rates:
             steps, values = metrics[name]
-            lr.plot(steps, values, label=name if len(series) == 1 else f"{label}: {name}")
+            lr.plot(steps, values, color=colors[index % len(colors)] if several else None,
+                    label=f"{label}: {name}" if several else name)
         if not rates:
             no_lr.append(label)
     for ax, xlabel, ylabel in ((by_step, "step", "loss"), (by_tokens, "tokens trained on", "loss"),

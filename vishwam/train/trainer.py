@@ -11,8 +11,9 @@ One `train()` call:
 3. writes `run_dir/config.json` and `run_dir/tokenizer/`, evaluates once before
    training (the initial validation loss), then steps: a progress bar (loss,
    tokens/s, ETA), metrics per step into DuckDB (losses, gradient norm, learning
-   rate, tokens/s, estimated model FLOP utilisation), evaluation every
-   `eval_every` steps, a checkpoint every `checkpoint_every` steps;
+   rate, tokens/s, estimated model FLOP utilisation; memory every `log_every`
+   steps), evaluation every `eval_every` steps, a checkpoint every
+   `checkpoint_every` steps;
 4. at the end evaluates, checkpoints, exports `run_dir/pipeline/` (safetensors +
    tokenizer, for `VishwamAIPipeline.load`), and closes everything.
 
@@ -30,6 +31,16 @@ Non-finite losses (`TrainConfig.nan_policy`): `"stop"` raises `TrainingDiverged`
 naming the last good checkpoint, without saving the diverged state; `"skip"`
 leaves the state unchanged for that batch (the step does this on device), counts
 it (`skipped` metric) and raises only after `max_consecutive_skips` in a row.
+
+Monitoring: before the first step, the train step's XLA memory analysis as
+compiled for this run (arguments, outputs, aliased, temporaries; per device) goes
+into the `compiled_memory` event and `runs.compiled_memory`. Every `log_every`
+steps the metrics gain `MEMORY_METRICS`: the device allocator's bytes in use and
+peak (`memory/device_bytes`, `memory/device_peak_bytes`, only where the backend
+keeps them: not on CPU), the live arrays' bytes on the busiest device, and the
+host's RSS and peak RSS. `RunConfig.profile_steps` traces a window of steps with
+`jax.profiler` into `run_dir/profile/` (a `profile` event gives the path); the
+window's steps log no tokens/s or MFU.
 
 Devices: without `RunConfig.mesh` a single device trains alone and several
 devices share the batch (`data` axis). A mesh from the config (e.g.
