@@ -227,18 +227,22 @@ def make_train_step(
         update = eqx.debug.assert_max_traces(update, max_traces=max_traces)
     compiled = eqx.filter_jit(update, donate="all-except-first")
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def check(state: TrainState, batch: dict) -> None:
         if state.model.config != model_config:
             raise ValueError(
                 "train step: state.model.config differs from the step's model_config in "
                 f"{state.model.config.diff(model_config)} (state, step); build the step with the model's config."
             )
         _check_batch(batch, accum)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        check(state, batch)
         return compiled((batch, teacher), state)
 
     def lower(state: TrainState, batch: dict) -> jax.stages.Lowered:
         # The executable compiled from this is the one `step` then runs (JAX caches it), so
         # `step.lower(state, batch).compile().memory_analysis()` costs no second compile.
+        check(state, batch)
         return compiled.lower((batch, teacher), state).lowered
 
     step.lower = lower
