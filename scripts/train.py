@@ -7,7 +7,8 @@
 
 Writes `runs/<name>/`: `metrics.duckdb` (DuckDB: runs, metrics, events), `checkpoints/`
 (orbax, the latest few), `tokenizer/` (trained on the data first if none is given),
-`config.json`, and at the end `pipeline/` (`VishwamAIPipeline.load(...)`).
+`config.json`, `profile/` with `--profile START:STOP` (a jax.profiler trace of those
+steps), and at the end `pipeline/` (`VishwamAIPipeline.load(...)`).
 
 Running the same command again resumes from the latest checkpoint (the run's
 `config.json` is the base, so flags you do not repeat keep their values; a flag
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--db-fallback", action="store_true",
                      help="if another process holds metrics.duckdb, log to a separate file instead of failing")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--profile", metavar="START:STOP",
+                     help="trace steps START..STOP (1-based, inclusive) with jax.profiler into <run>/profile/ "
+                          "(TensorBoard profile plugin or Perfetto); those steps stay out of the throughput")
     run.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     return p
 
@@ -103,6 +107,20 @@ def _parse_mesh(text: str) -> dict[str, int]:
             raise SystemExit(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4")
         sizes[name.strip()] = int(value)
     return sizes
+
+
+def _parse_profile(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        window = (int(start), int(stop)) if sep else None
+    except ValueError:
+        window = None
+    if window is None:
+        raise ValueError(f"--profile {text!r}: expected START:STOP, two step numbers (e.g. 2:4 traces steps 2 to 4)")
+    if not 1 <= window[0] <= window[1]:
+        raise ValueError(f"--profile {text!r}: START must be at least 1 and at most STOP "
+                         "(the window is steps START to STOP, counted from 1)")
+    return window
 
 
 def _enable_compile_cache() -> None:
@@ -218,6 +236,11 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
                           # inside a short schedule too (e.g. --steps 20)
                           "warmup_steps": min(MAIN_JOB["warmup_steps"], total // 10)}
         train_config = TrainConfig.from_dict({**train_dict, **{k: v for k, v in overrides.items() if v is not None}})
+        profile = None if args.profile is None else _parse_profile(args.profile)
+        last_step = args.max_steps or train_config.total_steps
+        if profile is not None and profile[1] > last_step:
+            raise ValueError(f"--profile {args.profile!r}: step {profile[1]} is beyond the run's last step "
+                             f"{last_step} (--steps/--max-steps); end the window at or before it")
         run_config = RunConfig(
             run_dir=str(run_dir), max_steps=args.max_steps,
             eval_every=args.eval_every if args.eval_every is not None else MAIN_JOB["eval_every"],
@@ -227,7 +250,8 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
             keep_checkpoints=args.keep, log_every=args.log_every,
             resume="require" if args.resume else "never" if args.new else "auto",
             mesh=None if args.mesh is None else _parse_mesh(args.mesh),
-            on_db_locked="fallback" if args.db_fallback else "raise", progress=not args.no_progress)
+            on_db_locked="fallback" if args.db_fallback else "raise", progress=not args.no_progress,
+            profile_steps=profile)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

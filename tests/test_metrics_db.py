@@ -218,3 +218,54 @@ def test_config_is_stored_as_json(tmp_path):
     with MetricsDB(path, "r", {"mesh": (2, 4), "path": Path("/x")}, process_index=0):
         pass
     assert runs(path)[0]["config"] == json.loads('{"mesh": [2, 4], "path": "/x"}')
+
+
+def _demo_run(run_dir: Path, run_id: str, scale: float) -> None:
+    """A run's rows as the trainer writes them: loss, val_loss, tokens, learning_rate."""
+    with MetricsDB(run_dir / "metrics.duckdb", run_id, CONFIG, process_index=0) as db:
+        for step in range(1, 31):
+            db.log(step, {"loss": scale * _loss(step), "tokens": 100.0 + step, "learning_rate": 1e-3 / step})
+        for step in (0, 10, 20, 30):
+            db.log(step, {"val_loss": scale * _loss(step) + 0.1})
+
+
+def test_report_picture_is_fixed_size_deterministic_and_overlays_runs(tmp_path, capsys):
+    from PIL import Image
+
+    report = _report_module()
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    _demo_run(a, "a", 1.0)
+    _demo_run(b, "b", 1.3)
+    assert report.main([str(a)]) == 0
+    single = (a / "loss.png").read_bytes()
+    assert Image.open(a / "loss.png").size == report.PLOT_PIXELS == (1350, 420)
+    assert report.main([str(a)]) == 0
+    assert (a / "loss.png").read_bytes() == single  # opened twice: the same bytes
+    assert b"tIME" not in single and b"Matplotlib" not in single  # no timestamp, no version string
+
+    capsys.readouterr()
+    assert report.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    both = tmp_path / "runs" / "loss-a-vs-b.png"
+    assert "run a " in out and "run b " in out and f"plot: wrote {both}" in out
+    assert Image.open(both).size == report.PLOT_PIXELS and both.read_bytes() != single
+    # The overlay holds run b's curves: more pixels drawn than in run a's picture alone.
+    ink = lambda path: int((np.asarray(Image.open(path).convert("L")) < 250).sum())  # noqa: E731
+    assert ink(both) > ink(a / "loss.png")
+    assert report.main([str(a), str(b), "--run", "a"]) == 1
+    assert "give one path with it" in capsys.readouterr().err
+
+
+def test_files_from_before_the_compiled_memory_column_gain_it(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:  # the runs table as the first version wrote it
+        con.execute("CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, started_at TIMESTAMP, updated_at TIMESTAMP, "
+                    "status VARCHAR, config JSON, host VARCHAR, pid INTEGER, versions JSON, resumes INTEGER)")
+        con.execute("INSERT INTO runs VALUES ('old', now(), now(), 'finished', '{}', 'h', 1, '{}', 0)")
+    with MetricsDB(path, "new", CONFIG, process_index=0) as db:
+        db.set_compiled_memory({"per_device": {"temp_size_in_bytes": 7}})
+    rows = {r["run_id"]: r for r in runs(path)}
+    assert rows["old"]["compiled_memory"] is None
+    assert rows["new"]["compiled_memory"] == {"per_device": {"temp_size_in_bytes": 7}}

@@ -8,6 +8,7 @@ results compared with an uninterrupted run. Independent processes run
 concurrently to keep the wall time down; all share the persistent compile cache.
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from vishwam.train import load_metrics, runs
 from vishwam.train.checkpoint import checkpoint_steps
 from vishwam.train.metrics_db import events
 from vishwam.train.trainer import (
+    MEMORY_METRICS,
     TIMING_METRICS,
     RunConfig,
     TrainingDiverged,
@@ -110,9 +112,9 @@ def _wait(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str, str]]
 
 
 def _trajectory(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every metric that does not depend on the wall clock."""
+    """Every metric that does not depend on the wall clock or the process's memory."""
     metrics = load_metrics(run_dir / "metrics.duckdb")
-    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS + MEMORY_METRICS}
 
 
 def _assert_same_run(reference: Path, other: Path) -> None:
@@ -329,3 +331,95 @@ def test_flops_estimate_and_run_config_validation():
         RunConfig(resume="sometimes")
     with pytest.raises(ValueError, match="RunConfig.eval_every"):
         RunConfig(eval_every=-1)
+    for window in ((4, 2), (0, 3)):
+        with pytest.raises(ValueError, match=r"RunConfig.profile_steps: must be \(START, STOP\)"):
+            RunConfig(profile_steps=window)
+    with pytest.raises(ValueError, match="step 9 is beyond the run's last step 8"):
+        RunConfig(profile_steps=(2, 9), max_steps=8)
+    assert RunConfig(profile_steps=(2, 4)).profile_steps == (2, 4)
+
+
+# ------------------------------------------------------- profiling and memory
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"vishwam_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cli_args(ws: Path, run_dir: Path, *more: str) -> list[str]:
+    return ["--preset", "tiny", "--tokenizer", str(ws / "tokenizer"), "--data", str(ws / "corpus.jsonl"),
+            "--val-fraction", "0.2", "--steps", "6", "--batch", "4", "--seq-len", "32", "--eval-every", "3",
+            "--eval-batches", "2", "--checkpoint-every", "0", "--log-every", "2", "--mesh", "data=1",
+            "--no-progress", "--run-dir", str(run_dir), *more]
+
+
+def test_profile_window_memory_tracking_and_report(workspace, tmp_path, capsys):
+    run_dir = tmp_path / "profiled"
+    assert _script("train").main(_cli_args(workspace, run_dir, "--profile", "2:4")) == 0
+    db = run_dir / "metrics.duckdb"
+    run_events = events(db)
+
+    # The trace: a non-empty session directory under run_dir/profile, logged once with its path.
+    [profile] = [e for e in run_events if e["kind"] == "profile"]
+    detail = profile["detail"]
+    assert profile["step"] == 4 and (detail["start"], detail["stop"]) == (2, 4)
+    session = Path(detail["path"])
+    assert session.is_dir() and session.parent.parent.parent == run_dir / "profile"
+    assert any(f.endswith(".xplane.pb") for f in detail["files"]) and "perfetto_trace.json.gz" in detail["files"]
+    assert sum(f.stat().st_size for f in session.iterdir()) == detail["bytes"] > 0
+
+    # Throughput leaves the traced steps out; their step time is still logged.
+    metrics = load_metrics(db)
+    for name in ("tokens_per_s", "mfu"):
+        assert metrics[name][0].tolist() == [1, 5, 6], name
+    assert metrics["step_time"][0].tolist() == [1, 2, 3, 4, 5, 6]
+
+    # Memory every log interval (--log-every 2) and at the last step, all positive.
+    allocator = jax.devices()[0].memory_stats() is not None
+    expected = ["memory/live_array_bytes", "memory/host_rss_bytes", "memory/host_peak_rss_bytes"]
+    expected += ["memory/device_bytes", "memory/device_peak_bytes"] if allocator else []
+    for name in expected:
+        steps, values = metrics[name]
+        assert steps.tolist() == [2, 4, 6] and np.all(values > 0), (name, steps, values)
+    # The CPU backend keeps no allocator statistics: those metrics are absent, not made up.
+    assert ("memory/device_bytes" in metrics) == allocator
+    assert np.all(metrics["memory/host_peak_rss_bytes"][1] >= metrics["memory/host_rss_bytes"][1])
+
+    # The compiled step's footprint, per device, in the events and the runs table.
+    [compiled] = [e for e in run_events if e["kind"] == "compiled_memory"]
+    footprint = compiled["detail"]["per_device"]
+    assert compiled["step"] == 0 and compiled["detail"]["allocator_stats"] == allocator
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "total_size_in_bytes"):
+        assert footprint[field] > 0, field
+    [row] = runs(db)
+    assert row["compiled_memory"] == compiled["detail"]
+
+    report = _script("report")
+    capsys.readouterr()
+    assert report.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    total = footprint["total_size_in_bytes"]
+    assert f"compiled train step: {total:,} bytes per device" in out, out
+    assert f"profile: steps 2-4: {session}" in out, out
+    peak = int(metrics["memory/host_peak_rss_bytes"][1].max())
+    assert f"host peak RSS {peak:,} bytes" in out, out
+    png = run_dir / "loss.png"
+    first = png.read_bytes()
+    from PIL import Image
+
+    assert Image.open(png).size == report.PLOT_PIXELS and len(first) > 10_000
+    assert report.main([str(run_dir)]) == 0
+    assert png.read_bytes() == first  # the same run, the same picture, byte for byte
+
+
+@pytest.mark.parametrize("window,words", [
+    ("4:2", "START must be at least 1 and at most STOP"),
+    ("a:b", "expected START:STOP, two step numbers"),
+    ("5:9", "step 9 is beyond the run's last step 6"),
+])
+def test_bad_profile_values_are_one_error_line(workspace, tmp_path, capsys, window, words):
+    assert _script("train").main(_cli_args(workspace, tmp_path / "bad", "--profile", window)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(f"error: --profile {window!r}: ") and words in err[0], err
+    assert not (tmp_path / "bad" / "metrics.duckdb").exists()

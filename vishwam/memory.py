@@ -6,7 +6,19 @@
 program you compiled yourself (and go on to run). `remat_memory(config, ...)` does it for a model's
 loss-and-gradient under every remat policy: temporaries are where the saved
 activations live, which is what the policies trade against recomputation.
+
+While a program runs: `device_memory(devices)` reads the allocator's bytes in
+use and peak where the backend keeps them (`Device.memory_stats()`: GPU, TPU;
+the CPU backend returns None), `live_array_bytes(devices)` adds up the shards
+of the live `jax.Array`s on each device (any backend), and `host_rss_bytes()` /
+`host_peak_rss_bytes()` read the process's resident memory from the OS.
 """
+
+import math
+import os
+import resource
+import sys
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -115,3 +127,55 @@ def remat_memory(
         model = eqx.filter_eval_shape(VishwamAI, cfg, key=jax.random.key(0))
         report[policy] = compiled_memory(step, model, tokens, compiler_options=compiler_options)
     return report
+
+
+# ---------------------------------------------------------------- while running
+def device_memory(devices: Sequence[jax.Device]) -> dict[str, int] | None:
+    """The allocator's figures on the busiest of `devices` (the one that runs out first).
+
+    Returns:
+        `{"bytes_in_use", "peak_bytes_in_use"}` (each the maximum over `devices`,
+        plus `bytes_limit` where reported), or None when any device's backend
+        keeps no allocator statistics (`memory_stats()` is None, as on CPU).
+    """
+    stats = [device.memory_stats() for device in devices]
+    if not stats or any(not s or "bytes_in_use" not in s for s in stats):
+        return None
+    out = {"bytes_in_use": max(int(s["bytes_in_use"]) for s in stats),
+           "peak_bytes_in_use": max(int(s.get("peak_bytes_in_use", s["bytes_in_use"])) for s in stats)}
+    limits = [int(s["bytes_limit"]) for s in stats if "bytes_limit" in s]
+    if limits:
+        out["bytes_limit"] = min(limits)
+    return out
+
+
+def live_array_bytes(devices: Sequence[jax.Device]) -> dict[jax.Device, int]:
+    """Bytes of every live (not deleted or donated) `jax.Array`'s shards on each of `devices`.
+
+    What the process holds between programs (parameters, optimiser state,
+    batches, results); a program's temporaries are not arrays and not counted.
+    """
+    wanted = set(devices)
+    held = dict.fromkeys(devices, 0)
+    for array in jax.live_arrays():
+        sharding = array.sharding
+        shard = math.prod(sharding.shard_shape(array.shape)) * array.dtype.itemsize
+        for device in sharding.addressable_devices & wanted:
+            held[device] += shard
+    return held
+
+
+def host_rss_bytes() -> int | None:
+    """This process's resident set size now (`/proc/self/statm`); None where there is no procfs."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_peak_rss_bytes() -> int:
+    """The most resident memory this process has used so far (`getrusage` maximum RSS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

@@ -166,8 +166,10 @@ class VishwamAI(eqx.Module):
 
     def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:
         """fp32 logits of final hidden states (as returned by `features`)."""
-        head = self.head_weight
-        return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            head = self.head_weight
+            return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
+                              preferred_element_type=jnp.float32)
 
     def _run_stages(self, body, x, xs_per_stage):
         """Run `body(x, blocks, xs) -> (x, ys)` over every layer repeat of every stage."""

@@ -128,10 +128,11 @@ class TPUMultiHeadAttention(eqx.Module):
             segment_ids: packed documents; tokens attend only within their id.
             mask: optional boolean mask broadcastable to `[batch, heads, seq, seq]`.
         """
-        if positions is None:
-            positions = default_positions(segment_ids, x.shape[:2])
-        q, k, v = self._project(x, positions)
-        return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids)
+        with jax.named_scope("attention"):
+            if positions is None:
+                positions = default_positions(segment_ids, x.shape[:2])
+            q, k, v = self._project(x, positions)
+            return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids)
 
     def decode(
         self,
@@ -148,11 +149,12 @@ class TPUMultiHeadAttention(eqx.Module):
         at or before its own position. Slots past a row's position hold stale or
         padding entries and are masked out.
         """
-        q, k, v = self._project(x, positions)
-        rows = jnp.arange(x.shape[0])[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-        visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
-        out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
-        return out, k_cache, v_cache
+        with jax.named_scope("attention"):
+            q, k, v = self._project(x, positions)
+            rows = jnp.arange(x.shape[0])[:, None]
+            k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+            visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+            out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
+            return out, k_cache, v_cache

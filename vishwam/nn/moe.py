@@ -153,8 +153,9 @@ def expert_ffn(
         matmul = functools.partial(jnp.einsum, "ecd,edf->ecf")
     else:
         matmul = functools.partial(fp8_batched_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
-    h = jax.nn.silu(matmul(buffers, gate)) * matmul(buffers, up)  # (E, C, F)
-    return matmul(h, down)  # (E, C, D)
+    with jax.named_scope("moe_experts"):
+        h = jax.nn.silu(matmul(buffers, gate)) * matmul(buffers, up)  # (E, C, F)
+        return matmul(h, down)  # (E, C, D)
 
 
 def dispatch_dense(
@@ -167,10 +168,11 @@ def dispatch_dense(
     """
     dt = x.dtype
     combine = combine_matrix(routing, experts.num_experts).astype(dt)
-    gate = jnp.einsum("td,edf->tef", x, experts.gate.astype(dt))  # (T, E, F)
-    up = jnp.einsum("td,edf->tef", x, experts.up.astype(dt))
-    h = jax.nn.silu(gate) * up * combine[:, :, None]
-    y = jnp.einsum("tef,efd->td", h, experts.down.astype(dt))
+    with jax.named_scope("moe_experts"):
+        gate = jnp.einsum("td,edf->tef", x, experts.gate.astype(dt))  # (T, E, F)
+        up = jnp.einsum("td,edf->tef", x, experts.up.astype(dt))
+        h = jax.nn.silu(gate) * up * combine[:, :, None]
+        y = jnp.einsum("tef,efd->td", h, experts.down.astype(dt))
     return y, jnp.zeros((), jnp.float32)
 
 
@@ -212,9 +214,10 @@ def dispatch_ragged(
     order = jnp.argsort(expert).astype(jnp.int32)  # any order within an expert will do
     sizes = jnp.zeros((experts.num_experts,), jnp.int32).at[expert].add(1)
     rows = jnp.take(x, order // k, axis=0)  # (T*k, D), grouped by expert
-    gate = jax.lax.ragged_dot(rows, experts.gate.astype(dt), sizes)  # (T*k, F)
-    up = jax.lax.ragged_dot(rows, experts.up.astype(dt), sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts.down.astype(dt), sizes)  # (T*k, D)
+    with jax.named_scope("moe_experts"):
+        gate = jax.lax.ragged_dot(rows, experts.gate.astype(dt), sizes)  # (T*k, F)
+        up = jax.lax.ragged_dot(rows, experts.up.astype(dt), sizes)
+        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts.down.astype(dt), sizes)  # (T*k, D)
     inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
     picked = jnp.take(out, inverse, axis=0).reshape(tokens, k, -1)  # (T, k, D)
     y = jnp.einsum("tkd,tk->td", picked, routing.weights.astype(dt))
@@ -329,10 +332,12 @@ class MoE(eqx.Module):
     ) -> tuple[Float[Array, "*batch hidden"], dict]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (T, D)
-        logits = self.router_logits(tokens, key=key, inference=inference)
-        routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize,
-                        selection_bias=self.selection_bias)
-        y, dropped = self.routed(tokens, routing, inference=inference)
+        with jax.named_scope("moe_route"):
+            logits = self.router_logits(tokens, key=key, inference=inference)
+            routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize,
+                            selection_bias=self.selection_bias)
+        with jax.named_scope("moe_dispatch"):
+            y, dropped = self.routed(tokens, routing, inference=inference)
         if self.shared is not None:
             y = y + self.shared(tokens)
         aux = {

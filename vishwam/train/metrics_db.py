@@ -2,8 +2,9 @@
 
 Tables (long format):
 
-- `runs(run_id PK, started_at, updated_at, status, config JSON, host, pid, versions JSON, resumes)`;
-  times are UTC.
+- `runs(run_id PK, started_at, updated_at, status, config JSON, host, pid, versions JSON, resumes,
+  compiled_memory JSON)`; times are UTC. `compiled_memory` is the train step's XLA memory
+  analysis as the runner last compiled it (`set_compiled_memory`).
 - `metrics(run_id, step, name, value, wall_time)`, primary key `(run_id, step, name)`.
   A resumed run re-runs the steps after its checkpoint; their rows *replace* the
   earlier ones, so the table always describes the trajectory that produced the
@@ -47,6 +48,8 @@ _SCHEMA = (
         run_id VARCHAR PRIMARY KEY, started_at TIMESTAMP, updated_at TIMESTAMP,
         status VARCHAR, config JSON, host VARCHAR, pid INTEGER, versions JSON,
         resumes INTEGER)""",
+    # Added after the first files were written: older files gain the column on open.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS compiled_memory JSON",
     """CREATE TABLE IF NOT EXISTS metrics (
         run_id VARCHAR, step BIGINT, name VARCHAR, value DOUBLE, wall_time DOUBLE,
         PRIMARY KEY (run_id, step, name))""",
@@ -204,7 +207,7 @@ class MetricsDB:
                 self.event(None, "config_changed", {k: list(v) for k, v in changed.items()})
         else:
             self._con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?, ?, ?, 0)",
+                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?, ?, ?, 0, NULL)",
                 [self.run_id, now, now, self._config_json, *identity])
         self.status = "running"
 
@@ -290,6 +293,14 @@ class MetricsDB:
             "DELETE FROM metrics WHERE run_id = ? AND step > ?", [self.run_id, step]).fetchall()
         return int(deleted[0][0])
 
+    def set_compiled_memory(self, analysis: Mapping[str, Any]) -> None:
+        """Store the train step's memory analysis (JSON-able) in `runs.compiled_memory`."""
+        if not self.enabled:
+            return
+        self._check_open("set_compiled_memory")
+        self._con.execute("UPDATE runs SET compiled_memory = ?, updated_at = ? WHERE run_id = ?",
+                          [json.dumps(dict(analysis), sort_keys=True, default=str), _utcnow(), self.run_id])
+
     def set_status(self, status: str) -> None:
         """E.g. `running`, `finished`, `stopped` (signal), `failed`, `nan`."""
         if not self.enabled:
@@ -365,7 +376,7 @@ def _resolve_run(con: Any, path: str | Path, run_id: str | None) -> str:
 
 
 def runs(path: str | Path) -> list[dict[str, Any]]:
-    """Every run in the file, oldest first, with `config` and `versions` parsed."""
+    """Every run in the file, oldest first, with `config`, `versions` and `compiled_memory` parsed."""
     with _reading(path) as con:
         cursor = con.execute("SELECT * FROM runs ORDER BY started_at")
         columns = [d[0] for d in cursor.description]
@@ -373,6 +384,8 @@ def runs(path: str | Path) -> list[dict[str, Any]]:
     for row in rows:
         row["config"] = json.loads(row["config"])
         row["versions"] = json.loads(row["versions"])
+        memory = row.get("compiled_memory")
+        row["compiled_memory"] = None if memory is None else json.loads(memory)
     return rows
 
 

@@ -159,21 +159,25 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
             if teacher is None:
                 hidden, aux = model.features(micro["tokens"], segment_ids=micro.get("segment_ids"),
                                              positions=micro.get("positions"), key=micro_key if uses_key else None)
-                nll, lse = _token_nll(model, hidden, micro["targets"], chunk)
-                distill = zero
-                ce = masked_sum(nll, mask) / normalizer
-                main = ce
+                with jax.named_scope("lm_head"):  # fused with the loss: see _token_nll
+                    nll, lse = _token_nll(model, hidden, micro["targets"], chunk)
+                with jax.named_scope("loss"):
+                    distill = zero
+                    ce = masked_sum(nll, mask) / normalizer
+                    main = ce
             else:
                 logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
                                     positions=micro.get("positions"), key=micro_key if uses_key else None)
-                lse = jax.nn.logsumexp(logits, axis=-1)
-                ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
-                kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
-                distill = temperature**2 * masked_sum(kl, mask) / normalizer
-                main = alpha * ce + (1.0 - alpha) * distill
-            z = z_coef * masked_sum(jnp.square(lse), mask) / normalizer if z_coef else zero
-            aux_loss = moe_aux_loss(aux, model_config) / accum
-            loss = main + z + aux_loss
+                with jax.named_scope("loss"):
+                    lse = jax.nn.logsumexp(logits, axis=-1)
+                    ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
+                    kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+                    distill = temperature**2 * masked_sum(kl, mask) / normalizer
+                    main = alpha * ce + (1.0 - alpha) * distill
+            with jax.named_scope("loss"):
+                z = z_coef * masked_sum(jnp.square(lse), mask) / normalizer if z_coef else zero
+                aux_loss = moe_aux_loss(aux, model_config) / accum
+                loss = main + z + aux_loss
             terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
                          expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
             return loss, terms
@@ -197,9 +201,10 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
             # rules of `vishwam.parallel.sharding`), whatever the compiler would pick.
             grads = shard_model(grads, mesh)
 
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        model = eqx.combine(optax.apply_updates(params, updates), static)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+            model = eqx.combine(optax.apply_updates(params, updates), static)
         if model_config.aux_free_bias:
             model = model.update_router_bias(terms["expert_load"])
         new_state = TrainState(model, opt_state, state.step + 1, key)
@@ -235,7 +240,8 @@ def make_train_step(
             traced more often than this; `None` = no limit.
 
     Returns:
-        `step`. Its metrics (fp32 scalars unless noted): `loss` (what was
+        `step`, with `step.lower(state, batch)` giving its `jax.stages.Lowered` (for
+        `.compile().memory_analysis()`, or the HLO text). Its metrics (fp32 scalars unless noted): `loss` (what was
         differentiated: `ce`, or `alpha*ce + (1-alpha)*distill` with a teacher,
         plus `z` plus `aux`), `ce`, `distill` (`T**2 * KL`, 0 without teacher),
         `z` (weighted logit z-loss), `aux` (weighted MoE losses), `grad_norm`
@@ -252,15 +258,25 @@ def make_train_step(
         update = eqx.debug.assert_max_traces(update, max_traces=max_traces)
     compiled = eqx.filter_jit(update, donate="all-except-first")
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def check(state: TrainState, batch: dict) -> None:
         if state.model.config != model_config:
             raise ValueError(
                 "train step: state.model.config differs from the step's model_config in "
                 f"{state.model.config.diff(model_config)} (state, step); build the step with the model's config."
             )
         _check_batch(batch, accum)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        check(state, batch)
         return compiled((batch, teacher), state)
 
+    def lower(state: TrainState, batch: dict) -> jax.stages.Lowered:
+        # The executable compiled from this is the one `step` then runs (JAX caches it), so
+        # `step.lower(state, batch).compile().memory_analysis()` costs no second compile.
+        check(state, batch)
+        return compiled.lower((batch, teacher), state).lowered
+
+    step.lower = lower
     return step
 
 

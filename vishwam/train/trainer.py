@@ -11,8 +11,9 @@ One `train()` call:
 3. writes `run_dir/config.json` and `run_dir/tokenizer/`, evaluates once before
    training (the initial validation loss), then steps: a progress bar (loss,
    tokens/s, ETA), metrics per step into DuckDB (losses, gradient norm, learning
-   rate, tokens/s, estimated model FLOP utilisation), evaluation every
-   `eval_every` steps, a checkpoint every `checkpoint_every` steps;
+   rate, tokens/s, estimated model FLOP utilisation; memory every `log_every`
+   steps), evaluation every `eval_every` steps, a checkpoint every
+   `checkpoint_every` steps;
 4. at the end evaluates, checkpoints, exports `run_dir/pipeline/` (safetensors +
    tokenizer, for `VishwamAIPipeline.load`), and closes everything.
 
@@ -30,6 +31,16 @@ Non-finite losses (`TrainConfig.nan_policy`): `"stop"` raises `TrainingDiverged`
 naming the last good checkpoint, without saving the diverged state; `"skip"`
 leaves the state unchanged for that batch (the step does this on device), counts
 it (`skipped` metric) and raises only after `max_consecutive_skips` in a row.
+
+Monitoring: before the first step, the train step's XLA memory analysis as
+compiled for this run (arguments, outputs, aliased, temporaries; per device) goes
+into the `compiled_memory` event and `runs.compiled_memory`. Every `log_every`
+steps the metrics gain `MEMORY_METRICS`: the device allocator's bytes in use and
+peak (`memory/device_bytes`, `memory/device_peak_bytes`, only where the backend
+keeps them: not on CPU), the live arrays' bytes on the busiest device, and the
+host's RSS and peak RSS. `RunConfig.profile_steps` traces a window of steps with
+`jax.profiler` into `run_dir/profile/` (a `profile` event gives the path); the
+window's steps log no tokens/s or MFU.
 
 Devices: without `RunConfig.mesh` a single device trains alone and several
 devices share the batch (`data` axis). A mesh from the config (e.g.
@@ -61,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig, TrainConfig
+from ..memory import device_memory, host_peak_rss_bytes, host_rss_bytes, live_array_bytes, memory_stats
 from ..model import VishwamAI
 from ..plan import estimate_peak_flops, init_sharded_state, model_flops_per_token
 from .checkpoint import Checkpointer, check_compatible, combine_arrays, partition_arrays
@@ -75,6 +87,9 @@ _RESUME_MODES = ("auto", "require", "never")
 _DB_LOCKED_MODES = ("raise", "fallback")
 # Metrics that depend on the wall clock, not on the trajectory.
 TIMING_METRICS = ("step_time", "tokens_per_s", "mfu")
+# Metrics of the process's memory (every `log_every` steps), not of the trajectory either.
+MEMORY_METRICS = ("memory/device_bytes", "memory/device_peak_bytes", "memory/live_array_bytes",
+                  "memory/host_rss_bytes", "memory/host_peak_rss_bytes")
 _THROUGHPUT_WINDOW = 10  # steps
 
 
@@ -103,8 +118,8 @@ class RunConfig:
     async_checkpoint: bool = True
     """Write checkpoints in a background thread (training continues meanwhile)."""
     log_every: int = 10
-    """Refresh the progress bar's loss/throughput every this many steps (metrics go to
-    DuckDB every step regardless)."""
+    """Refresh the progress bar's loss/throughput and record memory (`MEMORY_METRICS`)
+    every this many steps and at the last (the other metrics go to DuckDB every step)."""
     flush_every: int = 100
     """Write buffered metric rows to DuckDB every this many steps (and before every checkpoint)."""
     resume: str = "auto"
@@ -128,6 +143,11 @@ class RunConfig:
     """At the end, save `run_dir/pipeline/` (`VishwamAIPipeline.save`) on a single-process run."""
     handle_signals: bool = True
     """Turn SIGTERM/SIGINT into a checkpoint and a clean stop (main thread only)."""
+    profile_steps: tuple[int, int] | None = None
+    """`(START, STOP)`: trace steps START through STOP (1-based, as numbered in `metrics`)
+    with `jax.profiler` into `run_dir/profile/` (TensorBoard's profile plugin, or the
+    `perfetto_trace.json.gz` in ui.perfetto.dev); those steps are left out of the
+    throughput figures. A call that resumes past START traces nothing. `None`: no trace."""
 
     def __post_init__(self):
         def fail(field: str, message: str):
@@ -151,6 +171,20 @@ class RunConfig:
             fail("on_db_locked", f"unknown value {self.on_db_locked!r}; choose one of {_DB_LOCKED_MODES}.")
         if self.peak_flops is not None and not self.peak_flops > 0:
             fail("peak_flops", f"must be > 0 or None, got {self.peak_flops!r}.")
+        if self.profile_steps is not None:
+            window = tuple(self.profile_steps)
+            if not (len(window) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in window)
+                    and 1 <= window[0] <= window[1]):
+                fail("profile_steps", f"must be (START, STOP) with 1 <= START <= STOP, got {self.profile_steps!r}.")
+            object.__setattr__(self, "profile_steps", window)
+            if self.max_steps is not None:
+                self.check_profile_window(self.max_steps)
+
+    def check_profile_window(self, last_step: int) -> None:
+        """Raise `ValueError` if `profile_steps` ends after `last_step`, the run's final step."""
+        if self.profile_steps is not None and self.profile_steps[1] > last_step:
+            raise ValueError(f"RunConfig.profile_steps={self.profile_steps}: step {self.profile_steps[1]} is "
+                             f"beyond the run's last step {last_step}; end the window at or before it.")
 
     @property
     def name(self) -> str:
@@ -267,6 +301,7 @@ class VishwamAITrainer:
         self.extra_config = dict(extra_config or {})
         self.callbacks = list(callbacks)
         self.max_steps = self.run.max_steps if self.run.max_steps is not None else config.total_steps
+        self.run.check_profile_window(self.max_steps)
         if config.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"VishwamAITrainer: TrainConfig.seq_len={config.seq_len} exceeds the model's "
                              f"max_seq_len={self.model_config.max_seq_len}; shorten seq_len or build the model "
@@ -376,6 +411,10 @@ class _Run:
         self.tokens_per_step = trainer.config.batch_size * trainer.config.seq_len
         self.flops_per_token = model_flops_per_token(trainer.model_config, trainer.config.seq_len)
         self.peak_flops: float | None = None
+        self.profile_window: tuple[int, int] | None = None
+        self.profile_trace: tuple[Path, set[str], int] | None = None
+        """While tracing: (directory, sessions already in it, first traced step)."""
+        self.last_step_done = 0
 
     # -------------------------------------------------------------- lifecycle
     def execute(self) -> TrainResult:
@@ -398,6 +437,8 @@ class _Run:
                                 on_locked=run.on_db_locked)
             stack.push(self._close_db)
             stack.callback(self._close_pbar)
+            # Before the database closes: a run that stops inside the window still records its trace.
+            stack.callback(self._stop_profile)
 
             state, start = self._initial_state(latest)
             self._write_run_files()
@@ -461,6 +502,81 @@ class _Run:
             text += f", mesh {dict(self.t.mesh.shape)}"
         return text
 
+    # -------------------------------------------------------------- monitoring
+    def _record_compiled_memory(self, train_step, state: TrainState, batch: dict, step: int) -> None:
+        """XLA's memory analysis of the train step as compiled for this run (per device).
+
+        Compiling here is not a second compile: the executable is cached and the
+        first step runs it.
+        """
+        devices = self._devices_used()
+        detail: dict[str, Any] = {"devices": len(devices), "device_kind": devices[0].device_kind,
+                                  "platform": devices[0].platform}
+        try:
+            detail["per_device"] = memory_stats(train_step.lower(state, batch).compile())
+        except RuntimeError as error:  # a backend without memory analysis: say so, train anyway
+            detail["per_device"], detail["unavailable"] = None, str(error)
+        allocator = device_memory(self._local_devices())
+        detail["allocator_stats"] = allocator is not None
+        if allocator is not None and "bytes_limit" in allocator:
+            detail["device_bytes_limit"] = allocator["bytes_limit"]
+        self.db.set_compiled_memory(detail)
+        self._record(step, "compiled_memory", detail)
+
+    def _local_devices(self) -> list:
+        return [d for d in self._devices_used() if d.process_index == jax.process_index()]
+
+    def _memory_values(self) -> dict[str, float]:
+        """Memory now, as `MEMORY_METRICS`; the device allocator's only where the backend keeps it.
+
+        `memory/device_bytes`, `memory/device_peak_bytes`: bytes in use and the peak
+        so far on the busiest local device (`Device.memory_stats()`; absent on CPU,
+        whose backend keeps no statistics). `memory/live_array_bytes`: live arrays'
+        bytes on the busiest local device (every backend). `memory/host_rss_bytes`,
+        `memory/host_peak_rss_bytes`: this process's resident memory now and at its
+        peak (on CPU, device memory is host memory, so the latter bounds the device peak).
+        """
+        devices = self._local_devices()
+        values = {"memory/live_array_bytes": float(max(live_array_bytes(devices).values()))}
+        rss = host_rss_bytes()
+        if rss is not None:
+            values["memory/host_rss_bytes"] = float(rss)
+        # The kernel's high-water mark can trail the RSS just read by a few pages (its
+        # per-thread counters sync lazily); the peak is at least what was just measured.
+        values["memory/host_peak_rss_bytes"] = float(max(host_peak_rss_bytes(), rss or 0))
+        allocator = device_memory(devices)
+        if allocator is not None:
+            values["memory/device_bytes"] = float(allocator["bytes_in_use"])
+            values["memory/device_peak_bytes"] = float(allocator["peak_bytes_in_use"])
+        return values
+
+    def _start_profile(self, first_step: int) -> None:
+        directory = self.t.run_dir / "profile"
+        if jax.process_count() > 1:  # processes on one host would write the same file names
+            directory = directory / f"process{jax.process_index()}"
+        sessions = directory / "plugins" / "profile"
+        before = {p.name for p in sessions.iterdir()} if sessions.is_dir() else set()
+        jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
+        self.profile_trace = (directory, before, first_step)
+
+    def _stop_profile(self) -> None:
+        """Stop a running trace (at STOP, or when the run ends inside the window) and log it."""
+        if self.profile_trace is None:
+            return
+        directory, before, first = self.profile_trace
+        self.profile_trace = None
+        jax.profiler.stop_trace()
+        sessions = directory / "plugins" / "profile"
+        new = sorted(p for p in sessions.iterdir() if p.name not in before) if sessions.is_dir() else []
+        files = sorted(f for session in new for f in session.rglob("*") if f.is_file())
+        last = self.last_step_done
+        detail = {"start": first, "stop": last, "directory": str(directory),
+                  "path": str(new[-1]) if new else None, "files": [f.name for f in files],
+                  "bytes": sum(f.stat().st_size for f in files)}
+        self._record(last, "profile", detail)
+        self._note(f"profile of steps {first}-{last}: {detail['path']} (tensorboard --logdir {directory}, "
+                   "or perfetto_trace.json.gz in ui.perfetto.dev)")
+
     # ------------------------------------------------------------ start/resume
     def _initial_state(self, latest: int | None) -> tuple[TrainState, int]:
         t = self.t
@@ -516,6 +632,10 @@ class _Run:
         self._open_pbar(start)
         step, pending, reason = start, None, "finished"
         iterator = iter(t.train_loader)
+        window = run.profile_steps if run.profile_steps and run.profile_steps[0] > start else None
+        self.profile_window = window
+        if window is not None and window[0] == start + 1:
+            self._start_profile(start + 1)
         self.last_done = time.perf_counter()
         while step < t.max_steps:
             if signals.signum is not None:
@@ -526,7 +646,10 @@ class _Run:
             except StopIteration:
                 reason = "data exhausted"
                 break
-            state, metrics = train_step(state, t._place_batch(batch))
+            placed = t._place_batch(batch)
+            if step == start:
+                self._record_compiled_memory(train_step, state, placed, step)
+            state, metrics = train_step(state, placed)
             step += 1
             # One step of lag: the device runs step n while the host reads step n - 1.
             if pending is not None:
@@ -534,9 +657,15 @@ class _Run:
             pending = (step, metrics)
             eval_due = run.eval_every and step % run.eval_every == 0
             save_due = run.checkpoint_every and step % run.checkpoint_every == 0
-            if eval_due or save_due or step == t.max_steps or signals.signum is not None:
+            # The trace starts after step START-1 has finished and stops once STOP has.
+            profile_due = window is not None and step in (window[0] - 1, window[1])
+            if eval_due or save_due or profile_due or step == t.max_steps or signals.signum is not None:
                 self._finish_step(*pending)
                 pending = None
+                if profile_due and step == window[1]:
+                    self._stop_profile()
+                elif profile_due:
+                    self._start_profile(step + 1)
                 if eval_due:
                     self._evaluate(eval_step, state.model, step)
                 if save_due:
@@ -554,12 +683,16 @@ class _Run:
         # Host observations of a run-ahead device are uneven step by step; their sum over
         # a window is exact up to one step, so throughput is taken over the last few steps.
         # The first step of a call includes compilation: logged, but kept out of the window.
-        if self.compiled:
+        # Traced steps run under the profiler: their time is logged, their throughput is not.
+        traced = self.profile_window is not None and self.profile_window[0] <= step <= self.profile_window[1]
+        if traced:
+            window, self.compiled = None, True
+        elif self.compiled:
             self.intervals.append(elapsed)
             window = self.intervals
         else:
             window, self.compiled = [elapsed], True
-        tokens_per_s = len(window) * self.tokens_per_step / max(sum(window), 1e-9)
+        tokens_per_s = None if window is None else len(window) * self.tokens_per_step / max(sum(window), 1e-9)
         values = {name: float(host[name]) for name in ("loss", "ce", "aux", "z", "grad_norm", "learning_rate",
                                                        "tokens", "dropped_fraction")}
         if t.teacher is not None:
@@ -568,17 +701,21 @@ class _Run:
         if load.size:
             values["expert_load_max"] = float(load.max() * t.model_config.num_experts)
         nonfinite = bool(host["nonfinite"])
-        values |= {"nonfinite": float(nonfinite), "step_time": elapsed, "tokens_per_s": tokens_per_s,
-                   "mfu": self.flops_per_token * tokens_per_s / self.peak_flops}
+        values |= {"nonfinite": float(nonfinite), "step_time": elapsed}
+        if tokens_per_s is not None:
+            values |= {"tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / self.peak_flops}
+        if step % self.run.log_every == 0 or step == t.max_steps:
+            values |= self._memory_values()
         if nonfinite:
             self._non_finite(step, values)
         else:
             self.consecutive_skips = 0
         values["skipped"] = float(self.skipped)
+        self.last_step_done = step
         self.db.log(step, values)
         t._emit("step", step, values)
         if self.pbar is not None:
-            if step % self.run.log_every == 0 or step == t.max_steps or nonfinite:
+            if (step % self.run.log_every == 0 or step == t.max_steps or nonfinite) and tokens_per_s is not None:
                 self.postfix = {"loss": f"{values['loss']:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
                 if self.skipped:
                     self.postfix["skipped"] = str(self.skipped)
