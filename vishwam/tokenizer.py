@@ -10,6 +10,7 @@ Example:
     tok.save_pretrained("out/hf")  # tokenizer.model + tokenizer_config.json + special_tokens_map.json
 """
 
+import abc
 import collections
 import hashlib
 import io
@@ -88,14 +89,279 @@ class IdArray(Protocol):
     def tolist(self) -> Any: ...
 
 
-class VishwamAITokenizer:
-    """A lossless SentencePiece tokenizer with fixed special ids and a thread-safe LRU cache.
+class TokenizerBase(abc.ABC):
+    """What every tokenizer backend shares: the thread-safe LRU encode cache, `encode` /
+    `batch_encode`, the HuggingFace-style `__call__` (truncation, padding, tensors) and the
+    special-token properties.
+
+    A backend sets ``_pad_id``, ``_unk_id``, ``_bos_id``, ``_eos_id`` (ids of its own model),
+    calls `_init_common`, and implements ``_encode_text(text)`` (one text),
+    ``_encode_uncached(texts)`` (a batch), ``decode``, ``batch_decode`` and ``vocab_size``.
+    """
+
+    _pad_id: int
+    _unk_id: int | None
+    _bos_id: int
+    _eos_id: int
+
+    def _init_common(
+        self, max_length: int, cache_size: int, add_bos_token: bool, add_eos_token: bool, padding_side: str
+    ) -> None:
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0 (0 turns the cache off), got {cache_size!r}.")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        _check_max_length(max_length, bool(add_bos_token) + bool(add_eos_token), "max_length")
+        self._max_length = max_length
+        self._add_bos_token = bool(add_bos_token)
+        self._add_eos_token = bool(add_eos_token)
+        self._padding_side = padding_side
+        self._cache_size = cache_size
+        self._cache: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    @abc.abstractmethod
+    def _encode_text(self, text: str) -> list[int]:
+        """Fresh list of the ids of one text (no cache)."""
+
+    @abc.abstractmethod
+    def _encode_uncached(self, texts: list[str]) -> list[list[int]]:
+        """Fresh lists of the ids of many texts (no cache)."""
+
+    def _add_specials(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            ids.insert(0, self._bos_id)
+        if add_eos:
+            ids.append(self._eos_id)
+        return ids
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of one text, as a fresh list."""
+        if not isinstance(text, str):
+            raise TypeError(_text_type_error("encode", text))
+        return self._add_specials(self._encode_one(text), add_bos, add_eos)
+
+    def batch_encode(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
+    ) -> list[list[int]]:
+        """Token ids of many texts (one multi-threaded SentencePiece call), as fresh lists."""
+        texts = _check_texts("batch_encode", texts)
+        ids = self._encode_many(texts)
+        if add_bos or add_eos:
+            for row in ids:
+                self._add_specials(row, add_bos, add_eos)
+        return ids
+
+    def _encode_one(self, text: str) -> list[int]:
+        """Fresh list of the ids of `text` (the caller may mutate it)."""
+        if not self._cache_size or len(text) > CACHE_MAX_CHARS:
+            return self._encode_text(text)
+        with self._cache_lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                self._hits += 1
+                return list(cached)
+            self._misses += 1
+        ids = self._encode_text(text)
+        self._store([text], [ids])
+        return ids
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Fresh lists of ids, one per text; a text repeated in the batch is encoded once.
+
+        Counters: a miss is a text SentencePiece had to encode, every other text is a hit.
+        """
+        if not self._cache_size:
+            return self._encode_uncached(texts)
+        out: list[Any] = [None] * len(texts)
+        missing: dict[str, None] = {}
+        with self._cache_lock:
+            cache = self._cache
+            for i, text in enumerate(texts):
+                cached = cache.get(text)
+                if cached is None:
+                    missing[text] = None
+                else:
+                    cache.move_to_end(text)
+                    out[i] = list(cached)
+            self._misses += len(missing)
+            self._hits += len(texts) - len(missing)
+        if not missing:
+            return out
+        new_texts = list(missing)
+        new_ids = self._encode_uncached(new_texts)
+        self._store(new_texts, new_ids)
+        if len(new_texts) == len(texts):  # all distinct and all new: already in order
+            return new_ids
+        fresh = dict(zip(new_texts, new_ids))
+        given: set[str] = set()
+        for i, ids in enumerate(out):
+            if ids is None:
+                text = texts[i]
+                # The first occurrence takes sp's own list; repeats get copies.
+                out[i] = list(fresh[text]) if text in given else fresh[text]
+                given.add(text)
+        return out
+
+    def _store(self, texts: list[str], ids: list[list[int]]) -> None:
+        # Only the newest `cache_size` entries can survive the insertion, so skip the rest.
+        start = max(0, len(texts) - self._cache_size)
+        with self._cache_lock:
+            cache = self._cache
+            for text, text_ids in zip(texts[start:], ids[start:]):
+                if len(text) <= CACHE_MAX_CHARS:
+                    cache[text] = tuple(text_ids)
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
+
+
+    # ------------------------------------------------------------------ HF-style call
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: str | bool = "longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ) -> dict[str, Any]:
+        """Encode, truncate and pad like a HuggingFace tokenizer.
+
+        Arguments:
+            texts: one text or a list of texts.
+            padding: ``"longest"``/True (to the longest in the batch), ``"max_length"`` (to
+                ``max_length``) or ``False``/``"do_not_pad"``.
+            truncation: cut sequences to ``max_length`` (keeping BOS/EOS).
+            max_length: defaults to the tokenizer's ``max_length``.
+            return_tensors: ``None`` (lists), ``"np"`` or ``"jax"`` (int32 ``[batch, len]``).
+            add_bos, add_eos: default to ``add_bos_token``/``add_eos_token``.
+
+        Returns:
+            ``{"input_ids": ..., "attention_mask": ...}``; with ``return_tensors=None`` and a
+            single text, flat lists (as in HF).
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else _check_texts("__call__", texts)
+        bos = self._add_bos_token if add_bos is None else bool(add_bos)
+        eos = self._add_eos_token if add_eos is None else bool(add_eos)
+        limit = self._max_length if max_length is None else max_length
+        _check_max_length(limit, bos + eos, "max_length")
+        mode = _padding_mode(padding)
+        if return_tensors not in (None, "np", "jax"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}.")
+
+        room = limit - bos - eos
+        input_ids = self._encode_many(batch)
+        for ids in input_ids:
+            if truncation:
+                del ids[room:]
+            self._add_specials(ids, bos, eos)
+        lengths = [len(ids) for ids in input_ids]
+        target = {"longest": max(lengths, default=0), "max_length": limit, None: 0}[mode]
+        attention_mask = []
+        for ids, n in zip(input_ids, lengths):
+            pad = max(0, target - n)
+            if self._padding_side == "right":
+                attention_mask.append([1] * n + [0] * pad)
+                ids.extend([self._pad_id] * pad)
+            else:
+                attention_mask.append([0] * pad + [1] * n)
+                ids[:0] = [self._pad_id] * pad
+
+        if return_tensors is None:
+            if single:
+                return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if len(set(len(ids) for ids in input_ids)) > 1:
+            raise ValueError(
+                f"cannot make a {return_tensors!r} tensor from sequences of lengths {sorted(set(lengths))}; "
+                "pass padding='longest' or padding='max_length' (with truncation=True)."
+            )
+        width = len(input_ids[0]) if input_ids else target
+        arrays = {
+            "input_ids": np.array(input_ids, dtype=np.int32).reshape(len(input_ids), width),
+            "attention_mask": np.array(attention_mask, dtype=np.int32).reshape(len(input_ids), width),
+        }
+        if return_tensors == "jax":
+            import jax.numpy as jnp
+
+            return {name: jnp.asarray(array) for name, array in arrays.items()}
+        return arrays
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos_token
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos_token
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+
+    def cache_info(self) -> dict[str, int]:
+        with self._cache_lock:
+            size = len(self._cache)
+            return {"hits": self._hits, "misses": self._misses, "size": size, "maxsize": self._cache_size}
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+
+
+class VishwamAITokenizer(TokenizerBase):
+    """A lossless SentencePiece tokenizer with a thread-safe LRU cache.
+
+    Models trained here (`VishwamAITokenizer.train`) have the fixed ids ``[PAD]=0,
+    [UNK]=1, [BOS]=2, [EOS]=3``. Any other lossless SentencePiece model with byte
+    fallback loads too (Llama, Mistral, TinyLlama: ``<unk>=0, <s>=1, </s>=2``, no pad),
+    with the special ids the model itself defines.
 
     Arguments:
-        model_path: a SentencePiece ``.model`` file with ``[PAD]=0, [UNK]=1, [BOS]=2,
-            [EOS]=3`` and byte fallback (as written by `VishwamAITokenizer.train`).
+        model_path: a SentencePiece ``.model`` file (identity normalisation and byte fallback).
         max_length: default length limit of `__call__` (truncation and ``"max_length"`` padding).
-        pad_token, unk_token, bos_token, eos_token: must equal the model's pieces at ids 0-3.
+        pad_token, unk_token, bos_token, eos_token: ``None`` takes the model's own piece. A
+            token the model defines must equal its piece (a check that the files agree). For
+            a special the model does not define (Llama has no pad), a piece of the vocabulary
+            to use for it; a pad given nowhere becomes the model's unk piece: with byte
+            fallback, encoding never produces unk, so a pad is never a real token of any text
+            (and decoding drops it). The losses never look at pad ids anyway: the data
+            pipeline masks padding by segment, `__call__` returns an ``attention_mask``.
         cache_size: entries of the encode cache; ``0`` turns the cache (and its counters) off.
             Texts longer than `CACHE_MAX_CHARS` characters are never cached.
         num_threads: SentencePiece threads for batch calls; ``None`` uses every core.
@@ -110,10 +376,10 @@ class VishwamAITokenizer:
         self,
         model_path: str | os.PathLike,
         max_length: int = 512,
-        pad_token: str = "[PAD]",
-        unk_token: str = "[UNK]",
-        bos_token: str = "[BOS]",
-        eos_token: str = "[EOS]",
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
         *,
         cache_size: int = 4096,
         num_threads: int | None = None,
@@ -124,24 +390,16 @@ class VishwamAITokenizer:
         path = Path(model_path)
         self._sp = _load_processor(path)
         self._model_path = path
-        tokens = (pad_token, unk_token, bos_token, eos_token)
-        _check_special_tokens(self._sp, path, tokens)
+        given = dict(zip(_SPECIAL_NAMES, (pad_token, unk_token, bos_token, eos_token)))
+        specials = _special_tokens(self._sp, path, given)  # name -> (id, piece)
         _check_lossless(self._sp, path)
-
-        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
-            raise ValueError(f"cache_size must be an int >= 0 (0 turns the cache off), got {cache_size!r}.")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be None (all cores) or an int >= 1, got {num_threads!r}.")
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
-        _check_max_length(max_length, bool(add_bos_token) + bool(add_eos_token), "max_length")
+        self._init_common(max_length, cache_size, add_bos_token, add_eos_token, padding_side)
 
-        self._max_length = max_length
-        self._add_bos_token = bool(add_bos_token)
-        self._add_eos_token = bool(add_eos_token)
-        self._padding_side = padding_side
-        self._special_tokens = tokens
-        self._special_ids = frozenset(range(len(tokens)))
+        (self._pad_id, _), (self._unk_id, _), (self._bos_id, _), (self._eos_id, _) = specials.values()
+        self._special_tokens = tuple(piece for _, piece in specials.values())
+        self._special_pieces = {i: piece for i, piece in specials.values()}
         self._num_threads = -1 if num_threads is None else num_threads
         self._fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
 
@@ -149,12 +407,6 @@ class VishwamAITokenizer:
         self._byte_ids = tuple(self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256))
         # A character that falls back to bytes emits one lead byte and 0-3 continuation bytes.
         self._lead_byte_ids = frozenset(i for b, i in enumerate(self._byte_ids) if b & 0xC0 != 0x80)
-
-        self._cache_size = cache_size
-        self._cache: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._hits = 0
-        self._misses = 0
 
     # ------------------------------------------------------------------ training
 
@@ -232,86 +484,6 @@ class VishwamAITokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of one text, as a fresh list."""
-        if not isinstance(text, str):
-            raise TypeError(_text_type_error("encode", text))
-        return _add_specials(self._encode_one(text), add_bos, add_eos)
-
-    def batch_encode(
-        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
-    ) -> list[list[int]]:
-        """Token ids of many texts (one multi-threaded SentencePiece call), as fresh lists."""
-        texts = _check_texts("batch_encode", texts)
-        ids = self._encode_many(texts)
-        if add_bos or add_eos:
-            for row in ids:
-                _add_specials(row, add_bos, add_eos)
-        return ids
-
-    def _encode_one(self, text: str) -> list[int]:
-        """Fresh list of the ids of `text` (the caller may mutate it)."""
-        if not self._cache_size or len(text) > CACHE_MAX_CHARS:
-            return self._encode_text(text)
-        with self._cache_lock:
-            cached = self._cache.get(text)
-            if cached is not None:
-                self._cache.move_to_end(text)
-                self._hits += 1
-                return list(cached)
-            self._misses += 1
-        ids = self._encode_text(text)
-        self._store([text], [ids])
-        return ids
-
-    def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        """Fresh lists of ids, one per text; a text repeated in the batch is encoded once.
-
-        Counters: a miss is a text SentencePiece had to encode, every other text is a hit.
-        """
-        if not self._cache_size:
-            return self._encode_uncached(texts)
-        out: list[Any] = [None] * len(texts)
-        missing: dict[str, None] = {}
-        with self._cache_lock:
-            cache = self._cache
-            for i, text in enumerate(texts):
-                cached = cache.get(text)
-                if cached is None:
-                    missing[text] = None
-                else:
-                    cache.move_to_end(text)
-                    out[i] = list(cached)
-            self._misses += len(missing)
-            self._hits += len(texts) - len(missing)
-        if not missing:
-            return out
-        new_texts = list(missing)
-        new_ids = self._encode_uncached(new_texts)
-        self._store(new_texts, new_ids)
-        if len(new_texts) == len(texts):  # all distinct and all new: already in order
-            return new_ids
-        fresh = dict(zip(new_texts, new_ids))
-        given: set[str] = set()
-        for i, ids in enumerate(out):
-            if ids is None:
-                text = texts[i]
-                # The first occurrence takes sp's own list; repeats get copies.
-                out[i] = list(fresh[text]) if text in given else fresh[text]
-                given.add(text)
-        return out
-
-    def _store(self, texts: list[str], ids: list[list[int]]) -> None:
-        # Only the newest `cache_size` entries can survive the insertion, so skip the rest.
-        start = max(0, len(texts) - self._cache_size)
-        with self._cache_lock:
-            cache = self._cache
-            for text, text_ids in zip(texts[start:], ids[start:]):
-                if len(text) <= CACHE_MAX_CHARS:
-                    cache[text] = tuple(text_ids)
-            while len(cache) > self._cache_size:
-                cache.popitem(last=False)
-
     def _encode_text(self, text: str) -> list[int]:
         # sp's single-text call: its batch call costs a thread-pool round trip per call.
         return self._encode_meta(text) if _META in text else self._sp.encode(text)
@@ -360,7 +532,7 @@ class VishwamAITokenizer:
         if type(ids) is not list or (ids and type(ids[0]) is not int):  # the common case skips this
             ids = _as_id_list(ids, 1, "decode")
         if skip_special_tokens:
-            return self._sp_decode(_without_unk(ids), "decode")
+            return self._sp_decode(_without(ids, self._unk_id), "decode")
         return self._decode_showing_specials(ids)
 
     def batch_decode(
@@ -372,11 +544,11 @@ class VishwamAITokenizer:
             return []
         if not skip_special_tokens:
             return [self._decode_showing_specials(ids) for ids in batch]
-        return self._sp_decode([_without_unk(ids) for ids in batch], "batch_decode")
+        return self._sp_decode([_without(ids, self._unk_id) for ids in batch], "batch_decode")
 
     def _decode_showing_specials(self, ids: list[int]) -> str:
-        specials = self._special_ids
-        if specials.isdisjoint(ids):
+        specials = self._special_pieces
+        if specials.keys().isdisjoint(ids):
             return self._sp_decode(ids, "decode")
         parts: list[str] = []
         run: list[int] = []
@@ -391,12 +563,12 @@ class VishwamAITokenizer:
                 parts.append(self._sp_decode(run if first_run else [self._meta_id, *run], "decode"))
                 first_run, run = False, []
             if i is not None:
-                parts.append(self._special_tokens[i])
+                parts.append(specials[i])
         return "".join(parts)
 
     def _sp_decode(self, ids: list, method: str) -> Any:
-        """sp's decode of one id list or a batch of them. [PAD], [BOS] and [EOS] are control
-        pieces that sp decodes to "", so only [UNK] needs removing to skip special tokens."""
+        """sp's decode of one id list or a batch of them. Pad, BOS and EOS are control
+        pieces that sp decodes to "", so only unk needs removing to skip special tokens."""
         try:
             return self._sp.decode(ids, num_threads=self._num_threads)
         except IndexError:
@@ -415,82 +587,6 @@ class VishwamAITokenizer:
                 f"token id {bad[0]} is outside the vocabulary [0, {n}); were the ids made by another tokenizer?"
             )
 
-    # ------------------------------------------------------------------ HF-style call
-
-    def __call__(
-        self,
-        texts: str | Sequence[str],
-        padding: str | bool = "longest",
-        truncation: bool = True,
-        max_length: int | None = None,
-        return_tensors: str | None = None,
-        *,
-        add_bos: bool | None = None,
-        add_eos: bool | None = None,
-    ) -> dict[str, Any]:
-        """Encode, truncate and pad like a HuggingFace tokenizer.
-
-        Arguments:
-            texts: one text or a list of texts.
-            padding: ``"longest"``/True (to the longest in the batch), ``"max_length"`` (to
-                ``max_length``) or ``False``/``"do_not_pad"``.
-            truncation: cut sequences to ``max_length`` (keeping BOS/EOS).
-            max_length: defaults to the tokenizer's ``max_length``.
-            return_tensors: ``None`` (lists), ``"np"`` or ``"jax"`` (int32 ``[batch, len]``).
-            add_bos, add_eos: default to ``add_bos_token``/``add_eos_token``.
-
-        Returns:
-            ``{"input_ids": ..., "attention_mask": ...}``; with ``return_tensors=None`` and a
-            single text, flat lists (as in HF).
-        """
-        single = isinstance(texts, str)
-        batch = [texts] if single else _check_texts("__call__", texts)
-        bos = self._add_bos_token if add_bos is None else bool(add_bos)
-        eos = self._add_eos_token if add_eos is None else bool(add_eos)
-        limit = self._max_length if max_length is None else max_length
-        _check_max_length(limit, bos + eos, "max_length")
-        mode = _padding_mode(padding)
-        if return_tensors not in (None, "np", "jax"):
-            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}.")
-
-        room = limit - bos - eos
-        input_ids = self._encode_many(batch)
-        for ids in input_ids:
-            if truncation:
-                del ids[room:]
-            _add_specials(ids, bos, eos)
-        lengths = [len(ids) for ids in input_ids]
-        target = {"longest": max(lengths, default=0), "max_length": limit, None: 0}[mode]
-        attention_mask = []
-        for ids, n in zip(input_ids, lengths):
-            pad = max(0, target - n)
-            if self._padding_side == "right":
-                attention_mask.append([1] * n + [0] * pad)
-                ids.extend([PAD_ID] * pad)
-            else:
-                attention_mask.append([0] * pad + [1] * n)
-                ids[:0] = [PAD_ID] * pad
-
-        if return_tensors is None:
-            if single:
-                return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
-        if len(set(len(ids) for ids in input_ids)) > 1:
-            raise ValueError(
-                f"cannot make a {return_tensors!r} tensor from sequences of lengths {sorted(set(lengths))}; "
-                "pass padding='longest' or padding='max_length' (with truncation=True)."
-            )
-        width = len(input_ids[0]) if input_ids else target
-        arrays = {
-            "input_ids": np.array(input_ids, dtype=np.int32).reshape(len(input_ids), width),
-            "attention_mask": np.array(attention_mask, dtype=np.int32).reshape(len(input_ids), width),
-        }
-        if return_tensors == "jax":
-            import jax.numpy as jnp
-
-            return {name: jnp.asarray(array) for name, array in arrays.items()}
-        return arrays
-
     # ------------------------------------------------------------------ properties
 
     @property
@@ -500,37 +596,6 @@ class VishwamAITokenizer:
     def __len__(self) -> int:
         return self._sp.vocab_size()
 
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
-
-    @property
-    def bos_id(self) -> int:
-        return BOS_ID
-
-    @property
-    def eos_id(self) -> int:
-        return EOS_ID
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def add_bos_token(self) -> bool:
-        return self._add_bos_token
-
-    @property
-    def add_eos_token(self) -> bool:
-        return self._add_eos_token
-
-    @property
-    def padding_side(self) -> str:
-        return self._padding_side
 
     @property
     def special_tokens(self) -> dict[str, str]:
@@ -546,16 +611,6 @@ class VishwamAITokenizer:
     def model_path(self) -> Path:
         return self._model_path
 
-    def cache_info(self) -> dict[str, int]:
-        with self._cache_lock:
-            size = len(self._cache)
-            return {"hits": self._hits, "misses": self._misses, "size": size, "maxsize": self._cache_size}
-
-    def cache_clear(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-            self._hits = self._misses = 0
-
     def coverage(self, texts: Sequence[str]) -> float:
         """Fraction of the characters of ``texts`` that are encoded by vocabulary pieces
         rather than byte fallback or ``[UNK]`` (1.0 for empty input)."""
@@ -565,7 +620,7 @@ class VishwamAITokenizer:
             return 1.0
         lead, fallback = self._lead_byte_ids, 0
         for ids in self._encode_many(texts):
-            fallback += sum(1 for i in ids if i in lead or i == UNK_ID)
+            fallback += sum(1 for i in ids if i in lead or i == self._unk_id)
         return 1.0 - fallback / total
 
     def __repr__(self) -> str:
@@ -605,7 +660,7 @@ class VishwamAITokenizer:
                     "single_word": False,
                     "special": True,
                 }
-                for i, token in enumerate(self._special_tokens)
+                for i, token in sorted(self._special_pieces.items())
             },
         }
         names = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -664,20 +719,40 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
     return processor
 
 
-def _check_special_tokens(processor: spm.SentencePieceProcessor, path: Path, tokens: tuple[str, ...]) -> None:
-    model_ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
-    for want, (name, token, got) in enumerate(zip(_SPECIAL_NAMES, tokens, model_ids)):
-        if got != want:
+def _special_tokens(
+    processor: spm.SentencePieceProcessor, path: Path, given: dict[str, str | None]
+) -> dict[str, tuple[int, str]]:
+    """``{name: (id, piece)}`` for pad, unk, bos, eos (see `VishwamAITokenizer` for the rules)."""
+    model_ids = {"pad": processor.pad_id(), "unk": processor.unk_id(), "bos": processor.bos_id(),
+                 "eos": processor.eos_id()}
+    unk = processor.unk_id()
+    out: dict[str, tuple[int, str]] = {}
+    for name in _SPECIAL_NAMES:
+        token, model_id = given[name], model_ids[name]
+        if model_id >= 0:
+            piece = processor.id_to_piece(model_id)
+            if token is not None and token != piece:
+                raise ValueError(
+                    f"{path}: {name}_token={token!r} disagrees with the model, whose {name} id {model_id} is "
+                    f"{piece!r}; pass {name}_token={piece!r} (or None)."
+                )
+            out[name] = (model_id, piece)
+        elif token is None and name == "pad":
+            out[name] = (unk, processor.id_to_piece(unk))
+        elif token is None:
             raise ValueError(
-                f"{path}: the model's {name} id is {got}, but VishwamAITokenizer needs "
-                f"[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3. Re-train it with VishwamAITokenizer.train."
+                f"{path}: the model defines no {name} token ({name} id -1) and no {name}_token was given; "
+                f"pass {name}_token=PIECE naming a piece of its vocabulary."
             )
-        piece = processor.id_to_piece(want)
-        if piece != token:
-            raise ValueError(
-                f"{path}: {name}_token={token!r} disagrees with the model, whose id {want} is {piece!r}; "
-                f"pass {name}_token={piece!r}."
-            )
+        else:
+            token_id = processor.piece_to_id(token)
+            if token_id == unk and token != processor.id_to_piece(unk):
+                raise ValueError(
+                    f"{path}: {name}_token={token!r} is not a piece of the model's vocabulary; pass a piece it "
+                    f"has (e.g. {processor.id_to_piece(unk)!r}) or None."
+                )
+            out[name] = (token_id, token)
+    return out
 
 
 def _check_lossless(processor: spm.SentencePieceProcessor, path: Path) -> None:
@@ -720,14 +795,6 @@ def _check_user_symbols(symbols: object) -> tuple[str, ...]:
     return symbols
 
 
-def _add_specials(ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
-    if add_bos:
-        ids.insert(0, BOS_ID)
-    if add_eos:
-        ids.append(EOS_ID)
-    return ids
-
-
 def _text_type_error(method: str, value: object) -> str:
     return f"{method} expects str, got {type(value).__name__}: {value!r:.80}"
 
@@ -768,8 +835,8 @@ def _as_id_list(ids: object, ndim: int, method: str) -> list:
     return rows[0] if ndim == 1 else rows
 
 
-def _without_unk(ids: list[int]) -> list[int]:
-    return [i for i in ids if i != UNK_ID] if UNK_ID in ids else ids
+def _without(ids: list[int], token: int | None) -> list[int]:
+    return [i for i in ids if i != token] if token in ids else ids
 
 
 def _padding_mode(padding: object) -> str | None:
