@@ -109,6 +109,24 @@ def test_eos_stops_each_row_and_pads(models, greedy, prompts):
     assert int(out_lengths[0]) == lengths[0] + step + 1
 
 
+def test_a_list_of_eos_ids_stops_each_row_at_the_first_of_them(models, greedy, prompts):
+    tokens, lengths = prompts
+    full_tokens = np.asarray(greedy["moe"][0])
+    eos_a, step_a = eos_after_first_step(full_tokens[0], lengths[0])
+    eos_b, step_b = eos_after_first_step(full_tokens[1], lengths[1])
+    assert eos_a != eos_b
+    out, out_lengths = generate(models["moe"], tokens, NEW, temperature=0.0, prompt_lengths=lengths,
+                                eos_id=[eos_a, eos_b], pad_id=PAD)
+    out = np.asarray(out)
+    for i, n in enumerate(lengths):
+        reference = completion(full_tokens[i], n, n + NEW)
+        stop = min([reference.index(e) + 1 for e in (eos_a, eos_b) if e in reference], default=NEW)
+        assert int(out_lengths[i]) == n + stop
+        assert completion(out[i], n, n + stop) == reference[:stop]
+        assert np.all(out[i, n + stop:] == PAD)
+    assert int(out_lengths[1]) <= lengths[1] + step_b + 1  # row 1 stopped at the second id (or earlier)
+
+
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=0.9, prompt_lengths=LENGTHS, pad_id=PAD, return_logits=True)
 
 
@@ -139,7 +157,8 @@ def test_stream_equals_generate_and_stops_rows_at_eos(models, prompts, sampled):
     expected, expected_lengths, _ = generate(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=eos,
                                              **SAMPLING)
     opts = {k: v for k, v in SAMPLING.items() if k != "return_logits"}
-    steps = list(generate_stream(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=eos, **opts))
+    # A list of stop ids holding one that never comes stops at the same place.
+    steps = list(generate_stream(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=[eos, 255], **opts))
     for i, n in enumerate(lengths):
         produced = [int(tok[i]) for tok, active in steps if active[i]]
         assert n + len(produced) == int(expected_lengths[i])
@@ -184,6 +203,8 @@ def test_sample_logits_distribution_and_top_k_one_is_greedy():
     (dict(top_p=0.0, key=jax.random.key(0)), "top_p must be None or in (0, 1]"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(eos_id=256), "eos_id must be None or an int in [0, vocab_size=256)"),
+    (dict(eos_id=[3, 300]), "eos_id must be None or an int in [0, vocab_size=256) (or a non-empty list"),
+    (dict(eos_id=[]), "eos_id must be None or an int in [0, vocab_size=256) (or a non-empty list"),
     (dict(pad_id=-1), "pad_id must be an int in [0, vocab_size=256)"),
     (dict(prompt_lengths=np.array([6, 3, 3]), tokens=np.array([[1] * 6, [1, 2, 256, 0, 0, 0], [5] * 6])),
      "prompt token ids span [1, 256], outside the model's vocabulary [0, 256)"),

@@ -672,8 +672,8 @@ class VishwamAITokenizer(TokenizerBase):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "VishwamAITokenizer":
-        """Load a directory written by `save_pretrained` (or a Llama-style HF directory with
-        the same special ids); ``kwargs`` override the saved settings."""
+        """Load a directory written by `save_pretrained`, or an HF directory with a SentencePiece
+        ``tokenizer.model`` (Llama, Mistral); ``kwargs`` override the saved settings."""
         folder = Path(directory)
         model = folder / "tokenizer.model"
         if not model.is_file():
@@ -681,25 +681,37 @@ class VishwamAITokenizer(TokenizerBase):
                 f"{model} not found: from_pretrained expects a directory written by save_pretrained "
                 "(tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
             )
-        config = _read_json(folder / "tokenizer_config.json")
-        config.update(_read_json(folder / "special_tokens_map.json"))
-        settings: dict[str, Any] = {}
-        for name in _SPECIAL_NAMES:
-            token = config.get(f"{name}_token")
-            if token is not None:
-                settings[f"{name}_token"] = token["content"] if isinstance(token, dict) else token
-        for key, name in (
-            ("model_max_length", "max_length"),
-            ("add_bos_token", "add_bos_token"),
-            ("add_eos_token", "add_eos_token"),
-            ("padding_side", "padding_side"),
-        ):
-            if key in config:
-                settings[name] = config[key]
-        return cls(model, **{**settings, **kwargs})
+        return cls(model, **{**pretrained_settings(folder), **kwargs})
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# transformers writes model_max_length=int(1e30) for "no limit"; such values are not a length.
+_NO_LIMIT = 10**12
+
+
+def pretrained_settings(folder: Path) -> dict[str, Any]:
+    """Constructor arguments from an HF directory's ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` (the map wins, as in transformers): the special tokens,
+    ``model_max_length``, ``add_bos_token``/``add_eos_token`` and ``padding_side``.
+    Null values are left out, so the constructor's defaults apply."""
+    config = _read_json(folder / "tokenizer_config.json")
+    config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if v is not None})
+    settings: dict[str, Any] = {}
+    for name in _SPECIAL_NAMES:
+        token = config.get(f"{name}_token")
+        if token is not None:
+            settings[f"{name}_token"] = token["content"] if isinstance(token, dict) else token
+    for key, name in (
+        ("model_max_length", "max_length"),
+        ("add_bos_token", "add_bos_token"),
+        ("add_eos_token", "add_eos_token"),
+        ("padding_side", "padding_side"),
+    ):
+        if config.get(key) is not None and not (key == "model_max_length" and config[key] >= _NO_LIMIT):
+            settings[name] = config[key]
+    return settings
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:
