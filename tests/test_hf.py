@@ -388,7 +388,7 @@ def test_file_and_config_errors(tmp_path, llama_dir):
 def test_tokenizer_and_pipeline(tmp_path, getkey):
     from vishwam.tokenizer import VishwamAITokenizer
 
-    with pytest.raises(FileNotFoundError, match="no SentencePiece tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="neither a SentencePiece tokenizer.model nor a tokenizer.json"):
         load_hf_tokenizer(tmp_path)
     text = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 20
     tok = VishwamAITokenizer.train(text, tmp_path / "t.model", vocab_size=300, hard_vocab_limit=False)
@@ -424,3 +424,146 @@ def test_convert_script_both_ways(llama_dir, tmp_path):
     convert.main(["to-hf", str(tmp_path / "v"), str(tmp_path / "back")])
     assert (tmp_path / "back/model.safetensors").read_bytes() == (llama_dir / "model.safetensors").read_bytes()
     shutil.rmtree(tmp_path / "back")
+
+
+# ------------------------------------------------------------ foreign tokenizers, end to end
+TEXTS = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
+         "héllo wörld ✓ ünïcode  two  spaces\tand a tab", "def f(x):\n    return x"] * 25
+ROUND_TRIP = ["the lazy fox", "  leading and trailing  ", "emoji 😀 and 中文 (byte fallback)", "a\nb\n", ""]
+
+
+def _llama_sp_dir(folder: Path) -> Path:
+    """A Llama-style SentencePiece tokenizer (unk 0, bos 1, eos 2, no pad, byte fallback) with
+    Llama's HF files: no pad in tokenizer_config.json, pad_token_id 0 in generation_config.json."""
+    import io
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=buffer, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "model_max_length": int(1e30)}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                                "pad_token_id": 0}))
+    return folder
+
+
+def _bpe_json_dir(folder: Path) -> Path:
+    """A byte-level BPE tokenizer.json (GPT-2 / Llama 3 style: no unk, a post-processor that
+    prepends BOS) with a tokenizer_config.json naming BOS and EOS and no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(TEXTS, trainer)
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "model_max_length": 64}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sp_hf_dir(tmp_path_factory):
+    return _llama_sp_dir(tmp_path_factory.mktemp("sp_tok"))
+
+
+@pytest.fixture(scope="module")
+def json_hf_dir(tmp_path_factory):
+    return _bpe_json_dir(tmp_path_factory.mktemp("json_tok"))
+
+
+def test_llama_sentencepiece_tokenizer_from_hf_files(sp_hf_dir):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_hf_dir / "tokenizer.model"))
+    tok = load_hf_tokenizer(sp_hf_dir)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)  # pad: generation_config's 0 (= unk)
+    assert tok.add_bos_token and tok.max_length == 512  # model_max_length 1e30 means no limit: our default
+    for text in TEXTS[:4] + ROUND_TRIP:
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+    assert tok("the lazy fox")["input_ids"] == [1, *sp.encode("the lazy fox")]
+
+
+def test_bpe_tokenizer_json_from_hf_files(json_hf_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(json_hf_dir / "tokenizer.json"))
+    tok = load_hf_tokenizer(json_hf_dir)
+    bos, eos = raw.token_to_id("<|begin_of_text|>"), raw.token_to_id("<|end_of_text|>")
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (bos, eos, None)
+    assert tok.pad_id == eos  # no pad and no unk: EOS (padding is marked by attention_mask, not by id)
+    assert tok.add_bos_token and not tok.add_eos_token  # read off the post-processor
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True) and tok.max_length == 64
+    texts = TEXTS[:4] + ROUND_TRIP
+    assert tok.batch_encode(texts) == [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    assert [tok.encode(t) for t in texts] == [raw.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tok.batch_decode(tok.batch_encode(texts, add_eos=True)) == texts
+    # __call__ adds what transformers' post-processor adds, and pads to the longest with a mask.
+    batch = tok(texts[:2], return_tensors="np")
+    assert batch["input_ids"][0].tolist()[:int(batch["attention_mask"][0].sum())] == raw.encode(texts[0]).ids
+    assert tok.cache_info()["hits"] >= len(texts)
+    tok.save_pretrained(tmp_path)
+    again = load_hf_tokenizer(tmp_path)
+    assert again.fingerprint == tok.fingerprint and again.encode(texts[2]) == tok.encode(texts[2])
+    assert (again.pad_id, again.bos_id, again.eos_id, again.add_bos_token) == (eos, bos, eos, True)
+    with pytest.raises(ValueError, match=r"eos_token='</s>' is not in the vocabulary"):
+        load_hf_tokenizer(json_hf_dir, eos_token="</s>")
+    with pytest.raises(ValueError, match="token id 9999 is outside the vocabulary"):
+        tok.decode([1, 9999])
+
+
+def _hf_model_dir(folder: Path, tokenizer_dir: Path) -> Path:
+    tok = load_hf_tokenizer(tokenizer_dir)
+    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, num_experts=1, experts_per_token=1, init_std=0.1,
+                                max_seq_len=64)
+    ids = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    save_hf_checkpoint(VishwamAI(config, key=jax.random.key(4)), config, folder, token_ids=ids)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_pipeline_over_each_tokenizer_stops_at_the_models_eos(kind, sp_hf_dir, json_hf_dir, tmp_path):
+    from vishwam.generate import generate
+    from vishwam.pipeline import VishwamAIPipeline
+
+    source = sp_hf_dir if kind == "sentencepiece" else json_hf_dir
+    folder = _hf_model_dir(tmp_path / "hf", source)
+    pipeline = load_hf_pipeline(folder)
+    assert pipeline.add_bos and pipeline.eos_ids == (pipeline.tokenizer.eos_id,)
+    prompt = pipeline.tokenizer.encode("the lazy", add_bos=True)
+    tokens, _ = generate(pipeline.model, np.array([prompt], np.int32), 8, temperature=0.0,
+                         pad_id=pipeline.tokenizer.pad_id)
+    produced = np.asarray(tokens)[0, len(prompt):].tolist()
+    step = next(t for t in range(1, 8) if produced[t] not in produced[:t])
+    # The model's own stop ids, a list as in Llama 3's generation_config.json.
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [produced[step], 2]}))
+    pipeline = load_hf_pipeline(folder)
+    assert pipeline.eos_ids == (produced[step], 2)
+    seen = []
+    [text] = pipeline("the lazy", 8, temperature=0.0, callback=lambda row, token, piece: seen.append(token))
+    stop = min(produced.index(e) for e in pipeline.eos_ids if e in produced) + 1
+    assert seen == produced[:stop] and stop <= step + 1
+    head = pipeline.tokenizer.decode(prompt)
+    assert text == pipeline.tokenizer.decode(prompt + produced[:stop - 1])[len(head):]
+    assert pipeline("the lazy", 8, temperature=0.0) == [text]
+    pipeline.save(tmp_path / "saved")
+    again = VishwamAIPipeline.load(tmp_path / "saved")
+    assert type(again.tokenizer) is type(pipeline.tokenizer) and again.eos_ids == pipeline.eos_ids
+    assert again("the lazy", 8, temperature=0.0) == [text]

@@ -639,35 +639,108 @@ def _atomic_write(path: Path, data: bytes) -> Path:
 
 # -------------------------------------------------------------- tokenizer, pipeline
 def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any):
-    """A `VishwamAITokenizer` from the SentencePiece `tokenizer.model` of an HF
-    directory (with its `tokenizer_config.json`/`special_tokens_map.json` when
-    present); `kwargs` override their settings.
+    """The tokenizer of an HF directory: a `VishwamAITokenizer` over its SentencePiece
+    `tokenizer.model` (Llama, Mistral, TinyLlama), or a `JsonTokenizer` over its
+    `tokenizer.json` (Llama 3, Qwen, GPT-2 style BPE) when there is no usable
+    `tokenizer.model`.
 
-    The model must follow `VishwamAITokenizer`'s format (lossless, `[PAD]=0,
-    [UNK]=1, [BOS]=2, [EOS]=3`); Llama's own tokenizer does not, and is refused
-    with the reason.
+    The special tokens, `add_bos_token`/`add_eos_token` and `model_max_length` come from
+    `tokenizer_config.json` and `special_tokens_map.json`; a pad, BOS or EOS those files
+    leave out is taken from the ids of `generation_config.json` (the first of an
+    `eos_token_id` list: the others are stop ids, see `load_hf_pipeline`). `kwargs`
+    override all of them.
     """
-    from .tokenizer import VishwamAITokenizer
+    from .tokenizer import VishwamAITokenizer, pretrained_settings
+    from .tokenizer_json import JsonTokenizer
 
     folder = Path(directory)
-    if not (folder / "tokenizer.model").is_file():
+    sp_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
+    if not sp_file.is_file() and not json_file.is_file():
         found = sorted(p.name for p in folder.glob("tokenizer*")) if folder.is_dir() else []
         raise FileNotFoundError(
-            f"load_hf_tokenizer: {folder} has no SentencePiece tokenizer.model (found {found}); only "
-            "SentencePiece tokenizers are supported (a tokenizer.json alone is not)."
+            f"load_hf_tokenizer: {folder} has neither a SentencePiece tokenizer.model nor a tokenizer.json "
+            f"(found {found}); copy the tokenizer files of the checkpoint too."
         )
+    generation = _generation_config(folder)
+    refusal = None
+    if sp_file.is_file():
+        try:
+            settings = _with_generation_ids(pretrained_settings(folder), generation, lambda: _sp_piece(sp_file))
+            return VishwamAITokenizer(sp_file, **{**settings, **kwargs})
+        except ValueError as error:
+            refusal = f"the tokenizer.model in {folder} is not usable by VishwamAITokenizer: {error}"
+            if not json_file.is_file():
+                raise ValueError(f"load_hf_tokenizer: {refusal}") from None
     try:
-        return VishwamAITokenizer.from_pretrained(folder, **kwargs)
+        settings = _with_generation_ids(pretrained_settings(folder), generation, lambda: _json_token(json_file))
+        return JsonTokenizer(json_file, **{**settings, **kwargs})
     except ValueError as error:
-        raise ValueError(f"load_hf_tokenizer: the tokenizer in {folder} is not usable by VishwamAITokenizer: "
-                         f"{error}") from None
+        also = f" ({refusal})" if refusal else ""
+        raise ValueError(f"load_hf_tokenizer: the tokenizer.json in {folder} is not usable: {error}{also}") from None
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _stop_ids(value: Any) -> list[int]:
+    """`eos_token_id` of an HF config: an int, a list of ints, or absent."""
+    ids = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
+def _with_generation_ids(settings: dict[str, Any], generation: Mapping[str, Any], lookup) -> dict[str, Any]:
+    """`settings` plus the tokens of generation_config.json's pad/bos/eos ids the tokenizer
+    files do not name; `lookup()` gives the id -> token function (built only when needed)."""
+    wanted = {}
+    for name in ("pad", "bos", "eos"):
+        ids = _stop_ids(generation.get(f"{name}_token_id"))
+        if ids and f"{name}_token" not in settings:
+            wanted[name] = ids[0]
+    if not wanted:
+        return settings
+    token_of = lookup()
+    return {**settings, **{f"{name}_token": token_of(i) for name, i in wanted.items()}}
+
+
+def _sp_piece(path: Path):
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(path.read_bytes())
+    return processor.id_to_piece
+
+
+def _json_token(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).id_to_token
 
 
 def load_hf_pipeline(directory: str | os.PathLike, *, dtype: Any = None, mesh: Mesh | None = None,
                      partition: PartitionFn | None = None, add_bos: bool | None = None):
-    """A `VishwamAIPipeline` from an HF directory: `load_hf_checkpoint` plus `load_hf_tokenizer`."""
+    """A `VishwamAIPipeline` from an HF directory: `load_hf_checkpoint` plus `load_hf_tokenizer`.
+
+    Generation stops at the model's own EOS ids: `eos_token_id` (an int or a list) of
+    `generation_config.json`, else of `config.json`, else the tokenizer's EOS.
+    """
     from .pipeline import VishwamAIPipeline
 
-    tokenizer = load_hf_tokenizer(directory)
-    model, _ = load_hf_checkpoint(directory, dtype=dtype, mesh=mesh, partition=partition)
-    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos)
+    folder = Path(directory)
+    tokenizer = load_hf_tokenizer(folder)
+    model, _ = load_hf_checkpoint(folder, dtype=dtype, mesh=mesh, partition=partition)
+    stop = _stop_ids(_generation_config(folder).get("eos_token_id")) or _stop_ids(
+        _read_hf_config(folder).get("eos_token_id"))
+    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos, eos_ids=stop or None)
