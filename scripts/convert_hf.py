@@ -1,4 +1,4 @@
-"""Convert between HuggingFace Llama/Mixtral checkpoints and vishwam weights.
+"""Convert between HuggingFace Llama/Mistral/Qwen2/Mixtral checkpoints and vishwam weights.
 
     python scripts/convert_hf.py to-vishwam HF_DIR OUT_DIR [--dtype bfloat16]
     python scripts/convert_hf.py to-hf VISHWAM_DIR OUT_DIR [--max-shard-size 5GB]

@@ -12,6 +12,9 @@ from vishwam.generate import generate, generate_stream, generate_without_cache, 
 CONFIGS = {
     "dense": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1),
     "moe": ModelConfig.preset("tiny", init_std=0.1),
+    # Mistral's sliding window: the dense model's weights, each token sees the 8 before it and itself
+    # (2 layers reach back 14 positions: the first-token check below still sees a change).
+    "window": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1, sliding_window=8),
 }
 NEW = 8
 LENGTHS = np.array([6, 3, 3], np.int32)  # rows 1 and 2 share a width alone: one compile less
@@ -77,6 +80,13 @@ def test_greedy_with_cache_equals_recompute(models, greedy, prompts, name):
     np.testing.assert_array_equal(cached_tokens, ref_tokens)
     np.testing.assert_array_equal(cached_lengths, ref_lengths)
     np.testing.assert_allclose(cached_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_window_changes_what_decoding_sees(greedy):
+    # Same weights as "dense"; the window hides keys once a row is longer than 8 tokens.
+    dense, window = greedy["dense"][2], greedy["window"][2]
+    np.testing.assert_allclose(window[:, 0], dense[:, 0], atol=1e-5, rtol=0)  # row 0: 6 tokens, nothing hidden
+    assert float(jnp.abs(window[:, -1] - dense[:, -1]).max()) > 1e-3
 
 
 def test_batch_of_different_lengths_equals_rows_alone(models, greedy, prompts):

@@ -63,20 +63,45 @@ def _norm(rng):
     return (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)
 
 
-def _llama_tensors(seed=0):
+def _llama_tensors(seed=0, hd=LLAMA_HEAD_DIM, qkv_bias=False, tied=False):
+    """A dense checkpoint's tensors: Llama, Mistral, or with `qkv_bias` Qwen2."""
     rng = np.random.default_rng(seed)
     t = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32),
          "model.norm.weight": _norm(rng), "lm_head.weight": _linear(rng, V, D)}
     for n in range(L):
         p = f"model.layers.{n}."
         t.update({p + "input_layernorm.weight": _norm(rng), p + "post_attention_layernorm.weight": _norm(rng),
-                  p + "self_attn.q_proj.weight": _linear(rng, H * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.k_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.v_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.o_proj.weight": _linear(rng, D, H * LLAMA_HEAD_DIM),
+                  p + "self_attn.q_proj.weight": _linear(rng, H * hd, D),
+                  p + "self_attn.k_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.v_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.o_proj.weight": _linear(rng, D, H * hd),
                   p + "mlp.gate_proj.weight": _linear(rng, F, D), p + "mlp.up_proj.weight": _linear(rng, F, D),
                   p + "mlp.down_proj.weight": _linear(rng, D, F)})
+        if qkv_bias:
+            for name, out in (("q", H * hd), ("k", KV * hd), ("v", KV * hd)):
+                t[f"{p}self_attn.{name}_proj.bias"] = rng.standard_normal(out).astype(np.float32)
+    if tied:
+        del t["lm_head.weight"]
     return t
+
+
+def _qwen2_hf_config(**changes):
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 3000.0,
+            "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
+            "tie_word_embeddings": True, "torch_dtype": "float32", **changes}
+
+
+MISTRAL_WINDOW = 5  # < len(TOKENS[0]) = 12: the window hides keys
+
+
+def _mistral_hf_config(**changes):
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "head_dim": LLAMA_HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "rope_theta": 1e4, "sliding_window": MISTRAL_WINDOW, "tie_word_embeddings": False,
+            "torch_dtype": "float32", **changes}
 
 
 def _mixtral_tensors(seed=1):
@@ -132,16 +157,22 @@ def _rope(x, theta):  # x: (T, heads, hd); HF rotate-half
     return x * np.cos(emb) + rotated * np.sin(emb)
 
 
-def _attention(x, w, p, hd, theta):
+def _attention(x, w, p, hd, theta, window=None):
     t = x.shape[0]
-    q = (x @ w[p + "self_attn.q_proj.weight"].T).reshape(t, -1, hd)
-    k = (x @ w[p + "self_attn.k_proj.weight"].T).reshape(t, -1, hd)
-    v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(t, -1, hd)
+
+    def project(name):  # Qwen2's q/k/v carry a bias
+        y = x @ w[f"{p}self_attn.{name}_proj.weight"].T
+        return (y + w.get(f"{p}self_attn.{name}_proj.bias", 0.0)).reshape(t, -1, hd)
+
+    q, k, v = project("q"), project("k"), project("v")
     q, k = _rope(q, theta), _rope(k, theta)
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # HF repeat_kv
     scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
-    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    allowed = np.tril(np.ones((t, t), bool))
+    if window is not None:  # Mistral: query i sees keys i - window < j <= i
+        allowed &= np.arange(t)[None, :] > np.arange(t)[:, None] - window
+    scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.einsum("hqk,khd->qhd", probs, v).reshape(t, -1)
@@ -169,18 +200,19 @@ def _moe(x, w, p, chosen):
 
 
 def reference_logits(tensors, hf_config, tokens):
-    """Llama/Mixtral forward in float64 numpy, from the HF tensors as stored."""
+    """Llama/Mistral/Qwen2/Mixtral forward in float64 numpy, from the HF tensors as stored."""
     w = {k: v.astype(np.float64) for k, v in tensors.items()}
     eps = hf_config["rms_norm_eps"]
     theta = hf_config.get("rope_theta") or hf_config["rope_parameters"]["rope_theta"]
     hd = hf_config.get("head_dim") or D // H
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    window = hf_config.get("sliding_window") if hf_config["model_type"] in ("mistral", "mixtral") else None
     rows, chosen = [], []
     for row in tokens:
         x = w["model.embed_tokens.weight"][row]
         for n in range(hf_config["num_hidden_layers"]):
             p = f"model.layers.{n}."
-            x = x + _attention(_rms(x, w[p + "input_layernorm.weight"], eps), w, p, hd, theta)
+            x = x + _attention(_rms(x, w[p + "input_layernorm.weight"], eps), w, p, hd, theta, window)
             h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
             if p + "mlp.gate_proj.weight" in w:
                 x = x + _swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
@@ -231,6 +263,48 @@ def test_mixtral_forward_matches_numpy_reference(mixtral):
     expected, chosen = reference_logits(_mixtral_tensors(), _mixtral_hf_config(), TOKENS)
     assert len(set(chosen)) >= 3  # the routing really varies between tokens
     np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+
+
+QWEN2_TENSORS = dict(seed=2, hd=D // H, qkv_bias=True, tied=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_forward_match_numpy_reference(family, tmp_path):
+    tensors = _llama_tensors(**QWEN2_TENSORS) if family == "qwen2" else _llama_tensors(seed=3)
+    hf_config = _qwen2_hf_config() if family == "qwen2" else _mistral_hf_config()
+    model, config = load_hf_checkpoint(_write(tmp_path / family, hf_config, tensors))
+    if family == "qwen2":
+        assert config.qkv_bias and config.sliding_window is None and config.tie_embeddings
+        assert model.stages[0].blocks[0].attn.o_proj.bias is None
+        np.testing.assert_array_equal(np.asarray(model.stages[0].blocks[0].attn.k_proj.bias[1]),
+                                      tensors["model.layers.1.self_attn.k_proj.bias"])
+    else:
+        assert config.sliding_window == MISTRAL_WINDOW and not config.qkv_bias
+    expected, _ = reference_logits(tensors, hf_config, TOKENS)
+    np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+    if family == "mistral":  # the window matters: full attention gives other logits
+        full, _ = reference_logits(tensors, {**hf_config, "sliding_window": None}, TOKENS)
+        assert np.abs(full - expected).max() > 1e-2
+    # Back out as the same architecture, tensor for tensor.
+    save_hf_checkpoint(model, config, tmp_path / "out")
+    saved = json.loads((tmp_path / "out/config.json").read_text())
+    assert saved["architectures"] == hf_config["architectures"]
+    assert config_from_hf(saved) == config
+    stored = load_file(str(tmp_path / "out/model.safetensors"))
+    assert stored.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(stored[name], value, err_msg=name)
+
+
+def test_qwen2_and_mistral_config_rules():
+    assert config_from_hf(_mistral_hf_config(sliding_window=None)).sliding_window is None
+    absent = {k: v for k, v in _mistral_hf_config(max_position_embeddings=8192).items() if k != "sliding_window"}
+    assert config_from_hf(absent).sliding_window == 4096  # transformers' Mistral default
+    assert config_from_hf(_mistral_hf_config(sliding_window=64)).sliding_window is None  # hides nothing
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        config_from_hf(_qwen2_hf_config(use_sliding_window=True))
+    with pytest.raises(ValueError, match="qkv_bias=True with MoE or a sliding_window"):
+        config_to_hf(ModelConfig.preset("tiny", qkv_bias=True))
 
 
 def test_llama_round_trip_is_byte_identical(llama, llama_dir, tmp_path):
@@ -316,8 +390,8 @@ def test_rope_config_forms_and_scaling_refused():
 def test_config_fields_and_export():
     config = config_from_hf(_mixtral_hf_config(sliding_window=32, router_jitter_noise=0.1, dtype=None,
                                                torch_dtype="bfloat16"))
-    assert (config.max_seq_len, config.router_jitter, config.param_dtype, config.capacity_factor) == (
-        32, 0.1, "bfloat16", None)
+    assert (config.sliding_window, config.max_seq_len, config.router_jitter, config.param_dtype,
+            config.capacity_factor) == (32, 64, 0.1, "bfloat16", None)
     assert config.router_z_loss_coef == 0.0 and config.router_renormalize and config.router_type == "softmax"
     hf = config_to_hf(config_from_hf(_llama_hf_config()))
     for name, value in _llama_hf_config().items():

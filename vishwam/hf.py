@@ -1,17 +1,21 @@
-"""HuggingFace interop: Llama and Mixtral safetensors checkpoints in and out.
+"""HuggingFace interop: Llama, Mistral, Qwen2 and Mixtral safetensors checkpoints in and
+out, and their tokenizers.
 
 `load_hf_checkpoint(directory)` reads a transformers directory (`config.json` plus
 `model.safetensors`, or shards listed in `model.safetensors.index.json`) of a
-`LlamaForCausalLM` (dense, GQA) or `MixtralForCausalLM` (MoE) and returns an
-equivalent `VishwamAI` and its `ModelConfig`; `save_hf_checkpoint` writes one back
-that transformers loads. The arithmetic already matches: RMSNorm, rotate-half RoPE,
-GQA, SwiGLU, and Mixtral's routing (softmax over the router logits, top-k, weights
-renormalised to sum to one). Only the layouts differ:
+`LlamaForCausalLM` (dense, GQA), `MistralForCausalLM` (dense, sliding-window
+attention), `Qwen2ForCausalLM` (dense, q/k/v biases) or `MixtralForCausalLM` (MoE)
+and returns an equivalent `VishwamAI` and its `ModelConfig`; `save_hf_checkpoint`
+writes one back that transformers loads. The arithmetic already matches: RMSNorm,
+rotate-half RoPE, GQA, SwiGLU, Mistral's window (`ModelConfig.sliding_window`), and
+Mixtral's routing (softmax over the router logits, top-k, weights renormalised to sum
+to one). Only the layouts differ:
 
     HF name (layer N, expert E)                      HF shape   vishwam leaf                    shape
     model.embed_tokens.weight                        [V, D]     embed                           [V, D]
     model.layers.N.input_layernorm.weight            [D]        stages.*.attn_norm.scale        [L, D]
     model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in]  stages.*.attn.{q,k,v,o}_proj    [L, in, out]
+    model.layers.N.self_attn.{q,k,v}_proj.bias (Qwen2) [out]    stages.*.attn.{q,k,v}_proj.bias [L, out]
     model.layers.N.post_attention_layernorm.weight   [D]        stages.*.mlp_norm.scale         [L, D]
     model.layers.N.mlp.{gate,up,down}_proj.weight    [out, in]  stages.*.mlp.{gate,up,down}_proj [L, in, out]
     model.layers.N.block_sparse_moe.gate.weight      [X, D]     stages.*.mlp.router             [L, D, X]
@@ -20,8 +24,8 @@ renormalised to sum to one). Only the layouts differ:
     model.norm.weight                                [D]        final_norm.scale                [D]
     lm_head.weight (absent when tied)                [V, D]     lm_head.weight                  [D, V]
 
-(`L` is the scanned `repeats` axis of a stage; every layer of a Llama or Mixtral
-model lives in one stage.) Tensors are read one at a time through `safe_open`
+(`L` is the scanned `repeats` axis of a stage; every layer of these
+checkpoints lives in one stage.) Tensors are read one at a time through `safe_open`
 into preallocated stacked arrays, so the file is never held in memory twice, and
 go straight onto a mesh when one is given. No pickle: `.bin` checkpoints are refused.
 """
@@ -49,11 +53,15 @@ from .parallel.sharding import path_string
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                           "MixtralForCausalLM": "mixtral"}
 
 # transformers' own defaults for fields a config.json may leave out.
 _DEFAULTS = {
     "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "mistral": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32,
+                "sliding_window": 4096},
+    "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
     "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32,
                 "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0},
 }
@@ -85,8 +93,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
             (float32 if it names none).
 
     Mixtral becomes `moe_dispatch="capacity"` with `capacity_factor=None` (dropless,
-    like Mixtral) and no router z-loss (Mixtral has none). A `sliding_window` caps
-    `max_seq_len`, where sliding-window and full attention agree.
+    like Mixtral) and no router z-loss (Mixtral has none). Mistral's and Mixtral's
+    `sliding_window` becomes `ModelConfig.sliding_window` (`None` when it is at least
+    `max_position_embeddings`, where it hides nothing); Qwen2 gets `qkv_bias=True`, and
+    its per-layer windows (`use_sliding_window=true`) are refused.
     """
     family = _family(hf)
     defaults = _DEFAULTS[family]
@@ -103,7 +113,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
         unsupported.append(f"hidden_act={hf['hidden_act']!r} (vishwam's MLPs are SwiGLU: 'silu')")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
-            unsupported.append(f"{name}=true (vishwam's projections have no bias)")
+            unsupported.append(f"{name}=true (vishwam's projections have no bias but Qwen2's q/k/v ones)")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        unsupported.append("use_sliding_window=true (Qwen2's windows on some layers only; vishwam has one window "
+                           "for every layer)")
     if unsupported:
         raise ValueError(f"HF config: unsupported {'; '.join(unsupported)}.")
 
@@ -112,8 +125,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
     if head_dim is not None and head_dim * heads == hf["hidden_size"]:
         head_dim = None  # the default: keeps the config equal to one built by hand
     max_seq_len = get("max_position_embeddings")
-    if family == "mixtral" and hf.get("sliding_window") is not None:
-        max_seq_len = min(max_seq_len, hf["sliding_window"])
+    # An explicit null means no window; Mistral's default (absent) is 4096, as in transformers.
+    window = hf.get("sliding_window", defaults.get("sliding_window")) if family in ("mistral", "mixtral") else None
+    if window is not None and window >= max_seq_len:
+        window = None
     dtype_name = _dtype_name((hf.get("dtype") or hf.get("torch_dtype") or "float32") if dtype is None else dtype)
     fields = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -122,8 +137,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
         rope_theta=_rope_theta(hf, defaults["rope_theta"]), max_seq_len=max_seq_len,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)), param_dtype=dtype_name, compute_dtype=dtype_name,
+        sliding_window=window, qkv_bias=family == "qwen2",
     )
-    if family == "llama":
+    if family != "mixtral":
         fields.update(num_experts=1, experts_per_token=1)
     else:
         if not isinstance(hf.get("num_local_experts"), int) or hf["num_local_experts"] < 2:
@@ -141,15 +157,18 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
 def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The transformers `config.json` (as a dict) of a model with `config`.
 
-    Dense configs become `LlamaForCausalLM`, MoE configs `MixtralForCausalLM`.
-    Raises `ValueError` listing every feature neither architecture has.
+    MoE configs become `MixtralForCausalLM`; dense ones `Qwen2ForCausalLM` with
+    `qkv_bias`, `MistralForCausalLM` with a `sliding_window`, else `LlamaForCausalLM`.
+    Raises `ValueError` listing every feature the architecture lacks.
     `token_ids` (`pad_token_id`, `bos_token_id`, `eos_token_id`) default to
     `VishwamAITokenizer`'s fixed ids.
     """
     _check_exportable(config)
-    family = "mixtral" if config.is_moe else "llama"
+    family = ("mixtral" if config.is_moe else "qwen2" if config.qkv_bias
+              else "mistral" if config.sliding_window is not None else "llama")
+    architecture = {name: arch for arch, name in SUPPORTED_ARCHITECTURES.items()}[family]
     hf: dict[str, Any] = {
-        "architectures": ["MixtralForCausalLM" if config.is_moe else "LlamaForCausalLM"],
+        "architectures": [architecture],
         "model_type": family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -175,9 +194,13 @@ def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = N
     if config.is_moe:
         hf.update(num_local_experts=config.num_experts, num_experts_per_tok=config.experts_per_token,
                   router_aux_loss_coef=config.router_aux_loss_coef, router_jitter_noise=config.router_jitter,
-                  output_router_logits=False, sliding_window=None)
-    else:
+                  output_router_logits=False, sliding_window=config.sliding_window)
+    elif family == "llama":
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif family == "mistral":
+        hf.update(sliding_window=config.sliding_window)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
     return hf
 
 
@@ -226,6 +249,9 @@ def _dtype_name(dtype: Any) -> str:
 
 def _check_exportable(config: ModelConfig) -> None:
     problems = []
+    if config.qkv_bias and (config.is_moe or config.sliding_window is not None):
+        problems.append("qkv_bias=True with MoE or a sliding_window (only Qwen2, dense and windowless, has q/k/v "
+                        "biases)")
     if config.norm_type != "rms":
         problems.append(f"norm_type={config.norm_type!r} (HF Llama/Mixtral use RMSNorm: 'rms')")
     if config.is_moe:
@@ -240,7 +266,8 @@ def _check_exportable(config: ModelConfig) -> None:
         if config.aux_free_bias:
             problems.append("aux_free_bias=True (Mixtral has no selection bias)")
     if problems:
-        raise ValueError(f"save_hf_checkpoint: the config has features no HF Llama/Mixtral has: {'; '.join(problems)}.")
+        raise ValueError(f"save_hf_checkpoint: the config has features no HF Llama/Mistral/Qwen2/Mixtral has: "
+                         f"{'; '.join(problems)}.")
 
 
 # ------------------------------------------------------------------- tensor map
@@ -263,6 +290,9 @@ _BLOCK_TENSORS = {
     "attn.k_proj.weight": ("self_attn.k_proj.weight", True),
     "attn.v_proj.weight": ("self_attn.v_proj.weight", True),
     "attn.o_proj.weight": ("self_attn.o_proj.weight", True),
+    "attn.q_proj.bias": ("self_attn.q_proj.bias", False),
+    "attn.k_proj.bias": ("self_attn.k_proj.bias", False),
+    "attn.v_proj.bias": ("self_attn.v_proj.bias", False),
     "mlp_norm.scale": ("post_attention_layernorm.weight", False),
     "mlp.gate_proj.weight": ("mlp.gate_proj.weight", True),
     "mlp.up_proj.weight": ("mlp.up_proj.weight", True),
@@ -425,7 +455,7 @@ def load_hf_checkpoint(
     mesh: Mesh | None = None,
     partition: PartitionFn | None = None,
 ) -> tuple[VishwamAI, ModelConfig]:
-    """Load a transformers Llama or Mixtral safetensors checkpoint.
+    """Load a transformers Llama, Mistral, Qwen2 or Mixtral safetensors checkpoint.
 
     Arguments:
         directory: holds `config.json` and `model.safetensors` (or the shards of
