@@ -641,3 +641,19 @@ def test_pipeline_over_each_tokenizer_stops_at_the_models_eos(kind, sp_hf_dir, j
     again = VishwamAIPipeline.load(tmp_path / "saved")
     assert type(again.tokenizer) is type(pipeline.tokenizer) and again.eos_ids == pipeline.eos_ids
     assert again("the lazy", 8, temperature=0.0) == [text]
+
+
+def test_packed_rows_keep_eos_in_the_loss_when_pad_is_eos(json_hf_dir):
+    from vishwam.data import PackedRows, Texts, tokenize_source
+
+    tok = load_hf_tokenizer(json_hf_dir)
+    assert tok.pad_id == tok.eos_id  # this tokenizer has neither pad nor unk
+    corpus = tokenize_source(Texts(["the lazy dog", "pack my box"]), tok)
+    rows = PackedRows(corpus, seq_len=corpus.num_tokens + 5)  # one row, padded at the end
+    batch = rows.batch(np.array([0]))
+    targets, mask = batch["targets"][0], batch["loss_mask"][0]
+    real = np.arange(len(targets)) < corpus.num_tokens - 1
+    assert (targets[~real] == tok.pad_id).all() and (mask[~real] == 0).all()  # padding: out of the loss
+    # Padding is masked by segment, not by id: the first document's EOS target stays in the loss.
+    first_eos = int(corpus.offsets[1]) - 1
+    assert targets[first_eos - 1] == tok.eos_id and mask[first_eos - 1] == 1
