@@ -657,3 +657,18 @@ def test_packed_rows_keep_eos_in_the_loss_when_pad_is_eos(json_hf_dir):
     # Padding is masked by segment, not by id: the first document's EOS target stays in the loss.
     first_eos = int(corpus.offsets[1]) - 1
     assert targets[first_eos - 1] == tok.eos_id and mask[first_eos - 1] == 1
+
+
+def test_progress_bars_count_the_bytes_read_and_written(llama_dir, tmp_path, capsys):
+    model, config = load_hf_checkpoint(llama_dir)
+    save_hf_checkpoint(model, config, tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
+    loaded, _ = load_hf_checkpoint(llama_dir, progress=True)
+    save_hf_checkpoint(loaded, config, tmp_path / "shown", max_shard_size="40KB", progress=True)
+    err = capsys.readouterr().err
+    from tqdm import tqdm
+
+    total = tqdm.format_sizeof(sum(t.nbytes for t in _llama_tensors().values()), divisor=1024)
+    assert f"reading tensors: 100%|██████████| {total}/{total}" in err
+    assert f"writing tensors: 100%|██████████| {total}/{total}" in err
+    np.testing.assert_array_equal(np.asarray(loaded.embed), np.asarray(model.embed))

@@ -493,3 +493,15 @@ def test_bad_training_input(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         VishwamAITokenizer.train(MIXED, out, vocab_size=300, model_type="word")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_training_progress_bar_goes_to_stderr_and_changes_nothing(tmp_path, capsys):
+    documents = MIXED * 20
+    quiet = VishwamAITokenizer.train(documents, tmp_path / "quiet.model", vocab_size=400, hard_vocab_limit=False)
+    assert capsys.readouterr().err == ""
+    shown = VishwamAITokenizer.train(documents, tmp_path / "shown.model", vocab_size=400, hard_vocab_limit=False,
+                                     progress=True)
+    err = capsys.readouterr().err
+    lines = sum(1 for d in documents for line in d.split("\n") if line.strip())
+    assert "tokenizer: training on the lines read" in err and f"{lines} lines" in err
+    assert shown.fingerprint == quiet.fingerprint

@@ -69,6 +69,7 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
                 "torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 _FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 # Buffers that old transformers versions saved; recomputed, never needed.
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -454,6 +455,7 @@ def load_hf_checkpoint(
     dtype: Any = None,
     mesh: Mesh | None = None,
     partition: PartitionFn | None = None,
+    progress: bool = False,
 ) -> tuple[VishwamAI, ModelConfig]:
     """Load a transformers Llama, Mistral, Qwen2 or Mixtral safetensors checkpoint.
 
@@ -467,6 +469,7 @@ def load_hf_checkpoint(
             (dotted path, e.g. `stages.0.blocks.0.attn.q_proj.weight`); default
             `vishwam.parallel.sharding.partition_spec` with its `DEFAULT_RULES`.
             Only used with `mesh`.
+        progress: a tqdm bar on stderr over the bytes of the tensors read.
 
     Returns:
         `(model, config)`. To run it another way (MoE dispatch, remat, attention
@@ -493,12 +496,17 @@ def load_hf_checkpoint(
         by_leaf: dict[str, list[_Piece]] = {}
         for piece in pieces:
             by_leaf.setdefault(piece.leaf, []).append(piece)
+        stored = [checkpoint.describe(p.name) for p in pieces]
+        total = sum(int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] for shape, dtype in stored)
+        bar = _bytes_bar(progress, "reading tensors", total)
+        stack.callback(bar.close)
         arrays = []
         for path, leaf in _leaf_paths(abstract):
             host = np.empty(leaf.shape, leaf.dtype)
             for piece in by_leaf[path]:
                 tensor = checkpoint.read(piece.name)
                 host[piece.index] = tensor.T if piece.transpose else tensor
+                bar.update(tensor.nbytes)
                 del tensor
             if mesh is None:
                 arrays.append(jnp.asarray(host))
@@ -560,6 +568,7 @@ def save_hf_checkpoint(
     *,
     max_shard_size: int | str | None = None,
     token_ids: Mapping[str, int] | None = None,
+    progress: bool = False,
 ) -> list[Path]:
     """Write `model` as a transformers checkpoint (`config.json` + safetensors).
 
@@ -571,6 +580,7 @@ def save_hf_checkpoint(
             checkpoints are split into `model-0000i-of-0000n.safetensors` with a
             `model.safetensors.index.json`. `None` writes one file.
         token_ids: `pad/bos/eos_token_id` for config.json (default `DEFAULT_TOKEN_IDS`).
+        progress: a tqdm bar on stderr over the bytes of the tensors written.
 
     Every tensor is saved in its own parameter dtype, so `load_hf_checkpoint` gives
     back the same arrays. Each file is written to a temporary name and renamed.
@@ -594,6 +604,7 @@ def save_hf_checkpoint(
     from safetensors.numpy import save
 
     host: dict[str, np.ndarray] = {}  # each leaf copied to the host once (a no-op on CPU)
+    bar = _bytes_bar(progress, "writing tensors", sum(_nbytes(p, leaves) for p in pieces))
     for file, shard in zip(names, shards):
         tensors = {}
         for piece in shard:
@@ -602,7 +613,9 @@ def save_hf_checkpoint(
             value = host[piece.leaf][piece.index]
             tensors[piece.name] = np.ascontiguousarray(value.T if piece.transpose else value)
         written.append(_atomic_write(folder / file, save(tensors, metadata=_METADATA)))
+        bar.update(sum(t.nbytes for t in tensors.values()))
         del tensors
+    bar.close()
     if len(shards) > 1:
         weight_map = {p.name: file for file, shard in zip(names, shards) for p in shard}
         total = sum(_nbytes(p, leaves) for p in pieces)
@@ -613,6 +626,16 @@ def save_hf_checkpoint(
             stale.unlink()
     written.append(_atomic_write(folder / CONFIG_FILE, _json_bytes(hf)))
     return written
+
+
+def _bytes_bar(progress: bool, desc: str, total: int):
+    """A tqdm bar over bytes on stderr (disabled, and free, when `progress` is False)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                mininterval=0.5, dynamic_ncols=True, disable=not progress)
 
 
 def _nbytes(piece: _Piece, leaves: Mapping[str, Any]) -> int:
@@ -771,6 +794,14 @@ def load_hf_pipeline(directory: str | os.PathLike, *, dtype: Any = None, mesh: M
     folder = Path(directory)
     tokenizer = load_hf_tokenizer(folder)
     model, _ = load_hf_checkpoint(folder, dtype=dtype, mesh=mesh, partition=partition)
-    stop = _stop_ids(_generation_config(folder).get("eos_token_id")) or _stop_ids(
-        _read_hf_config(folder).get("eos_token_id"))
-    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos, eos_ids=stop or None)
+    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos, eos_ids=generation_eos_ids(folder) or None)
+
+
+def generation_eos_ids(directory: str | os.PathLike) -> list[int]:
+    """The ids an HF model stops generating at: `eos_token_id` (an int or a list) of its
+    `generation_config.json`, else of its `config.json`; `[]` when neither names one."""
+    folder = Path(directory)
+    stop = _stop_ids(_generation_config(folder).get("eos_token_id"))
+    if not stop and (folder / CONFIG_FILE).is_file():
+        stop = _stop_ids(_read_hf_config(folder).get("eos_token_id"))
+    return stop

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -422,6 +423,7 @@ class VishwamAITokenizer(TokenizerBase):
         hard_vocab_limit: bool = True,
         max_length: int = 512,
         input_kind: str = "auto",
+        progress: bool = False,
         **sentencepiece_options: Any,
     ) -> "VishwamAITokenizer":
         """Train a lossless SentencePiece model, write it atomically and load it.
@@ -441,6 +443,8 @@ class VishwamAITokenizer(TokenizerBase):
             hard_vocab_limit: if False, a corpus too small for ``vocab_size`` yields a
                 smaller vocabulary instead of an error.
             max_length: passed to the returned tokenizer.
+            progress: a tqdm bar on stderr: lines read, then the time SentencePiece spends
+                training (it reports no finer progress).
             **sentencepiece_options: other `SentencePieceTrainer` options (e.g.
                 ``character_coverage``, ``input_sentence_size``, ``num_threads``).
 
@@ -464,7 +468,8 @@ class VishwamAITokenizer(TokenizerBase):
             raise IsADirectoryError(f"output_path {output} is a directory; pass the .model file to write.")
 
         options = {**_DEFAULT_TRAINER_OPTIONS, **sentencepiece_options}
-        feed = _SentenceFeed(_training_sentences(input, input_kind), int(options["max_sentence_length"]))
+        bar = _TrainingProgress() if progress else None
+        feed = _SentenceFeed(_training_sentences(input, input_kind), int(options["max_sentence_length"]), bar)
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -479,6 +484,9 @@ class VishwamAITokenizer(TokenizerBase):
             )
         except RuntimeError as error:
             raise _training_error(error, feed, vocab_size, model_type) from None
+        finally:
+            if bar is not None:
+                bar.close()
         _atomic_write(output, model.getvalue())
         return cls(output, max_length=max_length)
 
@@ -930,9 +938,10 @@ class _SentenceFeed:
     reports empty input with an empty message, so both are kept here for `_training_error`.
     """
 
-    def __init__(self, sentences: Iterator[str], max_bytes: int):
+    def __init__(self, sentences: Iterator[str], max_bytes: int, progress: "_TrainingProgress | None" = None):
         self._sentences = sentences
         self._max_chars = max(1, max_bytes // 4)  # UTF-8 uses at most 4 bytes a character
+        self._progress = progress
         self.count = 0
         self.error: BaseException | None = None
 
@@ -943,10 +952,46 @@ class _SentenceFeed:
                     continue
                 for start in range(0, len(sentence), self._max_chars):
                     self.count += 1
+                    if self._progress is not None:
+                        self._progress.update()
                     yield sentence[start : start + self._max_chars]
         except Exception as error:
             self.error = error
             raise
+        if self._progress is not None:
+            self._progress.training()
+
+
+class _TrainingProgress:
+    """A tqdm bar on stderr for `VishwamAITokenizer.train`: lines read, then (SentencePiece
+    trains in C++ and reports nothing countable) the elapsed time, refreshed by a thread."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc="tokenizer: reading", unit=" lines", file=sys.stderr, mininterval=0.5,
+                         dynamic_ncols=True)
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def update(self) -> None:
+        self._bar.update()
+
+    def training(self) -> None:
+        self._bar.set_description("tokenizer: training on the lines read", refresh=True)
+
+        def tick():
+            while not self._stop.wait(0.5):
+                self._bar.refresh()
+
+        self._ticker = threading.Thread(target=tick, daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self._bar.close()
 
 
 def _training_error(error: RuntimeError, feed: _SentenceFeed, vocab_size: int, model_type: str) -> Exception:
