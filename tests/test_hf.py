@@ -278,6 +278,10 @@ def test_qwen2_and_mistral_forward_match_numpy_reference(family, tmp_path):
         assert model.stages[0].blocks[0].attn.o_proj.bias is None
         np.testing.assert_array_equal(np.asarray(model.stages[0].blocks[0].attn.k_proj.bias[1]),
                                       tensors["model.layers.1.self_attn.k_proj.bias"])
+        sharded, _ = load_hf_checkpoint(tmp_path / family, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+        bias = sharded.stages[0].blocks[0].attn.q_proj.bias  # [layers, heads * head_dim]: split over heads
+        assert bias.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+        np.testing.assert_array_equal(np.asarray(bias), np.asarray(model.stages[0].blocks[0].attn.q_proj.bias))
     else:
         assert config.sliding_window == MISTRAL_WINDOW and not config.qkv_bias
     expected, _ = reference_logits(tensors, hf_config, TOKENS)

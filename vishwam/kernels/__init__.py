@@ -11,6 +11,9 @@ Implementations (`implementation=`):
   On CPU it runs with `interpret=True`: correct but slow, meant for tests.
 - `"auto"`: pallas on GPU, xla on CPU; on TPU pallas if it lowers, otherwise xla
   with a warning.
+
+Every implementation takes the same masks: `causal`, a boolean `mask`, `segment_ids`
+and a causal sliding `window` (Mistral), all computed from positions in `_masking`.
 """
 
 import functools
