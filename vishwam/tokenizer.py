@@ -3,6 +3,10 @@
 Models trained here use the identity normaliser, keep whitespace runs and fall back to
 UTF-8 bytes for characters outside the vocabulary, so ``decode(encode(s)) == s`` for any
 text. Special ids are fixed: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, user symbols after.
+Other lossless SentencePiece models (Llama's ``tokenizer.model``) load with the special
+ids they define. `TokenizerBase` holds what this backend shares with
+`vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
+the HF-style ``__call__``.
 
 Example:
     tok = VishwamAITokenizer.train(documents, "out/tok.model", vocab_size=4096)
@@ -220,7 +224,6 @@ class TokenizerBase(abc.ABC):
             while len(cache) > self._cache_size:
                 cache.popitem(last=False)
 
-
     # ------------------------------------------------------------------ HF-style call
 
     def __call__(
@@ -315,7 +318,6 @@ class TokenizerBase(abc.ABC):
     def eos_id(self) -> int:
         return self._eos_id
 
-
     @property
     def max_length(self) -> int:
         return self._max_length
@@ -332,7 +334,6 @@ class TokenizerBase(abc.ABC):
     def padding_side(self) -> str:
         return self._padding_side
 
-
     def cache_info(self) -> dict[str, int]:
         with self._cache_lock:
             size = len(self._cache)
@@ -342,7 +343,6 @@ class TokenizerBase(abc.ABC):
         with self._cache_lock:
             self._cache.clear()
             self._hits = self._misses = 0
-
 
 
 class VishwamAITokenizer(TokenizerBase):
@@ -603,7 +603,6 @@ class VishwamAITokenizer(TokenizerBase):
 
     def __len__(self) -> int:
         return self._sp.vocab_size()
-
 
     @property
     def special_tokens(self) -> dict[str, str]:
