@@ -676,3 +676,21 @@ def test_progress_bars_count_the_bytes_read_and_written(llama_dir, tmp_path, cap
     assert f"reading tensors: 100%|██████████| {total}/{total}" in err
     assert f"writing tensors: 100%|██████████| {total}/{total}" in err
     np.testing.assert_array_equal(np.asarray(loaded.embed), np.asarray(model.embed))
+
+
+def test_convert_script_carries_a_tokenizer_json_and_the_stop_ids(json_hf_dir, tmp_path):
+    from vishwam.pipeline import VishwamAIPipeline
+    from vishwam.tokenizer_json import JsonTokenizer
+
+    folder = _hf_model_dir(tmp_path / "hf", json_hf_dir)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    convert = _convert_module()
+    convert.main(["to-vishwam", str(folder), str(tmp_path / "v"), "--no-progress"])
+    pipeline = VishwamAIPipeline.load(tmp_path / "v")
+    assert isinstance(pipeline.tokenizer, JsonTokenizer) and pipeline.eos_ids == (1, 5)
+    convert.main(["to-hf", str(tmp_path / "v"), str(tmp_path / "back"), "--no-progress"])
+    hf = json.loads((tmp_path / "back/config.json").read_text())
+    tok = load_hf_tokenizer(tmp_path / "back")
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert tok.fingerprint == pipeline.tokenizer.fingerprint
+    assert (tmp_path / "back/model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
