@@ -14,8 +14,13 @@ Goals (issue 8): at 8192, xla fwd+bwd temp memory <= 1/4 of the reference's; at
 2048 causal fwd+bwd, xla time <= 0.7x the faster of reference and jax.nn; on an
 H100, pallas >= 0.7x cuDNN.
 
+Sliding window (`--window W`, issue 19): only the window's band of tiles is visited,
+so the blockwise path (xla on CPU, pallas on GPU) with a window `W` should take about
+`(W + block) / (length / 2)` of its causal time. Reported instead of the tables above.
+
     python benchmarks/attention.py                      # CPU defaults, a few minutes
     python benchmarks/attention.py --time-lengths 512 1024 2048 4096 --rounds 5
+    python benchmarks/attention.py --window 256 --time-lengths 2048 4096
 """
 
 import argparse
@@ -116,6 +121,31 @@ def cpu(args):
         print(f"goal: 8192 fwd+bwd xla temp memory <= 1/4 of reference: {r:.3f} -> {'MET' if r <= 0.25 else 'NOT MET'}")
 
 
+def window(args):
+    """Blockwise attention with a sliding window against the same without one."""
+    backend = jax.default_backend()
+    impl, dtype = ("pallas", jnp.bfloat16) if backend == "gpu" else ("xla", jnp.float32)
+    impls = {
+        "causal": lambda q, k, v: flash_attention(q, k, v, block_size=args.block_size, causal=True,
+                                                  implementation=impl),
+        f"window {args.window}": lambda q, k, v: flash_attention(q, k, v, block_size=args.block_size, causal=True,
+                                                                 window=args.window, implementation=impl),
+    }
+    print(f"# {backend} {impl}: batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
+          f"{jnp.dtype(dtype).name}, block {args.block_size}")
+    print(f"\n| length | pass | causal (s) | window {args.window} (s) | window / causal | "
+          "expected (W + block) / (length / 2) |")
+    print("|---|---|---|---|---|---|")
+    for length in args.time_lengths:
+        qkv = _inputs(args.batch, length, args.heads, args.head_dim, dtype)
+        programs = {(n, p): fn for n, f in impls.items() for p, fn in _programs(f).items()}
+        best = _time(programs, qkv, args.rounds)
+        expected = min(1.0, (args.window + args.block_size) / (length / 2))
+        for p in ("fwd", "fwd+bwd"):
+            c, w = best["causal", p], best[f"window {args.window}", p]
+            print(f"| {length} | {p} | {c:.4f} | {w:.4f} | {w / c:.2f} | {expected:.2f} |", flush=True)
+
+
 def gpu(args):
     impls = _impls(args.block_size, "gpu")
     heads, head_dim, batch = args.heads, 128, args.batch
@@ -143,9 +173,12 @@ def main():
     parser.add_argument("--time-lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--gpu-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--window", type=int, default=None, help="time a sliding window of this many keys instead")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}\n")
-    if jax.default_backend() == "gpu":
+    if args.window is not None:
+        window(args)
+    elif jax.default_backend() == "gpu":
         gpu(args)
     else:
         cpu(args)

@@ -1,4 +1,4 @@
-"""Convert between HuggingFace Llama/Mixtral checkpoints and vishwam weights.
+"""Convert between HuggingFace Llama/Mistral/Qwen2/Mixtral checkpoints and vishwam weights.
 
     python scripts/convert_hf.py to-vishwam HF_DIR OUT_DIR [--dtype bfloat16]
     python scripts/convert_hf.py to-hf VISHWAM_DIR OUT_DIR [--max-shard-size 5GB]
@@ -7,9 +7,11 @@
 and writes a vishwam directory: `config.json` (the `ModelConfig`) and
 `model.safetensors` (every array leaf under its pytree path, the format of
 `VishwamAIPipeline.save` and `vishwam.pipeline.load_model_weights`). When the HF
-directory has a SentencePiece `tokenizer.model` that `VishwamAITokenizer` accepts,
-it writes a whole pipeline directory instead (`tokenizer/` and `pipeline.json`
-too), loadable with `VishwamAIPipeline.load`.
+directory has a tokenizer `load_hf_tokenizer` accepts (a SentencePiece
+`tokenizer.model` or a `tokenizer.json`), it writes a whole pipeline directory
+instead (`tokenizer/` and `pipeline.json` too), loadable with `VishwamAIPipeline.load`.
+A progress bar on stderr (when it is a terminal; `--no-progress` turns it off) counts
+the bytes of the tensors read or written.
 
 `to-hf` reads such a vishwam directory (weights or pipeline) and writes an HF
 directory that transformers loads (`AutoModelForCausalLM.from_pretrained`), with
@@ -27,7 +29,7 @@ import equinox as eqx
 import jax
 
 from vishwam.config import ModelConfig
-from vishwam.hf import load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint
+from vishwam.hf import generation_eos_ids, load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint
 from vishwam.pipeline import load_model_weights
 
 
@@ -44,11 +46,11 @@ def _fresh_output(path: Path, overwrite: bool) -> None:
         raise SystemExit(f"convert_hf: {path} already exists; pass --overwrite or choose another directory.")
 
 
-def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool) -> str:
+def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, progress: bool = False) -> str:
     _fresh_output(target, overwrite)
-    model, config = load_hf_checkpoint(source, dtype=dtype)
-    tokenizer, why = None, "no tokenizer.model"
-    if (source / "tokenizer.model").is_file():
+    model, config = load_hf_checkpoint(source, dtype=dtype, progress=progress)
+    tokenizer, why = None, "no tokenizer.model or tokenizer.json"
+    if (source / "tokenizer.model").is_file() or (source / "tokenizer.json").is_file():
         try:
             tokenizer = load_hf_tokenizer(source)
         except ValueError as error:
@@ -56,7 +58,7 @@ def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool) -
     if tokenizer is not None:
         from vishwam.pipeline import VishwamAIPipeline
 
-        VishwamAIPipeline(model, tokenizer).save(target, overwrite=overwrite)
+        VishwamAIPipeline(model, tokenizer, eos_ids=generation_eos_ids(source) or None).save(target, overwrite=overwrite)
         return f"pipeline (model + tokenizer, vocab {tokenizer.vocab_size})"
     from safetensors.numpy import save_file
 
@@ -75,7 +77,7 @@ def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool) -
     return f"weights only ({why})"
 
 
-def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: bool) -> str:
+def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: bool, progress: bool = False) -> str:
     _fresh_output(target, overwrite)
     missing = [name for name in ("config.json", "model.safetensors") if not (source / name).is_file()]
     if missing:
@@ -83,11 +85,12 @@ def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: boo
                          "`convert_hf.py to-vishwam` or VishwamAIPipeline.save.")
     config = ModelConfig.from_json(source / "config.json")
     model = load_model_weights(source / "model.safetensors", config)
-    save_hf_checkpoint(model, config, target, max_shard_size=max_shard_size)
-    if (source / "tokenizer").is_dir():
-        from vishwam.tokenizer import VishwamAITokenizer
-
-        VishwamAITokenizer.from_pretrained(source / "tokenizer").save_pretrained(target)
+    tokenizer = load_hf_tokenizer(source / "tokenizer") if (source / "tokenizer").is_dir() else None
+    ids = None if tokenizer is None else {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id,
+                                          "eos_token_id": tokenizer.eos_id}
+    save_hf_checkpoint(model, config, target, max_shard_size=max_shard_size, token_ids=ids, progress=progress)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
         return "model + tokenizer"
     return "model"
 
@@ -106,11 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--max-shard-size", default=None, help="e.g. 5GB: split into shards with an index")
     for p in (a, b):
         p.add_argument("--overwrite", action="store_true", help="replace an existing target directory")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is "
+                       "not a terminal)")
     args = parser.parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
     if args.direction == "to-vishwam":
-        what = to_vishwam(args.source, args.target, args.dtype, args.overwrite)
+        what = to_vishwam(args.source, args.target, args.dtype, args.overwrite, progress)
     else:
-        what = to_hf(args.source, args.target, args.max_shard_size, args.overwrite)
+        what = to_hf(args.source, args.target, args.max_shard_size, args.overwrite, progress)
     print(f"{args.source} -> {args.target}: {what}", file=sys.stderr)
 
 

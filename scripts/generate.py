@@ -11,12 +11,17 @@ DIRECTORY is one of
   finished, otherwise (or with `--step`) the model weights of an orbax checkpoint in
   `checkpoints/`, with the run's `config.json` and `tokenizer/`.
 
-The completion streams to stdout token by token (`--no-stream`: printed at the end).
+The completion streams to stdout token by token (`--no-stream`: printed at the end, with
+a progress bar on stderr when it is a terminal). At the end a line on stderr gives the
+tokens generated, tokens/s and the time to the first token (compiles included);
+`--no-progress` turns the line and the bar off (and `--no-stream` then runs the whole
+loop as one compiled call).
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -88,22 +93,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: its final "
                         "pipeline/, else the latest checkpoint)")
     parser.add_argument("--no-stream", action="store_true", help="print the completion once it is complete")
+    parser.add_argument("--no-progress", action="store_true", help="no tokens/s line or progress bar on stderr")
     args = parser.parse_args(argv)
 
     pipeline = load_pipeline(args.directory, args.step)
+    meter = None if args.no_progress else _TokenMeter(args.max_new_tokens, bar=args.no_stream and sys.stderr.isatty())
 
     def show(row: int, token: int, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if meter is not None:
+            meter.tick()
+        if not args.no_stream:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
+    streaming = not args.no_stream or meter is not None
     [completion] = pipeline(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, callback=None if args.no_stream else show)
+                            top_p=args.top_p, seed=args.seed, callback=show if streaming else None)
     if args.no_stream:
         sys.stdout.write(completion)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if meter is not None:
+        print(meter.summary(), file=sys.stderr)
     return 0
+
+
+class _TokenMeter:
+    """Counts generated tokens: tokens/s and the time to the first one (which includes the
+    compiles), optionally as a live tqdm bar on stderr."""
+
+    def __init__(self, total: int, *, bar: bool):
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.count = 0
+        self.bar = None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", desc="generating", file=sys.stderr, leave=False)
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.update()
+
+    def summary(self) -> str:
+        if self.bar is not None:
+            self.bar.close()
+        elapsed = time.perf_counter() - self.start
+        if self.count == 0 or self.first is None:
+            return f"generated no tokens in {elapsed:.2f} s"
+        rest = elapsed - self.first
+        rate = f"{(self.count - 1) / rest:.1f} tokens/s after the first" if self.count > 1 and rest > 0 else "one token"
+        return (f"generated {self.count} tokens in {elapsed:.2f} s: {rate}; first token after {self.first:.2f} s "
+                "(compiles included)")
 
 
 if __name__ == "__main__":

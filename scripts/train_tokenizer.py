@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--character-coverage", type=float, default=0.9995, help="characters kept as pieces")
     parser.add_argument("--check-lines", type=int, default=20000, help="lines for coverage and round trip")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr "
+                        "is not a terminal)")
     args = parser.parse_args(argv)
 
     documents = None if args.input else _default_documents()
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 input_kind="files" if args.input else "documents",
                 character_coverage=args.character_coverage,
+                progress=not args.no_progress and sys.stderr.isatty(),
             )
         except (ValueError, TypeError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,7 @@ from vishwam.config import parameter_counts_closed_form
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(dropout=1.0), "dropout"),
         (dict(head_dim=7), "head_dim"),
+        (dict(sliding_window=0), "sliding_window"),
     ],
 )
 def test_contradictions_name_the_field(changes, field):
@@ -55,7 +56,8 @@ def test_moe_layer_pattern():
 @pytest.mark.parametrize(
     "name, overrides",
     [("tiny", {}), ("small", {}), ("tiny", dict(num_layers=7, first_dense_layers=1, moe_every=3,
-                                                   num_shared_experts=1, norm_type="layer", tie_embeddings=True))],
+                                                   num_shared_experts=1, norm_type="layer", tie_embeddings=True)),
+     ("tiny", dict(qkv_bias=True, num_experts=1, experts_per_token=1))],
 )
 def test_parameter_count_matches_closed_form(name, overrides):
     config = ModelConfig.preset(name, **overrides)

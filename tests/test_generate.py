@@ -12,6 +12,9 @@ from vishwam.generate import generate, generate_stream, generate_without_cache, 
 CONFIGS = {
     "dense": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1),
     "moe": ModelConfig.preset("tiny", init_std=0.1),
+    # Mistral's sliding window: the dense model's weights, each token sees the 8 before it and itself
+    # (2 layers reach back 14 positions: the first-token check below still sees a change).
+    "window": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1, sliding_window=8),
 }
 NEW = 8
 LENGTHS = np.array([6, 3, 3], np.int32)  # rows 1 and 2 share a width alone: one compile less
@@ -79,6 +82,13 @@ def test_greedy_with_cache_equals_recompute(models, greedy, prompts, name):
     np.testing.assert_allclose(cached_logits, ref_logits, atol=1e-5, rtol=0)
 
 
+def test_window_changes_what_decoding_sees(greedy):
+    # Same weights as "dense"; the window hides keys once a row is longer than 8 tokens.
+    dense, window = greedy["dense"][2], greedy["window"][2]
+    np.testing.assert_allclose(window[:, 0], dense[:, 0], atol=1e-5, rtol=0)  # row 0: 6 tokens, nothing hidden
+    assert float(jnp.abs(window[:, -1] - dense[:, -1]).max()) > 1e-3
+
+
 def test_batch_of_different_lengths_equals_rows_alone(models, greedy, prompts):
     tokens, lengths = prompts
     batch_tokens, batch_lengths, _ = greedy["moe"]
@@ -107,6 +117,24 @@ def test_eos_stops_each_row_and_pads(models, greedy, prompts):
         assert completion(out[i], n, n + stop) == reference[:stop]
         assert np.all(out[i, n + stop:] == PAD)
     assert int(out_lengths[0]) == lengths[0] + step + 1
+
+
+def test_a_list_of_eos_ids_stops_each_row_at_the_first_of_them(models, greedy, prompts):
+    tokens, lengths = prompts
+    full_tokens = np.asarray(greedy["moe"][0])
+    eos_a, step_a = eos_after_first_step(full_tokens[0], lengths[0])
+    eos_b, step_b = eos_after_first_step(full_tokens[1], lengths[1])
+    assert eos_a != eos_b
+    out, out_lengths = generate(models["moe"], tokens, NEW, temperature=0.0, prompt_lengths=lengths,
+                                eos_id=[eos_a, eos_b], pad_id=PAD)
+    out = np.asarray(out)
+    for i, n in enumerate(lengths):
+        reference = completion(full_tokens[i], n, n + NEW)
+        stop = min([reference.index(e) + 1 for e in (eos_a, eos_b) if e in reference], default=NEW)
+        assert int(out_lengths[i]) == n + stop
+        assert completion(out[i], n, n + stop) == reference[:stop]
+        assert np.all(out[i, n + stop:] == PAD)
+    assert int(out_lengths[1]) <= lengths[1] + step_b + 1  # row 1 stopped at the second id (or earlier)
 
 
 SAMPLING = dict(temperature=1.0, top_k=50, top_p=0.9, prompt_lengths=LENGTHS, pad_id=PAD, return_logits=True)
@@ -139,7 +167,8 @@ def test_stream_equals_generate_and_stops_rows_at_eos(models, prompts, sampled):
     expected, expected_lengths, _ = generate(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=eos,
                                              **SAMPLING)
     opts = {k: v for k, v in SAMPLING.items() if k != "return_logits"}
-    steps = list(generate_stream(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=eos, **opts))
+    # A list of stop ids holding one that never comes stops at the same place.
+    steps = list(generate_stream(models["moe"], tokens, NEW, key=jax.random.key(7), eos_id=[eos, 255], **opts))
     for i, n in enumerate(lengths):
         produced = [int(tok[i]) for tok, active in steps if active[i]]
         assert n + len(produced) == int(expected_lengths[i])
@@ -184,6 +213,8 @@ def test_sample_logits_distribution_and_top_k_one_is_greedy():
     (dict(top_p=0.0, key=jax.random.key(0)), "top_p must be None or in (0, 1]"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(eos_id=256), "eos_id must be None or an int in [0, vocab_size=256)"),
+    (dict(eos_id=[3, 300]), "eos_id must be None or an int in [0, vocab_size=256) (or a non-empty list"),
+    (dict(eos_id=[]), "eos_id must be None or an int in [0, vocab_size=256) (or a non-empty list"),
     (dict(pad_id=-1), "pad_id must be an int in [0, vocab_size=256)"),
     (dict(prompt_lengths=np.array([6, 3, 3]), tokens=np.array([[1] * 6, [1, 2, 256, 0, 0, 0], [5] * 6])),
      "prompt token ids span [1, 256], outside the model's vocabulary [0, 256)"),

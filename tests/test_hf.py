@@ -63,20 +63,45 @@ def _norm(rng):
     return (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)
 
 
-def _llama_tensors(seed=0):
+def _llama_tensors(seed=0, hd=LLAMA_HEAD_DIM, qkv_bias=False, tied=False):
+    """A dense checkpoint's tensors: Llama, Mistral, or with `qkv_bias` Qwen2."""
     rng = np.random.default_rng(seed)
     t = {"model.embed_tokens.weight": rng.standard_normal((V, D)).astype(np.float32),
          "model.norm.weight": _norm(rng), "lm_head.weight": _linear(rng, V, D)}
     for n in range(L):
         p = f"model.layers.{n}."
         t.update({p + "input_layernorm.weight": _norm(rng), p + "post_attention_layernorm.weight": _norm(rng),
-                  p + "self_attn.q_proj.weight": _linear(rng, H * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.k_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.v_proj.weight": _linear(rng, KV * LLAMA_HEAD_DIM, D),
-                  p + "self_attn.o_proj.weight": _linear(rng, D, H * LLAMA_HEAD_DIM),
+                  p + "self_attn.q_proj.weight": _linear(rng, H * hd, D),
+                  p + "self_attn.k_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.v_proj.weight": _linear(rng, KV * hd, D),
+                  p + "self_attn.o_proj.weight": _linear(rng, D, H * hd),
                   p + "mlp.gate_proj.weight": _linear(rng, F, D), p + "mlp.up_proj.weight": _linear(rng, F, D),
                   p + "mlp.down_proj.weight": _linear(rng, D, F)})
+        if qkv_bias:
+            for name, out in (("q", H * hd), ("k", KV * hd), ("v", KV * hd)):
+                t[f"{p}self_attn.{name}_proj.bias"] = rng.standard_normal(out).astype(np.float32)
+    if tied:
+        del t["lm_head.weight"]
     return t
+
+
+def _qwen2_hf_config(**changes):
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 3000.0,
+            "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
+            "tie_word_embeddings": True, "torch_dtype": "float32", **changes}
+
+
+MISTRAL_WINDOW = 5  # < len(TOKENS[0]) = 12: the window hides keys
+
+
+def _mistral_hf_config(**changes):
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+            "head_dim": LLAMA_HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "rope_theta": 1e4, "sliding_window": MISTRAL_WINDOW, "tie_word_embeddings": False,
+            "torch_dtype": "float32", **changes}
 
 
 def _mixtral_tensors(seed=1):
@@ -132,16 +157,22 @@ def _rope(x, theta):  # x: (T, heads, hd); HF rotate-half
     return x * np.cos(emb) + rotated * np.sin(emb)
 
 
-def _attention(x, w, p, hd, theta):
+def _attention(x, w, p, hd, theta, window=None):
     t = x.shape[0]
-    q = (x @ w[p + "self_attn.q_proj.weight"].T).reshape(t, -1, hd)
-    k = (x @ w[p + "self_attn.k_proj.weight"].T).reshape(t, -1, hd)
-    v = (x @ w[p + "self_attn.v_proj.weight"].T).reshape(t, -1, hd)
+
+    def project(name):  # Qwen2's q/k/v carry a bias
+        y = x @ w[f"{p}self_attn.{name}_proj.weight"].T
+        return (y + w.get(f"{p}self_attn.{name}_proj.bias", 0.0)).reshape(t, -1, hd)
+
+    q, k, v = project("q"), project("k"), project("v")
     q, k = _rope(q, theta), _rope(k, theta)
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # HF repeat_kv
     scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
-    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    allowed = np.tril(np.ones((t, t), bool))
+    if window is not None:  # Mistral: query i sees keys i - window < j <= i
+        allowed &= np.arange(t)[None, :] > np.arange(t)[:, None] - window
+    scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.einsum("hqk,khd->qhd", probs, v).reshape(t, -1)
@@ -169,18 +200,19 @@ def _moe(x, w, p, chosen):
 
 
 def reference_logits(tensors, hf_config, tokens):
-    """Llama/Mixtral forward in float64 numpy, from the HF tensors as stored."""
+    """Llama/Mistral/Qwen2/Mixtral forward in float64 numpy, from the HF tensors as stored."""
     w = {k: v.astype(np.float64) for k, v in tensors.items()}
     eps = hf_config["rms_norm_eps"]
     theta = hf_config.get("rope_theta") or hf_config["rope_parameters"]["rope_theta"]
     hd = hf_config.get("head_dim") or D // H
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    window = hf_config.get("sliding_window") if hf_config["model_type"] in ("mistral", "mixtral") else None
     rows, chosen = [], []
     for row in tokens:
         x = w["model.embed_tokens.weight"][row]
         for n in range(hf_config["num_hidden_layers"]):
             p = f"model.layers.{n}."
-            x = x + _attention(_rms(x, w[p + "input_layernorm.weight"], eps), w, p, hd, theta)
+            x = x + _attention(_rms(x, w[p + "input_layernorm.weight"], eps), w, p, hd, theta, window)
             h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
             if p + "mlp.gate_proj.weight" in w:
                 x = x + _swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
@@ -231,6 +263,52 @@ def test_mixtral_forward_matches_numpy_reference(mixtral):
     expected, chosen = reference_logits(_mixtral_tensors(), _mixtral_hf_config(), TOKENS)
     assert len(set(chosen)) >= 3  # the routing really varies between tokens
     np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+
+
+QWEN2_TENSORS = dict(seed=2, hd=D // H, qkv_bias=True, tied=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_forward_match_numpy_reference(family, tmp_path):
+    tensors = _llama_tensors(**QWEN2_TENSORS) if family == "qwen2" else _llama_tensors(seed=3)
+    hf_config = _qwen2_hf_config() if family == "qwen2" else _mistral_hf_config()
+    model, config = load_hf_checkpoint(_write(tmp_path / family, hf_config, tensors))
+    if family == "qwen2":
+        assert config.qkv_bias and config.sliding_window is None and config.tie_embeddings
+        assert model.stages[0].blocks[0].attn.o_proj.bias is None
+        np.testing.assert_array_equal(np.asarray(model.stages[0].blocks[0].attn.k_proj.bias[1]),
+                                      tensors["model.layers.1.self_attn.k_proj.bias"])
+        sharded, _ = load_hf_checkpoint(tmp_path / family, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+        bias = sharded.stages[0].blocks[0].attn.q_proj.bias  # [layers, heads * head_dim]: split over heads
+        assert bias.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+        np.testing.assert_array_equal(np.asarray(bias), np.asarray(model.stages[0].blocks[0].attn.q_proj.bias))
+    else:
+        assert config.sliding_window == MISTRAL_WINDOW and not config.qkv_bias
+    expected, _ = reference_logits(tensors, hf_config, TOKENS)
+    np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+    if family == "mistral":  # the window matters: full attention gives other logits
+        full, _ = reference_logits(tensors, {**hf_config, "sliding_window": None}, TOKENS)
+        assert np.abs(full - expected).max() > 1e-2
+    # Back out as the same architecture, tensor for tensor.
+    save_hf_checkpoint(model, config, tmp_path / "out")
+    saved = json.loads((tmp_path / "out/config.json").read_text())
+    assert saved["architectures"] == hf_config["architectures"]
+    assert config_from_hf(saved) == config
+    stored = load_file(str(tmp_path / "out/model.safetensors"))
+    assert stored.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(stored[name], value, err_msg=name)
+
+
+def test_qwen2_and_mistral_config_rules():
+    assert config_from_hf(_mistral_hf_config(sliding_window=None)).sliding_window is None
+    absent = {k: v for k, v in _mistral_hf_config(max_position_embeddings=8192).items() if k != "sliding_window"}
+    assert config_from_hf(absent).sliding_window == 4096  # transformers' Mistral default
+    assert config_from_hf(_mistral_hf_config(sliding_window=64)).sliding_window is None  # hides nothing
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        config_from_hf(_qwen2_hf_config(use_sliding_window=True))
+    with pytest.raises(ValueError, match="qkv_bias=True with MoE or a sliding_window"):
+        config_to_hf(ModelConfig.preset("tiny", qkv_bias=True))
 
 
 def test_llama_round_trip_is_byte_identical(llama, llama_dir, tmp_path):
@@ -316,8 +394,8 @@ def test_rope_config_forms_and_scaling_refused():
 def test_config_fields_and_export():
     config = config_from_hf(_mixtral_hf_config(sliding_window=32, router_jitter_noise=0.1, dtype=None,
                                                torch_dtype="bfloat16"))
-    assert (config.max_seq_len, config.router_jitter, config.param_dtype, config.capacity_factor) == (
-        32, 0.1, "bfloat16", None)
+    assert (config.sliding_window, config.max_seq_len, config.router_jitter, config.param_dtype,
+            config.capacity_factor) == (32, 64, 0.1, "bfloat16", None)
     assert config.router_z_loss_coef == 0.0 and config.router_renormalize and config.router_type == "softmax"
     hf = config_to_hf(config_from_hf(_llama_hf_config()))
     for name, value in _llama_hf_config().items():
@@ -388,7 +466,7 @@ def test_file_and_config_errors(tmp_path, llama_dir):
 def test_tokenizer_and_pipeline(tmp_path, getkey):
     from vishwam.tokenizer import VishwamAITokenizer
 
-    with pytest.raises(FileNotFoundError, match="no SentencePiece tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="neither a SentencePiece tokenizer.model nor a tokenizer.json"):
         load_hf_tokenizer(tmp_path)
     text = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 20
     tok = VishwamAITokenizer.train(text, tmp_path / "t.model", vocab_size=300, hard_vocab_limit=False)
@@ -424,3 +502,195 @@ def test_convert_script_both_ways(llama_dir, tmp_path):
     convert.main(["to-hf", str(tmp_path / "v"), str(tmp_path / "back")])
     assert (tmp_path / "back/model.safetensors").read_bytes() == (llama_dir / "model.safetensors").read_bytes()
     shutil.rmtree(tmp_path / "back")
+
+
+# ------------------------------------------------------------ foreign tokenizers, end to end
+TEXTS = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
+         "héllo wörld ✓ ünïcode  two  spaces\tand a tab", "def f(x):\n    return x"] * 25
+ROUND_TRIP = ["the lazy fox", "  leading and trailing  ", "emoji 😀 and 中文 (byte fallback)", "a\nb\n", ""]
+
+
+def _llama_sp_dir(folder: Path) -> Path:
+    """A Llama-style SentencePiece tokenizer (unk 0, bos 1, eos 2, no pad, byte fallback) with
+    Llama's HF files: no pad in tokenizer_config.json, pad_token_id 0 in generation_config.json."""
+    import io
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=buffer, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "model_max_length": int(1e30)}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                                "pad_token_id": 0}))
+    return folder
+
+
+def _bpe_json_dir(folder: Path) -> Path:
+    """A byte-level BPE tokenizer.json (GPT-2 / Llama 3 style: no unk, a post-processor that
+    prepends BOS) with a tokenizer_config.json naming BOS and EOS and no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(TEXTS, trainer)
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "model_max_length": 64}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sp_hf_dir(tmp_path_factory):
+    return _llama_sp_dir(tmp_path_factory.mktemp("sp_tok"))
+
+
+@pytest.fixture(scope="module")
+def json_hf_dir(tmp_path_factory):
+    return _bpe_json_dir(tmp_path_factory.mktemp("json_tok"))
+
+
+def test_llama_sentencepiece_tokenizer_from_hf_files(sp_hf_dir):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_hf_dir / "tokenizer.model"))
+    tok = load_hf_tokenizer(sp_hf_dir)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)  # pad: generation_config's 0 (= unk)
+    assert tok.add_bos_token and tok.max_length == 512  # model_max_length 1e30 means no limit: our default
+    for text in TEXTS[:4] + ROUND_TRIP:
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+    assert tok("the lazy fox")["input_ids"] == [1, *sp.encode("the lazy fox")]
+
+
+def test_bpe_tokenizer_json_from_hf_files(json_hf_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(json_hf_dir / "tokenizer.json"))
+    tok = load_hf_tokenizer(json_hf_dir)
+    bos, eos = raw.token_to_id("<|begin_of_text|>"), raw.token_to_id("<|end_of_text|>")
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (bos, eos, None)
+    assert tok.pad_id == eos  # no pad and no unk: EOS (padding is marked by attention_mask, not by id)
+    assert tok.add_bos_token and not tok.add_eos_token  # read off the post-processor
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True) and tok.max_length == 64
+    texts = TEXTS[:4] + ROUND_TRIP
+    assert tok.batch_encode(texts) == [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    assert [tok.encode(t) for t in texts] == [raw.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tok.batch_decode(tok.batch_encode(texts, add_eos=True)) == texts
+    # __call__ adds what transformers' post-processor adds, and pads to the longest with a mask.
+    batch = tok(texts[:2], return_tensors="np")
+    assert batch["input_ids"][0].tolist()[:int(batch["attention_mask"][0].sum())] == raw.encode(texts[0]).ids
+    assert tok.cache_info()["hits"] >= len(texts)
+    tok.save_pretrained(tmp_path)
+    again = load_hf_tokenizer(tmp_path)
+    assert again.fingerprint == tok.fingerprint and again.encode(texts[2]) == tok.encode(texts[2])
+    assert (again.pad_id, again.bos_id, again.eos_id, again.add_bos_token) == (eos, bos, eos, True)
+    with pytest.raises(ValueError, match=r"eos_token='</s>' is not in the vocabulary"):
+        load_hf_tokenizer(json_hf_dir, eos_token="</s>")
+    with pytest.raises(ValueError, match="token id 9999 is outside the vocabulary"):
+        tok.decode([1, 9999])
+
+
+def _hf_model_dir(folder: Path, tokenizer_dir: Path) -> Path:
+    tok = load_hf_tokenizer(tokenizer_dir)
+    config = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, num_experts=1, experts_per_token=1, init_std=0.1,
+                                max_seq_len=64)
+    ids = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    save_hf_checkpoint(VishwamAI(config, key=jax.random.key(4)), config, folder, token_ids=ids)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_pipeline_over_each_tokenizer_stops_at_the_models_eos(kind, sp_hf_dir, json_hf_dir, tmp_path):
+    from vishwam.generate import generate
+    from vishwam.pipeline import VishwamAIPipeline
+
+    source = sp_hf_dir if kind == "sentencepiece" else json_hf_dir
+    folder = _hf_model_dir(tmp_path / "hf", source)
+    pipeline = load_hf_pipeline(folder)
+    assert pipeline.add_bos and pipeline.eos_ids == (pipeline.tokenizer.eos_id,)
+    prompt = pipeline.tokenizer.encode("the lazy", add_bos=True)
+    tokens, _ = generate(pipeline.model, np.array([prompt], np.int32), 8, temperature=0.0,
+                         pad_id=pipeline.tokenizer.pad_id)
+    produced = np.asarray(tokens)[0, len(prompt):].tolist()
+    step = next(t for t in range(1, 8) if produced[t] not in produced[:t])
+    # The model's own stop ids, a list as in Llama 3's generation_config.json.
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [produced[step], 2]}))
+    pipeline = load_hf_pipeline(folder)
+    assert pipeline.eos_ids == (produced[step], 2)
+    seen = []
+    [text] = pipeline("the lazy", 8, temperature=0.0, callback=lambda row, token, piece: seen.append(token))
+    stop = min(produced.index(e) for e in pipeline.eos_ids if e in produced) + 1
+    assert seen == produced[:stop] and stop <= step + 1
+    head = pipeline.tokenizer.decode(prompt)
+    assert text == pipeline.tokenizer.decode(prompt + produced[:stop - 1])[len(head):]
+    assert pipeline("the lazy", 8, temperature=0.0) == [text]
+    pipeline.save(tmp_path / "saved")
+    again = VishwamAIPipeline.load(tmp_path / "saved")
+    assert type(again.tokenizer) is type(pipeline.tokenizer) and again.eos_ids == pipeline.eos_ids
+    assert again("the lazy", 8, temperature=0.0) == [text]
+
+
+def test_packed_rows_keep_eos_in_the_loss_when_pad_is_eos(json_hf_dir):
+    from vishwam.data import PackedRows, Texts, tokenize_source
+
+    tok = load_hf_tokenizer(json_hf_dir)
+    assert tok.pad_id == tok.eos_id  # this tokenizer has neither pad nor unk
+    corpus = tokenize_source(Texts(["the lazy dog", "pack my box"]), tok)
+    rows = PackedRows(corpus, seq_len=corpus.num_tokens + 5)  # one row, padded at the end
+    batch = rows.batch(np.array([0]))
+    targets, mask = batch["targets"][0], batch["loss_mask"][0]
+    real = np.arange(len(targets)) < corpus.num_tokens - 1
+    assert (targets[~real] == tok.pad_id).all() and (mask[~real] == 0).all()  # padding: out of the loss
+    # Padding is masked by segment, not by id: the first document's EOS target stays in the loss.
+    first_eos = int(corpus.offsets[1]) - 1
+    assert targets[first_eos - 1] == tok.eos_id and mask[first_eos - 1] == 1
+
+
+def test_progress_bars_count_the_bytes_read_and_written(llama_dir, tmp_path, capsys):
+    model, config = load_hf_checkpoint(llama_dir)
+    save_hf_checkpoint(model, config, tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
+    loaded, _ = load_hf_checkpoint(llama_dir, progress=True)
+    save_hf_checkpoint(loaded, config, tmp_path / "shown", max_shard_size="40KB", progress=True)
+    err = capsys.readouterr().err
+    from tqdm import tqdm
+
+    total = tqdm.format_sizeof(sum(t.nbytes for t in _llama_tensors().values()), divisor=1024)
+    assert f"reading tensors: 100%|██████████| {total}/{total}" in err
+    assert f"writing tensors: 100%|██████████| {total}/{total}" in err
+    np.testing.assert_array_equal(np.asarray(loaded.embed), np.asarray(model.embed))
+
+
+def test_convert_script_carries_a_tokenizer_json_and_the_stop_ids(json_hf_dir, tmp_path):
+    from vishwam.pipeline import VishwamAIPipeline
+    from vishwam.tokenizer_json import JsonTokenizer
+
+    folder = _hf_model_dir(tmp_path / "hf", json_hf_dir)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    convert = _convert_module()
+    convert.main(["to-vishwam", str(folder), str(tmp_path / "v"), "--no-progress"])
+    pipeline = VishwamAIPipeline.load(tmp_path / "v")
+    assert isinstance(pipeline.tokenizer, JsonTokenizer) and pipeline.eos_ids == (1, 5)
+    convert.main(["to-hf", str(tmp_path / "v"), str(tmp_path / "back"), "--no-progress"])
+    hf = json.loads((tmp_path / "back/config.json").read_text())
+    tok = load_hf_tokenizer(tmp_path / "back")
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert tok.fingerprint == pipeline.tokenizer.fingerprint
+    assert (tmp_path / "back/model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()

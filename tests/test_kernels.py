@@ -35,6 +35,7 @@ class Case:
     dropout: float = 0.0
     batch: int = 2
     block: int = 16
+    window: int | None = None  # causal sliding window
 
 
 CASES = [
@@ -54,6 +55,13 @@ CASES = [
     Case("bf16-segpair-d128", 24, 48, 4, 2, 128, causal=True, segments="pair", dtype="bfloat16"),
     # pallas: forward tiles of 128, backward tiles of 64 (one fully padded q/kv tile)
     Case("big-tiles-segments-d256", 100, 100, 2, 1, 256, causal=True, segments="single", batch=1, block=128),
+]
+# Sliding windows (Mistral), against the reference with an explicit band mask: a window
+# shorter than a tile (whole tiles skipped before the band), and decode-style queries at the
+# end of a longer cache with segments and a key mask on top.
+WINDOW_CASES = [
+    Case("window7-gqa2", 40, 40, 4, 2, 32, causal=True, window=7),
+    Case("window5-decode-segpair-mask", 8, 40, 4, 2, 32, causal=True, window=5, segments="pair", mask="b11k"),
 ]
 EMPTY_ROW = 3  # in "b1qk" masks, batch 0's query 3 sees no key
 
@@ -85,11 +93,22 @@ def _inputs(case: Case):
     return (q, k, v), kwargs, normal(*q.shape)
 
 
+def _band(case: Case) -> np.ndarray:
+    """The sliding window as a plain boolean mask `[1, 1, q_len, kv_len]`."""
+    q_pos = np.arange(case.q_len)[:, None] + case.kv_len - case.q_len
+    return (np.arange(case.kv_len)[None, :] > q_pos - case.window)[None, None]
+
+
 @functools.cache
 def _result(case: Case, implementation: str):
+    """Output and grads; implementation "band-mask" is the reference with the window as a mask."""
     (q, k, v), kwargs, cotangent = _inputs(case)
 
     arrays = {n: x for n, x in kwargs.items() if n != "dropout_rate"}
+    window = case.window
+    if implementation == "band-mask":
+        implementation, window = "reference", None
+        arrays["mask"] = jnp.asarray(_band(case)) & arrays.get("mask", True)
 
     @jax.jit
     def run(q, k, v, arrays, cotangent):
@@ -102,6 +121,7 @@ def _result(case: Case, implementation: str):
                 causal=case.causal,
                 dropout_rate=case.dropout,
                 implementation=implementation,
+                window=window,
                 **arrays,
             )
 
@@ -113,7 +133,7 @@ def _result(case: Case, implementation: str):
 
 
 def _assert_matches(case: Case, implementation: str):
-    got, want = _result(case, implementation), _result(case, "reference")
+    got, want = _result(case, implementation), _result(case, "reference" if case.window is None else "band-mask")
     tol = 1e-5 if case.dtype == "float32" else 1e-2
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         scale = max(1.0, float(np.abs(b).max())) if case.dtype == "float32" else float(np.abs(b).max())
@@ -121,14 +141,39 @@ def _assert_matches(case: Case, implementation: str):
         assert err <= tol, f"{case.id}: {implementation} {name} differs from reference by {err:.2e} (tol {tol})"
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES + WINDOW_CASES, ids=lambda c: c.id)
 def test_xla_matches_reference(case):
     _assert_matches(case, "xla")
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES + WINDOW_CASES, ids=lambda c: c.id)
 def test_pallas_matches_reference(case):
     _assert_matches(case, "pallas")
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: c.id)
+def test_reference_window_matches_band_mask(case):
+    _assert_matches(case, "reference")
+    # The window really hides keys: without it the output differs.
+    full = dataclasses.replace(case, window=None)
+    assert np.abs(_result(case, "reference")[0] - _result(full, "reference")[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("lq,lk,bq,bk,window", [(40, 40, 16, 16, 7), (8, 40, 16, 8, 12), (33, 65, 16, 32, 20),
+                                                (40, 40, 8, 16, 100)])
+def test_window_tile_bounds_skip_only_invisible_tiles(lq, lk, bq, bk, window):
+    offset = lk - lq
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    rows, cols = np.arange(nq * bq)[:, None], np.arange(nk * bk)[None, :]
+    vis = (cols < lk) & (cols <= rows + offset) & (cols > rows + offset - window) & (rows < lq)
+    some = vis.reshape(nq, bq, nk, bk).any(axis=(1, 3))
+    common = dict(block_q=bq, block_k=bk, offset=offset, window=window)
+    for i in range(nq):
+        start = int(_masking.window_kv_start(jnp.int32(i), **common))
+        assert not some[i, :start].any() and (start == nk or some[i, start] or not some[i].any())
+    for j in range(nk):
+        stop = int(_masking.window_q_stop(jnp.int32(j), nq=nq, **common))
+        assert not some[stop:, j].any() and (stop == 0 or some[stop - 1, j] or not some[:, j].any())
 
 
 def test_reference_matches_jax_nn():
@@ -220,7 +265,7 @@ def test_xla_memory_grows_linearly_with_length():
     assert large < _temp_bytes("reference", 2048) / 4
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[6]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[6], WINDOW_CASES[0]], ids=lambda c: c.id)
 def test_pallas_lowers_to_triton_without_a_gpu(case):
     """Export for CUDA lowers all three kernels to Triton IR on this CPU-only machine."""
     (q, k, v), kwargs, _ = _inputs(case)
@@ -229,7 +274,8 @@ def test_pallas_lowers_to_triton_without_a_gpu(case):
     def grads(q, k, v, arrays):
         def loss(q, k, v):
             out = flash_attention(
-                q, k, v, block_size=128, causal=case.causal, dropout_rate=case.dropout, implementation="pallas", **arrays
+                q, k, v, block_size=128, causal=case.causal, dropout_rate=case.dropout, implementation="pallas",
+                window=case.window, **arrays
             )
             return jnp.sum(out.astype(jnp.float32))
 
@@ -272,6 +318,8 @@ def _qkv(b=1, lq=8, lk=8, h=4, hk=2, d=16):
         (lambda: (*_qkv(), {"dropout_rate": 0.1}), "needs a PRNG"),
         (lambda: (*_qkv(), {"implementation": "cuda"}), "unknown implementation"),
         (lambda: (*_qkv(), {"block_size": 0}), "positive int"),
+        (lambda: (*_qkv(), {"window": 4}), "pass causal=True with it"),
+        (lambda: (*_qkv(), {"window": 0, "causal": True}), "`window` must be None or a positive int"),
     ],
 )
 def test_clear_errors(no_jaxtyping, make, match):

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import equinox as eqx
@@ -152,4 +153,11 @@ def test_generate_script_loads_run_checkpoints_and_exported_pipelines(pipeline, 
     expected = pipeline(["the quick brown"], NEW, **SAMPLING)[0]
     assert script.main([str(run), "the quick brown", "--max-new-tokens", str(NEW), "--temperature", "0.8",
                         "--top-p", "0.95", "--seed", "3", "--no-stream"]) == 0
-    assert capsys.readouterr().out == "the quick brown" + expected + "\n"
+    captured = capsys.readouterr()
+    assert captured.out == "the quick brown" + expected + "\n"
+    assert re.fullmatch(r"generated \d+ tokens in [\d.]+ s: .*first token after [\d.]+ s \(compiles included\)\n",
+                        captured.err)
+    assert script.main([str(run), "the quick brown", "--max-new-tokens", str(NEW), "--temperature", "0.8",
+                        "--top-p", "0.95", "--seed", "3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "the quick brown" + expected + "\n" and captured.err == ""

@@ -73,10 +73,9 @@ def _raw_model(tmp_path, **options):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(MIXED * 30),
         model_writer=buffer,
-        vocab_size=150,
         hard_vocab_limit=False,
         minloglevel=2,
-        **options,
+        **{"vocab_size": 150, **options},
     )
     path = tmp_path / "raw.model"
     path.write_bytes(buffer.getvalue())
@@ -367,9 +366,51 @@ def test_special_tokens_that_disagree(tok, tmp_path):
         VishwamAITokenizer(tok.model_path, pad_token="<pad>")
     with pytest.raises(ValueError, match=r"eos_token='</s>' disagrees .* id 3 is '\[EOS\]'"):
         VishwamAITokenizer(tok.model_path, eos_token="</s>")
-    default_ids = _raw_model(tmp_path)  # sentencepiece's defaults: unk=0, bos=1, eos=2, no pad
-    with pytest.raises(ValueError, match="pad id is -1"):
-        VishwamAITokenizer(default_ids)
+    no_bos = _raw_model(tmp_path, **LLAMA_STYLE, bos_id=-1)
+    with pytest.raises(ValueError, match=r"defines no bos token .* pass bos_token=PIECE"):
+        VishwamAITokenizer(no_bos)
+    assert VishwamAITokenizer(no_bos, bos_token="</s>").bos_id == 2
+    with pytest.raises(ValueError, match=r"pad_token='\[PAD\]' is not a piece of the model's vocabulary"):
+        VishwamAITokenizer(no_bos, bos_token="</s>", pad_token="[PAD]")
+
+
+# Llama's layout: sentencepiece's default ids (unk 0, bos 1, eos 2, no pad), lossless, byte fallback.
+LLAMA_STYLE = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False, "byte_fallback": True,
+               "vocab_size": 700}
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory):
+    return VishwamAITokenizer(_raw_model(tmp_path_factory.mktemp("llama"), **LLAMA_STYLE), max_length=16)
+
+
+def test_llama_style_model_loads_with_its_own_ids(llama_tok):
+    sp = spm.SentencePieceProcessor(model_file=str(llama_tok.model_path))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert (llama_tok.unk_id, llama_tok.bos_id, llama_tok.eos_id) == (0, 1, 2)
+    assert llama_tok.pad_id == llama_tok.unk_id == 0  # no pad in the model: the unk piece, never emitted
+    assert llama_tok.special_tokens == {"pad_token": "<unk>", "unk_token": "<unk>", "bos_token": "<s>",
+                                        "eos_token": "</s>"}
+    texts = MIXED + TRICKY + _random_texts(50, seed=4)
+    ids = llama_tok.batch_encode(texts)
+    assert all(0 not in row for row in ids)  # byte fallback: unk (= pad) is no token of any text
+    assert llama_tok.batch_decode(ids) == texts
+    plain = [t for t in texts if "\u2581" not in t]
+    assert [llama_tok.encode(t) for t in plain] == sp.encode(plain)
+    assert llama_tok.encode("hello", add_bos=True, add_eos=True) == [1, *sp.encode("hello"), 2]
+    assert llama_tok.decode([1, *sp.encode("hi"), 2], skip_special_tokens=False) == "<s>hi</s>"
+    batch = llama_tok(["a", "a longer text"], add_bos=True, return_tensors="np")
+    assert batch["input_ids"][0, 0] == 1 and (batch["input_ids"][0][batch["attention_mask"][0] == 0] == 0).all()
+
+
+def test_llama_style_save_and_load_pretrained(llama_tok, tmp_path):
+    llama_tok.save_pretrained(tmp_path)
+    again = VishwamAITokenizer.from_pretrained(tmp_path)
+    assert (again.pad_id, again.unk_id, again.bos_id, again.eos_id) == (0, 0, 1, 2)
+    assert again.fingerprint == llama_tok.fingerprint
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert sorted(config["added_tokens_decoder"]) == ["0", "1", "2"]
+    assert VishwamAITokenizer.from_pretrained(tmp_path, pad_token="</s>").pad_id == 2
 
 
 def test_lossy_or_byteless_model_is_rejected(tmp_path):
@@ -452,3 +493,15 @@ def test_bad_training_input(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         VishwamAITokenizer.train(MIXED, out, vocab_size=300, model_type="word")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_training_progress_bar_goes_to_stderr_and_changes_nothing(tmp_path, capsys):
+    documents = MIXED * 20
+    quiet = VishwamAITokenizer.train(documents, tmp_path / "quiet.model", vocab_size=400, hard_vocab_limit=False)
+    assert capsys.readouterr().err == ""
+    shown = VishwamAITokenizer.train(documents, tmp_path / "shown.model", vocab_size=400, hard_vocab_limit=False,
+                                     progress=True)
+    err = capsys.readouterr().err
+    lines = sum(1 for d in documents for line in d.split("\n") if line.strip())
+    assert "tokenizer: training on the lines read" in err and f"{lines} lines" in err
+    assert shown.fingerprint == quiet.fingerprint

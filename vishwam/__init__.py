@@ -9,6 +9,7 @@ from .model import VishwamAI as VishwamAI
 from .model import count_parameters as count_parameters
 from .pipeline import VishwamAIPipeline as VishwamAIPipeline
 from .tokenizer import VishwamAITokenizer as VishwamAITokenizer
+from .tokenizer_json import JsonTokenizer as JsonTokenizer
 
 __version__ = "0.1.0"
 

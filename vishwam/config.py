@@ -127,6 +127,11 @@ class ModelConfig(_JsonConfig):
     """Base of the rotary position embedding."""
     max_seq_len: int = 4096
     """Longest sequence the model (and a KV cache) is built for."""
+    sliding_window: int | None = None
+    """Causal sliding-window attention (Mistral): each token attends to itself and the
+    `sliding_window - 1` tokens before it. `None`: full causal attention."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); the output projection has none."""
     dropout: float = 0.0
     """Dropout on the residual branches during training."""
     tie_embeddings: bool = False
@@ -197,7 +202,7 @@ class ModelConfig(_JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}.")
-        for name in ("num_kv_heads", "head_dim"):
+        for name in ("num_kv_heads", "head_dim", "sliding_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 fail(name, f"must be a positive integer or None, got {value!r}.")
@@ -264,11 +269,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
     """Total and active-per-token parameter counts from the formulae alone.
 
-    Mirrors the modules in `vishwam.nn` (no biases on projections, SwiGLU MLPs,
+    Mirrors the modules in `vishwam.nn` (no biases on projections but the optional q/k/v ones, SwiGLU MLPs,
     norms with a scale only for RMSNorm and scale+bias for LayerNorm).
     """
     h, hd, nh, nkv = config.hidden_size, config.dim_per_head, config.num_heads, config.kv_heads
-    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + (nh * hd + 2 * nkv * hd if config.qkv_bias else 0)
     norm = h if config.norm_type == "rms" else 2 * h
     mlp = 3 * h * config.ffn_dim
     total = active = 0

@@ -19,10 +19,10 @@ whole batch's shape: the same prompt in another batch samples differently
 
 A new compile happens per prompt width `P`, `max_new_tokens`, `top_k`, and
 whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
-and `eos_id` are traced, so changing them does not recompile.
+and of the `eos_id`s are traced, so changing them does not recompile (their number does).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import equinox as eqx
 import jax
@@ -120,10 +120,9 @@ def _prepare(model: VishwamAI, prompt_tokens, max_new_tokens, prompt_lengths, te
         if lengths.min() < 1 or lengths.max() > width:
             raise ValueError(f"{where}: prompt_lengths must lie in [1, {width}] (empty prompts are not "
                              f"allowed; start a row with BOS instead), got {lengths.tolist()}.")
-    for name, token, optional in (("eos_id", eos_id, True), ("pad_id", pad_id, False)):
-        if (token is not None or not optional) and not (isinstance(token, int) and 0 <= token < config.vocab_size):
-            raise ValueError(f"{where}: {name} must be {'None or ' if optional else ''}an int in "
-                             f"[0, vocab_size={config.vocab_size}), got {token!r}.")
+    eos_ids = _eos_ids(eos_id, config.vocab_size, where)
+    if not (isinstance(pad_id, int) and 0 <= pad_id < config.vocab_size):
+        raise ValueError(f"{where}: pad_id must be an int in [0, vocab_size={config.vocab_size}), got {pad_id!r}.")
     # Only the prompts themselves: whatever fills the padding is replaced by pad_id.
     real = np.asarray(prompt)[np.arange(width)[None, :] < lengths[:, None]]
     if real.min() < 0 or real.max() >= config.vocab_size:
@@ -136,11 +135,27 @@ def _prepare(model: VishwamAI, prompt_tokens, max_new_tokens, prompt_lengths, te
         temperature=jnp.float32(max(float(temperature), 1e-30)),
         top_p=jnp.float32(1.0 if top_p is None else top_p),
         # Token ids are >= 0, so -1 never stops a row.
-        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+        eos_id=jnp.asarray(eos_ids or (-1,), jnp.int32),
         key=jax.random.key(0) if key is None else key,
     )
     static = dict(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p, pad_id=pad_id)
     return dynamic, static
+
+
+def _eos_ids(eos_id, vocab_size: int, where: str) -> tuple[int, ...]:
+    """`eos_id` (None, an int, or a list of ints as in HF's generation_config.json) as a tuple."""
+    if eos_id is None:
+        return ()
+    ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id) if isinstance(eos_id, (list, tuple)) else ()
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"{where}: eos_id must be None or an int in [0, vocab_size={vocab_size}) (or a non-empty "
+                         f"list of such ints), got {eos_id!r}.")
+    return ids
+
+
+def _is_eos(tokens, eos_ids):
+    """`[batch]` bool: the token is one of the `[n]` stop ids."""
+    return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
 
 
 # ----------------------------------------------------------------------- the loop
@@ -176,7 +191,7 @@ def _loop(first_logits, next_logits, state, prompt, lengths, temperature, top_p,
     tokens = tokens.at[rows, lengths].set(first)
     saved = (jnp.zeros((batch, max_new_tokens, first_logits.shape[-1]), jnp.float32).at[:, 0].set(first_logits)
              if return_logits else None)
-    carry = (jnp.int32(1), tokens, first, first == eos_id, jnp.ones((batch,), jnp.int32), state, saved)
+    carry = (jnp.int32(1), tokens, first, _is_eos(first, eos_id), jnp.ones((batch,), jnp.int32), state, saved)
 
     def cond(carry):
         t, _, _, done, _, _, _ = carry
@@ -190,7 +205,7 @@ def _loop(first_logits, next_logits, state, prompt, lengths, temperature, top_p,
         generated = generated + (~done).astype(jnp.int32)
         if return_logits:
             saved = saved.at[:, t].set(logits)
-        return t + 1, tokens, tok, done | (tok == eos_id), generated, state, saved
+        return t + 1, tokens, tok, done | _is_eos(tok, eos_id), generated, state, saved
 
     _, tokens, _, _, generated, _, saved = jax.lax.while_loop(cond, body, carry)
     return tokens, lengths + generated, saved
@@ -238,7 +253,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     key: PRNGKeyArray | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     prompt_lengths: _LengthsLike | None = None,
     pad_id: int = 0,
     return_logits: bool = False,
@@ -255,7 +270,8 @@ def generate(
         top_k: sample among the `top_k` most likely tokens only.
         top_p: nucleus sampling: among the fewest best tokens whose mass reaches `top_p`.
         key: PRNG key, required when `temperature > 0`.
-        eos_id: a row stops after producing this token; the rest of the row is `pad_id`.
+        eos_id: a row stops after producing this token (or any of these tokens: a list, as
+            in HF's `generation_config.json`); the rest of the row is `pad_id`.
         prompt_lengths: `[batch]` true prompt lengths in `[1, P]`; default: all `P`.
         pad_id: filler after each row's end (and over the input's padding).
         return_logits: also return the fp32 logits each token was drawn from.
@@ -280,7 +296,7 @@ def generate_without_cache(
     top_k: int | None = None,
     top_p: float | None = None,
     key: PRNGKeyArray | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     prompt_lengths: _LengthsLike | None = None,
     pad_id: int = 0,
     return_logits: bool = False,
@@ -324,7 +340,7 @@ def generate_stream(
     top_k: int | None = None,
     top_p: float | None = None,
     key: PRNGKeyArray | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     prompt_lengths: _LengthsLike | None = None,
     pad_id: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -336,6 +352,7 @@ def generate_stream(
     dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
                                eos_id, pad_id, "generate_stream")
     sampling = dict(greedy=static["greedy"], top_k=static["top_k"], use_top_p=static["use_top_p"])
+    stop_ids = _eos_ids(eos_id, model.config.vocab_size, "generate_stream")
     lengths = dynamic["lengths"]
     prompt = _padded_buffer(dynamic["prompt"], lengths, dynamic["prompt"].shape[1], pad_id)
     cache_len = prompt.shape[1] + max_new_tokens - 1
@@ -348,8 +365,8 @@ def generate_stream(
             tok, cache = _stream_step(fixed, cache, jnp.asarray(tok), lengths + (t - 1), jnp.int32(t), **sampling)
         out = np.where(done, pad_id, np.asarray(tok))
         yield out, ~done
-        if eos_id is not None:
-            done = done | (out == eos_id)
+        if stop_ids:
+            done = done | np.isin(out, stop_ids)
             if done.all():
                 return
         tok = out

@@ -1,17 +1,21 @@
-"""HuggingFace interop: Llama and Mixtral safetensors checkpoints in and out.
+"""HuggingFace interop: Llama, Mistral, Qwen2 and Mixtral safetensors checkpoints in and
+out, and their tokenizers.
 
 `load_hf_checkpoint(directory)` reads a transformers directory (`config.json` plus
 `model.safetensors`, or shards listed in `model.safetensors.index.json`) of a
-`LlamaForCausalLM` (dense, GQA) or `MixtralForCausalLM` (MoE) and returns an
-equivalent `VishwamAI` and its `ModelConfig`; `save_hf_checkpoint` writes one back
-that transformers loads. The arithmetic already matches: RMSNorm, rotate-half RoPE,
-GQA, SwiGLU, and Mixtral's routing (softmax over the router logits, top-k, weights
-renormalised to sum to one). Only the layouts differ:
+`LlamaForCausalLM` (dense, GQA), `MistralForCausalLM` (dense, sliding-window
+attention), `Qwen2ForCausalLM` (dense, q/k/v biases) or `MixtralForCausalLM` (MoE)
+and returns an equivalent `VishwamAI` and its `ModelConfig`; `save_hf_checkpoint`
+writes one back that transformers loads. The arithmetic already matches: RMSNorm,
+rotate-half RoPE, GQA, SwiGLU, Mistral's window (`ModelConfig.sliding_window`), and
+Mixtral's routing (softmax over the router logits, top-k, weights renormalised to sum
+to one). Only the layouts differ:
 
     HF name (layer N, expert E)                      HF shape   vishwam leaf                    shape
     model.embed_tokens.weight                        [V, D]     embed                           [V, D]
     model.layers.N.input_layernorm.weight            [D]        stages.*.attn_norm.scale        [L, D]
     model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in]  stages.*.attn.{q,k,v,o}_proj    [L, in, out]
+    model.layers.N.self_attn.{q,k,v}_proj.bias (Qwen2) [out]    stages.*.attn.{q,k,v}_proj.bias [L, out]
     model.layers.N.post_attention_layernorm.weight   [D]        stages.*.mlp_norm.scale         [L, D]
     model.layers.N.mlp.{gate,up,down}_proj.weight    [out, in]  stages.*.mlp.{gate,up,down}_proj [L, in, out]
     model.layers.N.block_sparse_moe.gate.weight      [X, D]     stages.*.mlp.router             [L, D, X]
@@ -20,8 +24,8 @@ renormalised to sum to one). Only the layouts differ:
     model.norm.weight                                [D]        final_norm.scale                [D]
     lm_head.weight (absent when tied)                [V, D]     lm_head.weight                  [D, V]
 
-(`L` is the scanned `repeats` axis of a stage; every layer of a Llama or Mixtral
-model lives in one stage.) Tensors are read one at a time through `safe_open`
+(`L` is the scanned `repeats` axis of a stage; every layer of these
+checkpoints lives in one stage.) Tensors are read one at a time through `safe_open`
 into preallocated stacked arrays, so the file is never held in memory twice, and
 go straight onto a mesh when one is given. No pickle: `.bin` checkpoints are refused.
 """
@@ -49,11 +53,15 @@ from .parallel.sharding import path_string
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                           "MixtralForCausalLM": "mixtral"}
 
 # transformers' own defaults for fields a config.json may leave out.
 _DEFAULTS = {
     "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "mistral": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32,
+                "sliding_window": 4096},
+    "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
     "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32,
                 "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0},
 }
@@ -61,6 +69,7 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
                 "torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 _FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 # Buffers that old transformers versions saved; recomputed, never needed.
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -85,8 +94,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
             (float32 if it names none).
 
     Mixtral becomes `moe_dispatch="capacity"` with `capacity_factor=None` (dropless,
-    like Mixtral) and no router z-loss (Mixtral has none). A `sliding_window` caps
-    `max_seq_len`, where sliding-window and full attention agree.
+    like Mixtral) and no router z-loss (Mixtral has none). Mistral's and Mixtral's
+    `sliding_window` becomes `ModelConfig.sliding_window` (`None` when it is at least
+    `max_position_embeddings`, where it hides nothing); Qwen2 gets `qkv_bias=True`, and
+    its per-layer windows (`use_sliding_window=true`) are refused.
     """
     family = _family(hf)
     defaults = _DEFAULTS[family]
@@ -103,7 +114,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
         unsupported.append(f"hidden_act={hf['hidden_act']!r} (vishwam's MLPs are SwiGLU: 'silu')")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
-            unsupported.append(f"{name}=true (vishwam's projections have no bias)")
+            unsupported.append(f"{name}=true (vishwam's projections have no bias but Qwen2's q/k/v ones)")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        unsupported.append("use_sliding_window=true (Qwen2's windows on some layers only; vishwam has one window "
+                           "for every layer)")
     if unsupported:
         raise ValueError(f"HF config: unsupported {'; '.join(unsupported)}.")
 
@@ -112,8 +126,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
     if head_dim is not None and head_dim * heads == hf["hidden_size"]:
         head_dim = None  # the default: keeps the config equal to one built by hand
     max_seq_len = get("max_position_embeddings")
-    if family == "mixtral" and hf.get("sliding_window") is not None:
-        max_seq_len = min(max_seq_len, hf["sliding_window"])
+    # An explicit null means no window; Mistral's default (absent) is 4096, as in transformers.
+    window = hf.get("sliding_window", defaults.get("sliding_window")) if family in ("mistral", "mixtral") else None
+    if window is not None and window >= max_seq_len:
+        window = None
     dtype_name = _dtype_name((hf.get("dtype") or hf.get("torch_dtype") or "float32") if dtype is None else dtype)
     fields = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -122,8 +138,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
         rope_theta=_rope_theta(hf, defaults["rope_theta"]), max_seq_len=max_seq_len,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)), param_dtype=dtype_name, compute_dtype=dtype_name,
+        sliding_window=window, qkv_bias=family == "qwen2",
     )
-    if family == "llama":
+    if family != "mixtral":
         fields.update(num_experts=1, experts_per_token=1)
     else:
         if not isinstance(hf.get("num_local_experts"), int) or hf["num_local_experts"] < 2:
@@ -141,15 +158,18 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
 def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The transformers `config.json` (as a dict) of a model with `config`.
 
-    Dense configs become `LlamaForCausalLM`, MoE configs `MixtralForCausalLM`.
-    Raises `ValueError` listing every feature neither architecture has.
+    MoE configs become `MixtralForCausalLM`; dense ones `Qwen2ForCausalLM` with
+    `qkv_bias`, `MistralForCausalLM` with a `sliding_window`, else `LlamaForCausalLM`.
+    Raises `ValueError` listing every feature the architecture lacks.
     `token_ids` (`pad_token_id`, `bos_token_id`, `eos_token_id`) default to
     `VishwamAITokenizer`'s fixed ids.
     """
     _check_exportable(config)
-    family = "mixtral" if config.is_moe else "llama"
+    family = ("mixtral" if config.is_moe else "qwen2" if config.qkv_bias
+              else "mistral" if config.sliding_window is not None else "llama")
+    architecture = {name: arch for arch, name in SUPPORTED_ARCHITECTURES.items()}[family]
     hf: dict[str, Any] = {
-        "architectures": ["MixtralForCausalLM" if config.is_moe else "LlamaForCausalLM"],
+        "architectures": [architecture],
         "model_type": family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -175,9 +195,13 @@ def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = N
     if config.is_moe:
         hf.update(num_local_experts=config.num_experts, num_experts_per_tok=config.experts_per_token,
                   router_aux_loss_coef=config.router_aux_loss_coef, router_jitter_noise=config.router_jitter,
-                  output_router_logits=False, sliding_window=None)
-    else:
+                  output_router_logits=False, sliding_window=config.sliding_window)
+    elif family == "llama":
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif family == "mistral":
+        hf.update(sliding_window=config.sliding_window)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
     return hf
 
 
@@ -226,6 +250,9 @@ def _dtype_name(dtype: Any) -> str:
 
 def _check_exportable(config: ModelConfig) -> None:
     problems = []
+    if config.qkv_bias and (config.is_moe or config.sliding_window is not None):
+        problems.append("qkv_bias=True with MoE or a sliding_window (only Qwen2, dense and windowless, has q/k/v "
+                        "biases)")
     if config.norm_type != "rms":
         problems.append(f"norm_type={config.norm_type!r} (HF Llama/Mixtral use RMSNorm: 'rms')")
     if config.is_moe:
@@ -240,7 +267,8 @@ def _check_exportable(config: ModelConfig) -> None:
         if config.aux_free_bias:
             problems.append("aux_free_bias=True (Mixtral has no selection bias)")
     if problems:
-        raise ValueError(f"save_hf_checkpoint: the config has features no HF Llama/Mixtral has: {'; '.join(problems)}.")
+        raise ValueError(f"save_hf_checkpoint: the config has features no HF Llama/Mistral/Qwen2/Mixtral has: "
+                         f"{'; '.join(problems)}.")
 
 
 # ------------------------------------------------------------------- tensor map
@@ -263,6 +291,9 @@ _BLOCK_TENSORS = {
     "attn.k_proj.weight": ("self_attn.k_proj.weight", True),
     "attn.v_proj.weight": ("self_attn.v_proj.weight", True),
     "attn.o_proj.weight": ("self_attn.o_proj.weight", True),
+    "attn.q_proj.bias": ("self_attn.q_proj.bias", False),
+    "attn.k_proj.bias": ("self_attn.k_proj.bias", False),
+    "attn.v_proj.bias": ("self_attn.v_proj.bias", False),
     "mlp_norm.scale": ("post_attention_layernorm.weight", False),
     "mlp.gate_proj.weight": ("mlp.gate_proj.weight", True),
     "mlp.up_proj.weight": ("mlp.up_proj.weight", True),
@@ -424,8 +455,9 @@ def load_hf_checkpoint(
     dtype: Any = None,
     mesh: Mesh | None = None,
     partition: PartitionFn | None = None,
+    progress: bool = False,
 ) -> tuple[VishwamAI, ModelConfig]:
-    """Load a transformers Llama or Mixtral safetensors checkpoint.
+    """Load a transformers Llama, Mistral, Qwen2 or Mixtral safetensors checkpoint.
 
     Arguments:
         directory: holds `config.json` and `model.safetensors` (or the shards of
@@ -437,6 +469,7 @@ def load_hf_checkpoint(
             (dotted path, e.g. `stages.0.blocks.0.attn.q_proj.weight`); default
             `vishwam.parallel.sharding.partition_spec` with its `DEFAULT_RULES`.
             Only used with `mesh`.
+        progress: a tqdm bar on stderr over the bytes of the tensors read.
 
     Returns:
         `(model, config)`. To run it another way (MoE dispatch, remat, attention
@@ -463,12 +496,17 @@ def load_hf_checkpoint(
         by_leaf: dict[str, list[_Piece]] = {}
         for piece in pieces:
             by_leaf.setdefault(piece.leaf, []).append(piece)
+        stored = [checkpoint.describe(p.name) for p in pieces]
+        total = sum(int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] for shape, dtype in stored)
+        bar = _bytes_bar(progress, "reading tensors", total)
+        stack.callback(bar.close)
         arrays = []
         for path, leaf in _leaf_paths(abstract):
             host = np.empty(leaf.shape, leaf.dtype)
             for piece in by_leaf[path]:
                 tensor = checkpoint.read(piece.name)
                 host[piece.index] = tensor.T if piece.transpose else tensor
+                bar.update(tensor.nbytes)
                 del tensor
             if mesh is None:
                 arrays.append(jnp.asarray(host))
@@ -530,6 +568,7 @@ def save_hf_checkpoint(
     *,
     max_shard_size: int | str | None = None,
     token_ids: Mapping[str, int] | None = None,
+    progress: bool = False,
 ) -> list[Path]:
     """Write `model` as a transformers checkpoint (`config.json` + safetensors).
 
@@ -541,6 +580,7 @@ def save_hf_checkpoint(
             checkpoints are split into `model-0000i-of-0000n.safetensors` with a
             `model.safetensors.index.json`. `None` writes one file.
         token_ids: `pad/bos/eos_token_id` for config.json (default `DEFAULT_TOKEN_IDS`).
+        progress: a tqdm bar on stderr over the bytes of the tensors written.
 
     Every tensor is saved in its own parameter dtype, so `load_hf_checkpoint` gives
     back the same arrays. Each file is written to a temporary name and renamed.
@@ -564,6 +604,7 @@ def save_hf_checkpoint(
     from safetensors.numpy import save
 
     host: dict[str, np.ndarray] = {}  # each leaf copied to the host once (a no-op on CPU)
+    bar = _bytes_bar(progress, "writing tensors", sum(_nbytes(p, leaves) for p in pieces))
     for file, shard in zip(names, shards):
         tensors = {}
         for piece in shard:
@@ -572,7 +613,9 @@ def save_hf_checkpoint(
             value = host[piece.leaf][piece.index]
             tensors[piece.name] = np.ascontiguousarray(value.T if piece.transpose else value)
         written.append(_atomic_write(folder / file, save(tensors, metadata=_METADATA)))
+        bar.update(sum(t.nbytes for t in tensors.values()))
         del tensors
+    bar.close()
     if len(shards) > 1:
         weight_map = {p.name: file for file, shard in zip(names, shards) for p in shard}
         total = sum(_nbytes(p, leaves) for p in pieces)
@@ -583,6 +626,16 @@ def save_hf_checkpoint(
             stale.unlink()
     written.append(_atomic_write(folder / CONFIG_FILE, _json_bytes(hf)))
     return written
+
+
+def _bytes_bar(progress: bool, desc: str, total: int):
+    """A tqdm bar over bytes on stderr (disabled, and free, when `progress` is False)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                mininterval=0.5, dynamic_ncols=True, disable=not progress)
 
 
 def _nbytes(piece: _Piece, leaves: Mapping[str, Any]) -> int:
@@ -639,35 +692,116 @@ def _atomic_write(path: Path, data: bytes) -> Path:
 
 # -------------------------------------------------------------- tokenizer, pipeline
 def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any):
-    """A `VishwamAITokenizer` from the SentencePiece `tokenizer.model` of an HF
-    directory (with its `tokenizer_config.json`/`special_tokens_map.json` when
-    present); `kwargs` override their settings.
+    """The tokenizer of an HF directory: a `VishwamAITokenizer` over its SentencePiece
+    `tokenizer.model` (Llama, Mistral, TinyLlama), or a `JsonTokenizer` over its
+    `tokenizer.json` (Llama 3, Qwen, GPT-2 style BPE) when there is no usable
+    `tokenizer.model`.
 
-    The model must follow `VishwamAITokenizer`'s format (lossless, `[PAD]=0,
-    [UNK]=1, [BOS]=2, [EOS]=3`); Llama's own tokenizer does not, and is refused
-    with the reason.
+    The special tokens, `add_bos_token`/`add_eos_token` and `model_max_length` come from
+    `tokenizer_config.json` and `special_tokens_map.json`; a pad, BOS or EOS those files
+    leave out is taken from the ids of `generation_config.json` (the first of an
+    `eos_token_id` list: the others are stop ids, see `load_hf_pipeline`). `kwargs`
+    override all of them.
     """
-    from .tokenizer import VishwamAITokenizer
+    from .tokenizer import VishwamAITokenizer, pretrained_settings
+    from .tokenizer_json import JsonTokenizer
 
     folder = Path(directory)
-    if not (folder / "tokenizer.model").is_file():
+    sp_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
+    if not sp_file.is_file() and not json_file.is_file():
         found = sorted(p.name for p in folder.glob("tokenizer*")) if folder.is_dir() else []
         raise FileNotFoundError(
-            f"load_hf_tokenizer: {folder} has no SentencePiece tokenizer.model (found {found}); only "
-            "SentencePiece tokenizers are supported (a tokenizer.json alone is not)."
+            f"load_hf_tokenizer: {folder} has neither a SentencePiece tokenizer.model nor a tokenizer.json "
+            f"(found {found}); copy the tokenizer files of the checkpoint too."
         )
+    generation = _generation_config(folder)
+    refusal = None
+    if sp_file.is_file():
+        try:
+            settings = _with_generation_ids(pretrained_settings(folder), generation, lambda: _sp_piece(sp_file))
+            return VishwamAITokenizer(sp_file, **{**settings, **kwargs})
+        except ValueError as error:
+            refusal = f"the tokenizer.model in {folder} is not usable by VishwamAITokenizer: {error}"
+            if not json_file.is_file():
+                raise ValueError(f"load_hf_tokenizer: {refusal}") from None
     try:
-        return VishwamAITokenizer.from_pretrained(folder, **kwargs)
+        settings = _with_generation_ids(pretrained_settings(folder), generation, lambda: _json_token(json_file))
+        return JsonTokenizer(json_file, **{**settings, **kwargs})
     except ValueError as error:
-        raise ValueError(f"load_hf_tokenizer: the tokenizer in {folder} is not usable by VishwamAITokenizer: "
-                         f"{error}") from None
+        also = f" ({refusal})" if refusal else ""
+        raise ValueError(f"load_hf_tokenizer: the tokenizer.json in {folder} is not usable: {error}{also}") from None
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _stop_ids(value: Any) -> list[int]:
+    """`eos_token_id` of an HF config: an int, a list of ints, or absent."""
+    ids = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
+def _with_generation_ids(settings: dict[str, Any], generation: Mapping[str, Any], lookup) -> dict[str, Any]:
+    """`settings` plus the tokens of generation_config.json's pad/bos/eos ids the tokenizer
+    files do not name; `lookup()` gives the id -> token function (built only when needed)."""
+    wanted = {}
+    for name in ("pad", "bos", "eos"):
+        ids = _stop_ids(generation.get(f"{name}_token_id"))
+        if ids and f"{name}_token" not in settings:
+            wanted[name] = ids[0]
+    if not wanted:
+        return settings
+    token_of = lookup()
+    return {**settings, **{f"{name}_token": token_of(i) for name, i in wanted.items()}}
+
+
+def _sp_piece(path: Path):
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(path.read_bytes())
+    return processor.id_to_piece
+
+
+def _json_token(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).id_to_token
 
 
 def load_hf_pipeline(directory: str | os.PathLike, *, dtype: Any = None, mesh: Mesh | None = None,
                      partition: PartitionFn | None = None, add_bos: bool | None = None):
-    """A `VishwamAIPipeline` from an HF directory: `load_hf_checkpoint` plus `load_hf_tokenizer`."""
+    """A `VishwamAIPipeline` from an HF directory: `load_hf_checkpoint` plus `load_hf_tokenizer`.
+
+    Generation stops at the model's own EOS ids: `eos_token_id` (an int or a list) of
+    `generation_config.json`, else of `config.json`, else the tokenizer's EOS.
+    """
     from .pipeline import VishwamAIPipeline
 
-    tokenizer = load_hf_tokenizer(directory)
-    model, _ = load_hf_checkpoint(directory, dtype=dtype, mesh=mesh, partition=partition)
-    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos)
+    folder = Path(directory)
+    tokenizer = load_hf_tokenizer(folder)
+    model, _ = load_hf_checkpoint(folder, dtype=dtype, mesh=mesh, partition=partition)
+    return VishwamAIPipeline(model, tokenizer, add_bos=add_bos, eos_ids=generation_eos_ids(folder) or None)
+
+
+def generation_eos_ids(directory: str | os.PathLike) -> list[int]:
+    """The ids an HF model stops generating at: `eos_token_id` (an int or a list) of its
+    `generation_config.json`, else of its `config.json`; `[]` when neither names one."""
+    folder = Path(directory)
+    stop = _stop_ids(_generation_config(folder).get("eos_token_id"))
+    if not stop and (folder / CONFIG_FILE).is_file():
+        stop = _stop_ids(_read_hf_config(folder).get("eos_token_id"))
+    return stop

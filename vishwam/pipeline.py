@@ -5,8 +5,8 @@ A saved pipeline is a directory:
     config.json          the `ModelConfig` (JSON)
     model.safetensors    every array leaf of the model, named by its pytree path
                          (`jax.tree_util.keystr`, e.g. `.stages[0].blocks[0].attn.q_proj.weight`)
-    tokenizer/           `tokenizer.save_pretrained` output
-    pipeline.json        format version and the pipeline's own settings (`add_bos`)
+    tokenizer/           `tokenizer.save_pretrained` output (SentencePiece or tokenizer.json)
+    pipeline.json        format version and the pipeline's own settings (`add_bos`, `eos_ids`)
 
 No pickle: the model is rebuilt from `config.json` and filled from the safetensors
 file, which must hold exactly the leaves that config implies.
@@ -59,17 +59,19 @@ class VishwamAIPipeline:
 
     Arguments:
         model: the language model.
-        tokenizer: a `VishwamAITokenizer` (or anything with `encode`, `decode`,
-            `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `save_pretrained`); its
-            `vocab_size` must equal the model's.
+        tokenizer: a `VishwamAITokenizer` or `JsonTokenizer` (or anything with `encode`,
+            `decode`, `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `save_pretrained`); the
+            model's `vocab_size` must be at least its `vocab_size`.
         config: the model's config, if you want it checked; must equal `model.config`.
         add_bos: start every prompt with BOS. `None` follows the tokenizer's
             `add_bos_token` (False if it has none). With `add_bos=False` an empty
             prompt is an error; with BOS, an empty prompt means "start a document".
+        eos_ids: the ids generation stops at (the model's, e.g. the `eos_token_id` list
+            of an HF `generation_config.json`); `None` means the tokenizer's EOS.
     """
 
     def __init__(self, model: VishwamAI, tokenizer: PipelineTokenizer, config: ModelConfig | None = None, *,
-                 add_bos: bool | None = None):
+                 add_bos: bool | None = None, eos_ids: Sequence[int] | None = None):
         if config is not None and config != model.config:
             raise ValueError(f"VishwamAIPipeline: `config` differs from model.config in "
                              f"{config.diff(model.config)} (given, model); pass config=None to use the model's.")
@@ -77,14 +79,20 @@ class VishwamAIPipeline:
                                      "save_pretrained") if not hasattr(tokenizer, name)]
         if missing:
             raise TypeError(f"VishwamAIPipeline: the tokenizer ({type(tokenizer).__name__}) lacks {missing}.")
-        if int(tokenizer.vocab_size) != model.config.vocab_size:
+        # HF checkpoints may pad their embedding past the tokenizer (Qwen2: 151936 rows, 151665 ids).
+        if int(tokenizer.vocab_size) > model.config.vocab_size:
             raise ValueError(
                 f"VishwamAIPipeline: the tokenizer has vocab_size={tokenizer.vocab_size} but the model has "
-                f"vocab_size={model.config.vocab_size}; they must match. Build the model with "
-                f"ModelConfig(vocab_size={tokenizer.vocab_size}, ...) or load the tokenizer it was trained with.")
+                f"vocab_size={model.config.vocab_size}; the model needs a row for every token id. Build the model "
+                f"with ModelConfig(vocab_size={tokenizer.vocab_size}, ...) or load the tokenizer it was trained with.")
+        stop = (int(tokenizer.eos_id),) if eos_ids is None else tuple(eos_ids)
+        if not stop or not all(isinstance(i, int) and 0 <= i < model.config.vocab_size for i in stop):
+            raise ValueError(f"VishwamAIPipeline: eos_ids must be a non-empty list of ids in [0, "
+                             f"{model.config.vocab_size}), got {eos_ids!r}.")
         self.model = model
         self.tokenizer = tokenizer
         self.add_bos = bool(getattr(tokenizer, "add_bos_token", False)) if add_bos is None else bool(add_bos)
+        self.eos_ids = stop
 
     @property
     def config(self) -> ModelConfig:
@@ -107,7 +115,7 @@ class VishwamAIPipeline:
 
         Arguments:
             prompts: one text or a list of texts (completed as one batch).
-            max_new_tokens: at most this many tokens per prompt; a row stops at EOS.
+            max_new_tokens: at most this many tokens per prompt; a row stops at any of `eos_ids`.
             temperature, top_k, top_p: sampling, as in `vishwam.generate.generate`
                 (`temperature=0` is greedy).
             seed / key: randomness for sampling (give at most one); default seed 0,
@@ -131,7 +139,7 @@ class VishwamAIPipeline:
         key = jax.random.key(0 if seed is None else seed) if key is None else key
         ids = [self.tokenizer.encode(t, add_bos=self.add_bos) for t in texts]
         prompt, lengths = self._batch(ids, max_new_tokens)
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, key=key, eos_id=int(self.tokenizer.eos_id),
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, key=key, eos_id=list(self.eos_ids),
                         prompt_lengths=lengths, pad_id=int(self.tokenizer.pad_id))
         if callback is None:
             tokens, ends = generate(self.model, prompt, max_new_tokens, **sampling)
@@ -145,8 +153,7 @@ class VishwamAIPipeline:
         """The completion's text as it continues the prompt (EOS dropped). Decoding the
         completion alone would lose the space SentencePiece folds into a first piece
         like "▁word"; so decode prompt + completion and cut the prompt's text off."""
-        eos = int(self.tokenizer.eos_id)
-        completion = [t for t in completion_ids if t != eos]
+        completion = [t for t in completion_ids if t not in self.eos_ids]
         head = self.tokenizer.decode(prompt_ids)
         text = self.tokenizer.decode(prompt_ids + completion)
         return text[len(head):] if text.startswith(head) else self.tokenizer.decode(completion)
@@ -175,7 +182,6 @@ class VishwamAIPipeline:
         rows = range(prompt.shape[0])
         completions: list[list[int]] = [[] for _ in rows]
         emitted = ["" for _ in rows]
-        eos = sampling["eos_id"]
         for step, (tokens, active) in enumerate(generate_stream(self.model, prompt, max_new_tokens, **sampling)):
             for i in rows:
                 if not active[i]:
@@ -183,7 +189,7 @@ class VishwamAIPipeline:
                 token = int(tokens[i])
                 completions[i].append(token)
                 text = self._completion_text(ids[i], completions[i])
-                last = token == eos or step == max_new_tokens - 1
+                last = token in self.eos_ids or step == max_new_tokens - 1
                 # Shown text must stay a prefix of the final text: hold back a trailing
                 # replacement character (a multi-byte character may still be incomplete)
                 # until the row's last token.
@@ -208,7 +214,8 @@ class VishwamAIPipeline:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             (staging / _CONFIG).write_text(self.config.to_json())
-            (staging / _PIPELINE).write_text(json.dumps({"format": _FORMAT, "add_bos": self.add_bos}, indent=2))
+            (staging / _PIPELINE).write_text(json.dumps({"format": _FORMAT, "add_bos": self.add_bos,
+                                                         "eos_ids": list(self.eos_ids)}, indent=2))
             save_file(_named_arrays(self.model), str(staging / _WEIGHTS),
                       metadata={"format": "vishwam", "vishwam_format": str(_FORMAT)})
             self.tokenizer.save_pretrained(staging / _TOKENIZER)
@@ -253,10 +260,10 @@ class VishwamAIPipeline:
         config = ModelConfig.from_json(folder / _CONFIG)
         model = load_model_weights(folder / _WEIGHTS, config)
         if tokenizer is None:
-            from .tokenizer import VishwamAITokenizer
+            from .hf import load_hf_tokenizer
 
-            tokenizer = VishwamAITokenizer.from_pretrained(folder / _TOKENIZER)
-        return cls(model, tokenizer, add_bos=settings["add_bos"])
+            tokenizer = load_hf_tokenizer(folder / _TOKENIZER)
+        return cls(model, tokenizer, add_bos=settings["add_bos"], eos_ids=settings.get("eos_ids"))
 
 
 # ------------------------------------------------------------------------- weights

@@ -3,6 +3,10 @@
 Models trained here use the identity normaliser, keep whitespace runs and fall back to
 UTF-8 bytes for characters outside the vocabulary, so ``decode(encode(s)) == s`` for any
 text. Special ids are fixed: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, user symbols after.
+Other lossless SentencePiece models (Llama's ``tokenizer.model``) load with the special
+ids they define. `TokenizerBase` holds what this backend shares with
+`vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
+the HF-style ``__call__``.
 
 Example:
     tok = VishwamAITokenizer.train(documents, "out/tok.model", vocab_size=4096)
@@ -10,12 +14,14 @@ Example:
     tok.save_pretrained("out/hf")  # tokenizer.model + tokenizer_config.json + special_tokens_map.json
 """
 
+import abc
 import collections
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -88,147 +94,53 @@ class IdArray(Protocol):
     def tolist(self) -> Any: ...
 
 
-class VishwamAITokenizer:
-    """A lossless SentencePiece tokenizer with fixed special ids and a thread-safe LRU cache.
+class TokenizerBase(abc.ABC):
+    """What every tokenizer backend shares: the thread-safe LRU encode cache, `encode` /
+    `batch_encode`, the HuggingFace-style `__call__` (truncation, padding, tensors) and the
+    special-token properties.
 
-    Arguments:
-        model_path: a SentencePiece ``.model`` file with ``[PAD]=0, [UNK]=1, [BOS]=2,
-            [EOS]=3`` and byte fallback (as written by `VishwamAITokenizer.train`).
-        max_length: default length limit of `__call__` (truncation and ``"max_length"`` padding).
-        pad_token, unk_token, bos_token, eos_token: must equal the model's pieces at ids 0-3.
-        cache_size: entries of the encode cache; ``0`` turns the cache (and its counters) off.
-            Texts longer than `CACHE_MAX_CHARS` characters are never cached.
-        num_threads: SentencePiece threads for batch calls; ``None`` uses every core.
-        add_bos_token, add_eos_token: whether `__call__` adds BOS/EOS (HF's ``add_bos_token``).
-        padding_side: ``"right"`` or ``"left"``, where `__call__` pads.
-
-    Encoding results are cached as tuples; every public method returns fresh lists that the
-    caller may mutate without affecting the cache.
+    A backend sets ``_pad_id``, ``_unk_id``, ``_bos_id``, ``_eos_id`` (ids of its own model),
+    calls `_init_common`, and implements ``_encode_text(text)`` (one text),
+    ``_encode_uncached(texts)`` (a batch), ``decode``, ``batch_decode`` and ``vocab_size``.
     """
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        max_length: int = 512,
-        pad_token: str = "[PAD]",
-        unk_token: str = "[UNK]",
-        bos_token: str = "[BOS]",
-        eos_token: str = "[EOS]",
-        *,
-        cache_size: int = 4096,
-        num_threads: int | None = None,
-        add_bos_token: bool = False,
-        add_eos_token: bool = False,
-        padding_side: str = "right",
-    ):
-        path = Path(model_path)
-        self._sp = _load_processor(path)
-        self._model_path = path
-        tokens = (pad_token, unk_token, bos_token, eos_token)
-        _check_special_tokens(self._sp, path, tokens)
-        _check_lossless(self._sp, path)
+    _pad_id: int
+    _unk_id: int | None
+    _bos_id: int
+    _eos_id: int
 
+    def _init_common(
+        self, max_length: int, cache_size: int, add_bos_token: bool, add_eos_token: bool, padding_side: str
+    ) -> None:
         if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
             raise ValueError(f"cache_size must be an int >= 0 (0 turns the cache off), got {cache_size!r}.")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"num_threads must be None (all cores) or an int >= 1, got {num_threads!r}.")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         _check_max_length(max_length, bool(add_bos_token) + bool(add_eos_token), "max_length")
-
         self._max_length = max_length
         self._add_bos_token = bool(add_bos_token)
         self._add_eos_token = bool(add_eos_token)
         self._padding_side = padding_side
-        self._special_tokens = tokens
-        self._special_ids = frozenset(range(len(tokens)))
-        self._num_threads = -1 if num_threads is None else num_threads
-        self._fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
-
-        self._meta_id = self._sp.piece_to_id(_META)
-        self._byte_ids = tuple(self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256))
-        # A character that falls back to bytes emits one lead byte and 0-3 continuation bytes.
-        self._lead_byte_ids = frozenset(i for b, i in enumerate(self._byte_ids) if b & 0xC0 != 0x80)
-
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._hits = 0
         self._misses = 0
 
-    # ------------------------------------------------------------------ training
+    @abc.abstractmethod
+    def _encode_text(self, text: str) -> list[int]:
+        """Fresh list of the ids of one text (no cache)."""
 
-    @classmethod
-    def train(
-        cls,
-        input: Iterable[str] | Iterable[str | os.PathLike] | str | os.PathLike,
-        output_path: str | os.PathLike,
-        *,
-        vocab_size: int = 131072,
-        model_type: str = "bpe",
-        user_symbols: Sequence[str] = (),
-        hard_vocab_limit: bool = True,
-        max_length: int = 512,
-        input_kind: str = "auto",
-        **sentencepiece_options: Any,
-    ) -> "VishwamAITokenizer":
-        """Train a lossless SentencePiece model, write it atomically and load it.
+    @abc.abstractmethod
+    def _encode_uncached(self, texts: list[str]) -> list[list[int]]:
+        """Fresh lists of the ids of many texts (no cache)."""
 
-        Arguments:
-            input: documents (an iterable of str) or text files (a path, or a list of paths).
-                With ``input_kind="auto"`` a list is read as files when every item is a
-                `Path` or a str naming an existing file; pass ``input_kind`` to be explicit.
-                Documents are split into lines, as SentencePiece reads files, so a newline
-                is never a learned piece: it encodes as the byte piece ``<0x0A>`` (one token,
-                as in Llama). Lines longer than ``max_sentence_length`` bytes are cut into
-                pieces (SentencePiece would drop them).
-            output_path: the ``.model`` file to write; parent directories are created.
-            vocab_size: pieces in the model, specials and byte pieces included.
-            model_type: ``"bpe"`` or ``"unigram"``.
-            user_symbols: strings always kept as one piece, with ids from 4 on.
-            hard_vocab_limit: if False, a corpus too small for ``vocab_size`` yields a
-                smaller vocabulary instead of an error.
-            max_length: passed to the returned tokenizer.
-            **sentencepiece_options: other `SentencePieceTrainer` options (e.g.
-                ``character_coverage``, ``input_sentence_size``, ``num_threads``).
-
-        Returns:
-            The tokenizer loaded from ``output_path``.
-        """
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}.")
-        if model_type not in ("bpe", "unigram"):
-            raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
-        reserved = sorted(_RESERVED_TRAINER_OPTIONS.intersection(sentencepiece_options))
-        if reserved:
-            raise ValueError(
-                f"SentencePiece options {reserved} are fixed by VishwamAITokenizer.train (lossless "
-                "normalisation, special ids 0-3) or are its own arguments (vocab_size, model_type, "
-                "user_symbols, hard_vocab_limit, input); remove them."
-            )
-        symbols = _check_user_symbols(user_symbols)
-        output = Path(output_path)
-        if output.is_dir():
-            raise IsADirectoryError(f"output_path {output} is a directory; pass the .model file to write.")
-
-        options = {**_DEFAULT_TRAINER_OPTIONS, **sentencepiece_options}
-        feed = _SentenceFeed(_training_sentences(input, input_kind), int(options["max_sentence_length"]))
-        model = io.BytesIO()
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(feed),
-                model_writer=model,
-                vocab_size=vocab_size,
-                model_type=model_type,
-                user_defined_symbols=list(symbols),
-                hard_vocab_limit=hard_vocab_limit,
-                **_LOSSLESS_TRAINER_OPTIONS,
-                **options,
-            )
-        except RuntimeError as error:
-            raise _training_error(error, feed, vocab_size, model_type) from None
-        _atomic_write(output, model.getvalue())
-        return cls(output, max_length=max_length)
+    def _add_specials(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            ids.insert(0, self._bos_id)
+        if add_eos:
+            ids.append(self._eos_id)
+        return ids
 
     # ------------------------------------------------------------------ encoding
 
@@ -236,7 +148,7 @@ class VishwamAITokenizer:
         """Token ids of one text, as a fresh list."""
         if not isinstance(text, str):
             raise TypeError(_text_type_error("encode", text))
-        return _add_specials(self._encode_one(text), add_bos, add_eos)
+        return self._add_specials(self._encode_one(text), add_bos, add_eos)
 
     def batch_encode(
         self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False
@@ -246,7 +158,7 @@ class VishwamAITokenizer:
         ids = self._encode_many(texts)
         if add_bos or add_eos:
             for row in ids:
-                _add_specials(row, add_bos, add_eos)
+                self._add_specials(row, add_bos, add_eos)
         return ids
 
     def _encode_one(self, text: str) -> list[int]:
@@ -312,6 +224,274 @@ class VishwamAITokenizer:
             while len(cache) > self._cache_size:
                 cache.popitem(last=False)
 
+    # ------------------------------------------------------------------ HF-style call
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        padding: str | bool = "longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ) -> dict[str, Any]:
+        """Encode, truncate and pad like a HuggingFace tokenizer.
+
+        Arguments:
+            texts: one text or a list of texts.
+            padding: ``"longest"``/True (to the longest in the batch), ``"max_length"`` (to
+                ``max_length``) or ``False``/``"do_not_pad"``.
+            truncation: cut sequences to ``max_length`` (keeping BOS/EOS).
+            max_length: defaults to the tokenizer's ``max_length``.
+            return_tensors: ``None`` (lists), ``"np"`` or ``"jax"`` (int32 ``[batch, len]``).
+            add_bos, add_eos: default to ``add_bos_token``/``add_eos_token``.
+
+        Returns:
+            ``{"input_ids": ..., "attention_mask": ...}``; with ``return_tensors=None`` and a
+            single text, flat lists (as in HF).
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else _check_texts("__call__", texts)
+        bos = self._add_bos_token if add_bos is None else bool(add_bos)
+        eos = self._add_eos_token if add_eos is None else bool(add_eos)
+        limit = self._max_length if max_length is None else max_length
+        _check_max_length(limit, bos + eos, "max_length")
+        mode = _padding_mode(padding)
+        if return_tensors not in (None, "np", "jax"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}.")
+
+        room = limit - bos - eos
+        input_ids = self._encode_many(batch)
+        for ids in input_ids:
+            if truncation:
+                del ids[room:]
+            self._add_specials(ids, bos, eos)
+        lengths = [len(ids) for ids in input_ids]
+        target = {"longest": max(lengths, default=0), "max_length": limit, None: 0}[mode]
+        attention_mask = []
+        for ids, n in zip(input_ids, lengths):
+            pad = max(0, target - n)
+            if self._padding_side == "right":
+                attention_mask.append([1] * n + [0] * pad)
+                ids.extend([self._pad_id] * pad)
+            else:
+                attention_mask.append([0] * pad + [1] * n)
+                ids[:0] = [self._pad_id] * pad
+
+        if return_tensors is None:
+            if single:
+                return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if len(set(len(ids) for ids in input_ids)) > 1:
+            raise ValueError(
+                f"cannot make a {return_tensors!r} tensor from sequences of lengths {sorted(set(lengths))}; "
+                "pass padding='longest' or padding='max_length' (with truncation=True)."
+            )
+        width = len(input_ids[0]) if input_ids else target
+        arrays = {
+            "input_ids": np.array(input_ids, dtype=np.int32).reshape(len(input_ids), width),
+            "attention_mask": np.array(attention_mask, dtype=np.int32).reshape(len(input_ids), width),
+        }
+        if return_tensors == "jax":
+            import jax.numpy as jnp
+
+            return {name: jnp.asarray(array) for name, array in arrays.items()}
+        return arrays
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._add_bos_token
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos_token
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    def cache_info(self) -> dict[str, int]:
+        with self._cache_lock:
+            size = len(self._cache)
+            return {"hits": self._hits, "misses": self._misses, "size": size, "maxsize": self._cache_size}
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+
+class VishwamAITokenizer(TokenizerBase):
+    """A lossless SentencePiece tokenizer with a thread-safe LRU cache.
+
+    Models trained here (`VishwamAITokenizer.train`) have the fixed ids ``[PAD]=0,
+    [UNK]=1, [BOS]=2, [EOS]=3``. Any other lossless SentencePiece model with byte
+    fallback loads too (Llama, Mistral, TinyLlama: ``<unk>=0, <s>=1, </s>=2``, no pad),
+    with the special ids the model itself defines.
+
+    Arguments:
+        model_path: a SentencePiece ``.model`` file (identity normalisation and byte fallback).
+        max_length: default length limit of `__call__` (truncation and ``"max_length"`` padding).
+        pad_token, unk_token, bos_token, eos_token: ``None`` takes the model's own piece. A
+            token the model defines must equal its piece (a check that the files agree). For
+            a special the model does not define (Llama has no pad), a piece of the vocabulary
+            to use for it; a pad given nowhere becomes the model's unk piece: with byte
+            fallback, encoding never produces unk, so a pad is never a real token of any text
+            (and decoding drops it). The losses never look at pad ids anyway: the data
+            pipeline masks padding by segment, `__call__` returns an ``attention_mask``.
+        cache_size: entries of the encode cache; ``0`` turns the cache (and its counters) off.
+            Texts longer than `CACHE_MAX_CHARS` characters are never cached.
+        num_threads: SentencePiece threads for batch calls; ``None`` uses every core.
+        add_bos_token, add_eos_token: whether `__call__` adds BOS/EOS (HF's ``add_bos_token``).
+        padding_side: ``"right"`` or ``"left"``, where `__call__` pads.
+
+    Encoding results are cached as tuples; every public method returns fresh lists that the
+    caller may mutate without affecting the cache.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        max_length: int = 512,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        *,
+        cache_size: int = 4096,
+        num_threads: int | None = None,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        padding_side: str = "right",
+    ):
+        path = Path(model_path)
+        self._sp = _load_processor(path)
+        self._model_path = path
+        given = dict(zip(_SPECIAL_NAMES, (pad_token, unk_token, bos_token, eos_token)))
+        specials = _special_tokens(self._sp, path, given)  # name -> (id, piece)
+        _check_lossless(self._sp, path)
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be None (all cores) or an int >= 1, got {num_threads!r}.")
+        self._init_common(max_length, cache_size, add_bos_token, add_eos_token, padding_side)
+
+        (self._pad_id, _), (self._unk_id, _), (self._bos_id, _), (self._eos_id, _) = specials.values()
+        self._special_tokens = tuple(piece for _, piece in specials.values())
+        self._special_pieces = {i: piece for i, piece in specials.values()}
+        self._num_threads = -1 if num_threads is None else num_threads
+        self._fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
+        self._meta_id = self._sp.piece_to_id(_META)
+        self._byte_ids = tuple(self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256))
+        # A character that falls back to bytes emits one lead byte and 0-3 continuation bytes.
+        self._lead_byte_ids = frozenset(i for b, i in enumerate(self._byte_ids) if b & 0xC0 != 0x80)
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def train(
+        cls,
+        input: Iterable[str] | Iterable[str | os.PathLike] | str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        vocab_size: int = 131072,
+        model_type: str = "bpe",
+        user_symbols: Sequence[str] = (),
+        hard_vocab_limit: bool = True,
+        max_length: int = 512,
+        input_kind: str = "auto",
+        progress: bool = False,
+        **sentencepiece_options: Any,
+    ) -> "VishwamAITokenizer":
+        """Train a lossless SentencePiece model, write it atomically and load it.
+
+        Arguments:
+            input: documents (an iterable of str) or text files (a path, or a list of paths).
+                With ``input_kind="auto"`` a list is read as files when every item is a
+                `Path` or a str naming an existing file; pass ``input_kind`` to be explicit.
+                Documents are split into lines, as SentencePiece reads files, so a newline
+                is never a learned piece: it encodes as the byte piece ``<0x0A>`` (one token,
+                as in Llama). Lines longer than ``max_sentence_length`` bytes are cut into
+                pieces (SentencePiece would drop them).
+            output_path: the ``.model`` file to write; parent directories are created.
+            vocab_size: pieces in the model, specials and byte pieces included.
+            model_type: ``"bpe"`` or ``"unigram"``.
+            user_symbols: strings always kept as one piece, with ids from 4 on.
+            hard_vocab_limit: if False, a corpus too small for ``vocab_size`` yields a
+                smaller vocabulary instead of an error.
+            max_length: passed to the returned tokenizer.
+            progress: a tqdm bar on stderr: lines read, then the time SentencePiece spends
+                training (it reports no finer progress).
+            **sentencepiece_options: other `SentencePieceTrainer` options (e.g.
+                ``character_coverage``, ``input_sentence_size``, ``num_threads``).
+
+        Returns:
+            The tokenizer loaded from ``output_path``.
+        """
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}.")
+        if model_type not in ("bpe", "unigram"):
+            raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
+        reserved = sorted(_RESERVED_TRAINER_OPTIONS.intersection(sentencepiece_options))
+        if reserved:
+            raise ValueError(
+                f"SentencePiece options {reserved} are fixed by VishwamAITokenizer.train (lossless "
+                "normalisation, special ids 0-3) or are its own arguments (vocab_size, model_type, "
+                "user_symbols, hard_vocab_limit, input); remove them."
+            )
+        symbols = _check_user_symbols(user_symbols)
+        output = Path(output_path)
+        if output.is_dir():
+            raise IsADirectoryError(f"output_path {output} is a directory; pass the .model file to write.")
+
+        options = {**_DEFAULT_TRAINER_OPTIONS, **sentencepiece_options}
+        bar = _TrainingProgress() if progress else None
+        feed = _SentenceFeed(_training_sentences(input, input_kind), int(options["max_sentence_length"]), bar)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(feed),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                user_defined_symbols=list(symbols),
+                hard_vocab_limit=hard_vocab_limit,
+                **_LOSSLESS_TRAINER_OPTIONS,
+                **options,
+            )
+        except RuntimeError as error:
+            raise _training_error(error, feed, vocab_size, model_type) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        _atomic_write(output, model.getvalue())
+        return cls(output, max_length=max_length)
+
+    # ------------------------------------------------------------------ encoding
+
     def _encode_text(self, text: str) -> list[int]:
         # sp's single-text call: its batch call costs a thread-pool round trip per call.
         return self._encode_meta(text) if _META in text else self._sp.encode(text)
@@ -360,7 +540,7 @@ class VishwamAITokenizer:
         if type(ids) is not list or (ids and type(ids[0]) is not int):  # the common case skips this
             ids = _as_id_list(ids, 1, "decode")
         if skip_special_tokens:
-            return self._sp_decode(_without_unk(ids), "decode")
+            return self._sp_decode(_without(ids, self._unk_id), "decode")
         return self._decode_showing_specials(ids)
 
     def batch_decode(
@@ -372,11 +552,11 @@ class VishwamAITokenizer:
             return []
         if not skip_special_tokens:
             return [self._decode_showing_specials(ids) for ids in batch]
-        return self._sp_decode([_without_unk(ids) for ids in batch], "batch_decode")
+        return self._sp_decode([_without(ids, self._unk_id) for ids in batch], "batch_decode")
 
     def _decode_showing_specials(self, ids: list[int]) -> str:
-        specials = self._special_ids
-        if specials.isdisjoint(ids):
+        specials = self._special_pieces
+        if specials.keys().isdisjoint(ids):
             return self._sp_decode(ids, "decode")
         parts: list[str] = []
         run: list[int] = []
@@ -391,12 +571,12 @@ class VishwamAITokenizer:
                 parts.append(self._sp_decode(run if first_run else [self._meta_id, *run], "decode"))
                 first_run, run = False, []
             if i is not None:
-                parts.append(self._special_tokens[i])
+                parts.append(specials[i])
         return "".join(parts)
 
     def _sp_decode(self, ids: list, method: str) -> Any:
-        """sp's decode of one id list or a batch of them. [PAD], [BOS] and [EOS] are control
-        pieces that sp decodes to "", so only [UNK] needs removing to skip special tokens."""
+        """sp's decode of one id list or a batch of them. Pad, BOS and EOS are control
+        pieces that sp decodes to "", so only unk needs removing to skip special tokens."""
         try:
             return self._sp.decode(ids, num_threads=self._num_threads)
         except IndexError:
@@ -415,82 +595,6 @@ class VishwamAITokenizer:
                 f"token id {bad[0]} is outside the vocabulary [0, {n}); were the ids made by another tokenizer?"
             )
 
-    # ------------------------------------------------------------------ HF-style call
-
-    def __call__(
-        self,
-        texts: str | Sequence[str],
-        padding: str | bool = "longest",
-        truncation: bool = True,
-        max_length: int | None = None,
-        return_tensors: str | None = None,
-        *,
-        add_bos: bool | None = None,
-        add_eos: bool | None = None,
-    ) -> dict[str, Any]:
-        """Encode, truncate and pad like a HuggingFace tokenizer.
-
-        Arguments:
-            texts: one text or a list of texts.
-            padding: ``"longest"``/True (to the longest in the batch), ``"max_length"`` (to
-                ``max_length``) or ``False``/``"do_not_pad"``.
-            truncation: cut sequences to ``max_length`` (keeping BOS/EOS).
-            max_length: defaults to the tokenizer's ``max_length``.
-            return_tensors: ``None`` (lists), ``"np"`` or ``"jax"`` (int32 ``[batch, len]``).
-            add_bos, add_eos: default to ``add_bos_token``/``add_eos_token``.
-
-        Returns:
-            ``{"input_ids": ..., "attention_mask": ...}``; with ``return_tensors=None`` and a
-            single text, flat lists (as in HF).
-        """
-        single = isinstance(texts, str)
-        batch = [texts] if single else _check_texts("__call__", texts)
-        bos = self._add_bos_token if add_bos is None else bool(add_bos)
-        eos = self._add_eos_token if add_eos is None else bool(add_eos)
-        limit = self._max_length if max_length is None else max_length
-        _check_max_length(limit, bos + eos, "max_length")
-        mode = _padding_mode(padding)
-        if return_tensors not in (None, "np", "jax"):
-            raise ValueError(f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r}.")
-
-        room = limit - bos - eos
-        input_ids = self._encode_many(batch)
-        for ids in input_ids:
-            if truncation:
-                del ids[room:]
-            _add_specials(ids, bos, eos)
-        lengths = [len(ids) for ids in input_ids]
-        target = {"longest": max(lengths, default=0), "max_length": limit, None: 0}[mode]
-        attention_mask = []
-        for ids, n in zip(input_ids, lengths):
-            pad = max(0, target - n)
-            if self._padding_side == "right":
-                attention_mask.append([1] * n + [0] * pad)
-                ids.extend([PAD_ID] * pad)
-            else:
-                attention_mask.append([0] * pad + [1] * n)
-                ids[:0] = [PAD_ID] * pad
-
-        if return_tensors is None:
-            if single:
-                return {"input_ids": input_ids[0], "attention_mask": attention_mask[0]}
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
-        if len(set(len(ids) for ids in input_ids)) > 1:
-            raise ValueError(
-                f"cannot make a {return_tensors!r} tensor from sequences of lengths {sorted(set(lengths))}; "
-                "pass padding='longest' or padding='max_length' (with truncation=True)."
-            )
-        width = len(input_ids[0]) if input_ids else target
-        arrays = {
-            "input_ids": np.array(input_ids, dtype=np.int32).reshape(len(input_ids), width),
-            "attention_mask": np.array(attention_mask, dtype=np.int32).reshape(len(input_ids), width),
-        }
-        if return_tensors == "jax":
-            import jax.numpy as jnp
-
-            return {name: jnp.asarray(array) for name, array in arrays.items()}
-        return arrays
-
     # ------------------------------------------------------------------ properties
 
     @property
@@ -499,38 +603,6 @@ class VishwamAITokenizer:
 
     def __len__(self) -> int:
         return self._sp.vocab_size()
-
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
-
-    @property
-    def bos_id(self) -> int:
-        return BOS_ID
-
-    @property
-    def eos_id(self) -> int:
-        return EOS_ID
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def add_bos_token(self) -> bool:
-        return self._add_bos_token
-
-    @property
-    def add_eos_token(self) -> bool:
-        return self._add_eos_token
-
-    @property
-    def padding_side(self) -> str:
-        return self._padding_side
 
     @property
     def special_tokens(self) -> dict[str, str]:
@@ -546,16 +618,6 @@ class VishwamAITokenizer:
     def model_path(self) -> Path:
         return self._model_path
 
-    def cache_info(self) -> dict[str, int]:
-        with self._cache_lock:
-            size = len(self._cache)
-            return {"hits": self._hits, "misses": self._misses, "size": size, "maxsize": self._cache_size}
-
-    def cache_clear(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-            self._hits = self._misses = 0
-
     def coverage(self, texts: Sequence[str]) -> float:
         """Fraction of the characters of ``texts`` that are encoded by vocabulary pieces
         rather than byte fallback or ``[UNK]`` (1.0 for empty input)."""
@@ -565,7 +627,7 @@ class VishwamAITokenizer:
             return 1.0
         lead, fallback = self._lead_byte_ids, 0
         for ids in self._encode_many(texts):
-            fallback += sum(1 for i in ids if i in lead or i == UNK_ID)
+            fallback += sum(1 for i in ids if i in lead or i == self._unk_id)
         return 1.0 - fallback / total
 
     def __repr__(self) -> str:
@@ -605,7 +667,7 @@ class VishwamAITokenizer:
                     "single_word": False,
                     "special": True,
                 }
-                for i, token in enumerate(self._special_tokens)
+                for i, token in sorted(self._special_pieces.items())
             },
         }
         names = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -617,8 +679,8 @@ class VishwamAITokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "VishwamAITokenizer":
-        """Load a directory written by `save_pretrained` (or a Llama-style HF directory with
-        the same special ids); ``kwargs`` override the saved settings."""
+        """Load a directory written by `save_pretrained`, or an HF directory with a SentencePiece
+        ``tokenizer.model`` (Llama, Mistral); ``kwargs`` override the saved settings."""
         folder = Path(directory)
         model = folder / "tokenizer.model"
         if not model.is_file():
@@ -626,25 +688,37 @@ class VishwamAITokenizer:
                 f"{model} not found: from_pretrained expects a directory written by save_pretrained "
                 "(tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
             )
-        config = _read_json(folder / "tokenizer_config.json")
-        config.update(_read_json(folder / "special_tokens_map.json"))
-        settings: dict[str, Any] = {}
-        for name in _SPECIAL_NAMES:
-            token = config.get(f"{name}_token")
-            if token is not None:
-                settings[f"{name}_token"] = token["content"] if isinstance(token, dict) else token
-        for key, name in (
-            ("model_max_length", "max_length"),
-            ("add_bos_token", "add_bos_token"),
-            ("add_eos_token", "add_eos_token"),
-            ("padding_side", "padding_side"),
-        ):
-            if key in config:
-                settings[name] = config[key]
-        return cls(model, **{**settings, **kwargs})
+        return cls(model, **{**pretrained_settings(folder), **kwargs})
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# transformers writes model_max_length=int(1e30) for "no limit"; such values are not a length.
+_NO_LIMIT = 10**12
+
+
+def pretrained_settings(folder: Path) -> dict[str, Any]:
+    """Constructor arguments from an HF directory's ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` (the map wins, as in transformers): the special tokens,
+    ``model_max_length``, ``add_bos_token``/``add_eos_token`` and ``padding_side``.
+    Null values are left out, so the constructor's defaults apply."""
+    config = _read_json(folder / "tokenizer_config.json")
+    config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if v is not None})
+    settings: dict[str, Any] = {}
+    for name in _SPECIAL_NAMES:
+        token = config.get(f"{name}_token")
+        if token is not None:
+            settings[f"{name}_token"] = token["content"] if isinstance(token, dict) else token
+    for key, name in (
+        ("model_max_length", "max_length"),
+        ("add_bos_token", "add_bos_token"),
+        ("add_eos_token", "add_eos_token"),
+        ("padding_side", "padding_side"),
+    ):
+        if config.get(key) is not None and not (key == "model_max_length" and config[key] >= _NO_LIMIT):
+            settings[name] = config[key]
+    return settings
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:
@@ -664,20 +738,40 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
     return processor
 
 
-def _check_special_tokens(processor: spm.SentencePieceProcessor, path: Path, tokens: tuple[str, ...]) -> None:
-    model_ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
-    for want, (name, token, got) in enumerate(zip(_SPECIAL_NAMES, tokens, model_ids)):
-        if got != want:
+def _special_tokens(
+    processor: spm.SentencePieceProcessor, path: Path, given: dict[str, str | None]
+) -> dict[str, tuple[int, str]]:
+    """``{name: (id, piece)}`` for pad, unk, bos, eos (see `VishwamAITokenizer` for the rules)."""
+    model_ids = {"pad": processor.pad_id(), "unk": processor.unk_id(), "bos": processor.bos_id(),
+                 "eos": processor.eos_id()}
+    unk = processor.unk_id()
+    out: dict[str, tuple[int, str]] = {}
+    for name in _SPECIAL_NAMES:
+        token, model_id = given[name], model_ids[name]
+        if model_id >= 0:
+            piece = processor.id_to_piece(model_id)
+            if token is not None and token != piece:
+                raise ValueError(
+                    f"{path}: {name}_token={token!r} disagrees with the model, whose {name} id {model_id} is "
+                    f"{piece!r}; pass {name}_token={piece!r} (or None)."
+                )
+            out[name] = (model_id, piece)
+        elif token is None and name == "pad":
+            out[name] = (unk, processor.id_to_piece(unk))
+        elif token is None:
             raise ValueError(
-                f"{path}: the model's {name} id is {got}, but VishwamAITokenizer needs "
-                f"[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3. Re-train it with VishwamAITokenizer.train."
+                f"{path}: the model defines no {name} token ({name} id -1) and no {name}_token was given; "
+                f"pass {name}_token=PIECE naming a piece of its vocabulary."
             )
-        piece = processor.id_to_piece(want)
-        if piece != token:
-            raise ValueError(
-                f"{path}: {name}_token={token!r} disagrees with the model, whose id {want} is {piece!r}; "
-                f"pass {name}_token={piece!r}."
-            )
+        else:
+            token_id = processor.piece_to_id(token)
+            if token_id == unk and token != processor.id_to_piece(unk):
+                raise ValueError(
+                    f"{path}: {name}_token={token!r} is not a piece of the model's vocabulary; pass a piece it "
+                    f"has (e.g. {processor.id_to_piece(unk)!r}) or None."
+                )
+            out[name] = (token_id, token)
+    return out
 
 
 def _check_lossless(processor: spm.SentencePieceProcessor, path: Path) -> None:
@@ -720,14 +814,6 @@ def _check_user_symbols(symbols: object) -> tuple[str, ...]:
     return symbols
 
 
-def _add_specials(ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
-    if add_bos:
-        ids.insert(0, BOS_ID)
-    if add_eos:
-        ids.append(EOS_ID)
-    return ids
-
-
 def _text_type_error(method: str, value: object) -> str:
     return f"{method} expects str, got {type(value).__name__}: {value!r:.80}"
 
@@ -768,8 +854,8 @@ def _as_id_list(ids: object, ndim: int, method: str) -> list:
     return rows[0] if ndim == 1 else rows
 
 
-def _without_unk(ids: list[int]) -> list[int]:
-    return [i for i in ids if i != UNK_ID] if UNK_ID in ids else ids
+def _without(ids: list[int], token: int | None) -> list[int]:
+    return [i for i in ids if i != token] if token in ids else ids
 
 
 def _padding_mode(padding: object) -> str | None:
@@ -851,9 +937,10 @@ class _SentenceFeed:
     reports empty input with an empty message, so both are kept here for `_training_error`.
     """
 
-    def __init__(self, sentences: Iterator[str], max_bytes: int):
+    def __init__(self, sentences: Iterator[str], max_bytes: int, progress: "_TrainingProgress | None" = None):
         self._sentences = sentences
         self._max_chars = max(1, max_bytes // 4)  # UTF-8 uses at most 4 bytes a character
+        self._progress = progress
         self.count = 0
         self.error: BaseException | None = None
 
@@ -864,10 +951,46 @@ class _SentenceFeed:
                     continue
                 for start in range(0, len(sentence), self._max_chars):
                     self.count += 1
+                    if self._progress is not None:
+                        self._progress.update()
                     yield sentence[start : start + self._max_chars]
         except Exception as error:
             self.error = error
             raise
+        if self._progress is not None:
+            self._progress.training()
+
+
+class _TrainingProgress:
+    """A tqdm bar on stderr for `VishwamAITokenizer.train`: lines read, then (SentencePiece
+    trains in C++ and reports nothing countable) the elapsed time, refreshed by a thread."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc="tokenizer: reading", unit=" lines", file=sys.stderr, mininterval=0.5,
+                         dynamic_ncols=True)
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def update(self) -> None:
+        self._bar.update()
+
+    def training(self) -> None:
+        self._bar.set_description("tokenizer: training on the lines read", refresh=True)
+
+        def tick():
+            while not self._stop.wait(0.5):
+                self._bar.refresh()
+
+        self._ticker = threading.Thread(target=tick, daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self._bar.close()
 
 
 def _training_error(error: RuntimeError, feed: _SentenceFeed, vocab_size: int, model_type: str) -> Exception:

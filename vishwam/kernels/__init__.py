@@ -11,6 +11,9 @@ Implementations (`implementation=`):
   On CPU it runs with `interpret=True`: correct but slow, meant for tests.
 - `"auto"`: pallas on GPU, xla on CPU; on TPU pallas if it lowers, otherwise xla
   with a warning.
+
+Every implementation takes the same masks: `causal`, a boolean `mask`, `segment_ids`
+and a causal sliding `window` (Mistral), all computed from positions in `_masking`.
 """
 
 import functools
@@ -157,6 +160,7 @@ def flash_attention(
     dropout_rate: float = 0.0,
     key: PRNGKeyArray | None = None,
     implementation: str = "auto",
+    window: int | None = None,
 ) -> Float[Array, "batch q_len heads head_dim"]:
     """Scaled dot-product attention, `softmax(q k^T * sm_scale) v`, per head.
 
@@ -178,6 +182,8 @@ def flash_attention(
             across implementations and between forward and backward.
         key: PRNG key for dropout.
         implementation: `"auto" | "pallas" | "xla" | "reference"` (see module docstring).
+        window: sliding-window attention (Mistral), with `causal=True`: query position `p`
+            sees only the keys `p - window < position <= p`. `None`: no window.
 
     Returns:
         `[batch, q_len, heads, head_dim]` in the dtype of `q`. Rows with no visible key
@@ -192,12 +198,18 @@ def flash_attention(
         _fail(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
     if dropout_rate > 0.0 and key is None:
         _fail(f"`dropout_rate={dropout_rate}` needs a PRNG `key=`; pass `key=jax.random.key(...)`.")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            _fail(f"`window` must be None or a positive int, got {window!r}.")
+        if not causal:
+            _fail(f"`window={window}` is a causal sliding window; pass causal=True with it.")
     mask4 = _normalise_mask(mask, batch, heads, q_len, kv_len)
     q_seg, kv_seg = _normalise_segment_ids(segment_ids, batch, q_len, kv_len)
     static = dict(
         causal=bool(causal),
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
         dropout_rate=float(dropout_rate),
+        window=window,
     )
     seed = _dropout_seed(key) if dropout_rate > 0.0 else None
     impl = _resolve(implementation, (q, k, v, mask4, q_seg, kv_seg, seed), dict(static, block_size=block_size))

@@ -71,18 +71,24 @@ def visible(
     q_seg: jax.Array | None = None,
     kv_seg: jax.Array | None = None,
     mask: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array | None:
     """Which pairs may attend, or `None` when every pair may.
 
     `q_pos`/`kv_pos` broadcast against each other (e.g. `[bq, 1]` and `[1, bk]`).
     Query `i` sits at absolute position `i + causal_offset`
     (`causal_offset = kv_len - q_len`: the queries are the last `q_len` positions).
+    `window` (sliding-window attention, with `causal`): query position `p` sees only the
+    `window` keys `p - window < kv_pos <= p`, as in Mistral.
     Padding past the end of a sequence is the caller's to mask.
     """
     out = mask
     if causal:
         c = kv_pos <= q_pos + causal_offset
         out = c if out is None else out & c
+    if window is not None:
+        w = kv_pos > q_pos + causal_offset - window
+        out = w if out is None else out & w
     if q_seg is not None:
         s = q_seg == kv_seg
         out = s if out is None else out & s
@@ -130,3 +136,17 @@ def q_tile_range(
         padded = (j >= kv_len // block_k).astype(jnp.int32)
         full_lo = full_lo + (nq - full_lo) * padded
     return lo, full_lo
+
+
+def window_kv_start(i, *, block_q: int, block_k: int, offset: int, window: int):
+    """For query tile `i` under a sliding window: kv tiles before the result hold no key
+    that any of its queries sees (they lie wholly before the band)."""
+    first_visible = i * block_q + offset - window + 1  # lowest key the tile's first query sees
+    return lax.div(jnp.maximum(first_visible, 0), block_k)
+
+
+def window_q_stop(j, *, block_q: int, block_k: int, nq: int, offset: int, window: int):
+    """For kv tile `j` under a sliding window: query tiles from the result on see none of
+    its keys (they lie wholly after the band)."""
+    last_query = (j + 1) * block_k - 1 - offset + window - 1  # highest query that sees the tile's last key
+    return jnp.minimum(lax.div(jnp.maximum(last_query + block_q, 0), block_q), nq)

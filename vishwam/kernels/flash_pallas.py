@@ -12,7 +12,9 @@ Three kernels behind one `custom_vjp` (FlashAttention-2 layout):
 `delta = rowsum(out * d_out)` is computed in plain JAX between them.
 
 Tiles causally hidden are never visited and tiles entirely visible skip the
-mask (see `_masking.kv_tile_range` / `q_tile_range`). GQA: k/v blocks are
+mask (see `_masking.kv_tile_range` / `q_tile_range`); under a sliding window the
+tiles wholly outside its band are not visited either (`window_kv_start` /
+`window_q_stop`) and every visited tile is masked. GQA: k/v blocks are
 selected with `head // group` in the index map; nothing is repeated.
 
 Triton wants power-of-two tensor shapes of at least 16 for `dot`: tile lengths
@@ -45,6 +47,8 @@ from vishwam.kernels._masking import (
     kv_tile_range,
     q_tile_range,
     visible,
+    window_kv_start,
+    window_q_stop,
 )
 
 _F32 = jnp.float32
@@ -83,6 +87,7 @@ class _Static:
     mask_shape: tuple[int, int, int, int] | None  # padded int8 mask (mb, mh, 1|Lq_pad, 1|Lk_pad)
     has_segments: bool
     interpret: bool
+    window: int | None = None
 
     @property
     def group(self) -> int:
@@ -110,7 +115,21 @@ class _Static:
 
     @property
     def masked_everywhere(self) -> bool:
-        return self.mask_shape is not None or self.has_segments
+        return self.mask_shape is not None or self.has_segments or self.window is not None
+
+    def kv_start(self, i, full_hi, hi):
+        """First masked kv tile of query tile i: past the tiles wholly before a sliding window."""
+        if self.window is None:
+            return full_hi
+        start = window_kv_start(i, block_q=self.block_q, block_k=self.block_k, offset=self.offset, window=self.window)
+        return jnp.minimum(jnp.maximum(full_hi, start), hi)
+
+    def q_stop(self, j):
+        """Query tiles from this one on see nothing of kv tile j (`nq` without a window)."""
+        if self.window is None:
+            return self.nq
+        return window_q_stop(j, block_q=self.block_q, block_k=self.block_k, nq=self.nq, offset=self.offset,
+                             window=self.window)
 
     def ranges(self):
         common = dict(
@@ -166,6 +185,7 @@ def _visibility(st: _Static, q_pos, kv_pos, q_seg, kv_seg, mask):
         q_seg=None if q_seg is None else q_seg[:, None],
         kv_seg=None if kv_seg is None else kv_seg[None, :],
         mask=None if mask is None else mask != 0,
+        window=st.window,
     )
     in_range = kv_pos < st.kv_len
     return in_range if vis is None else vis & in_range
@@ -242,7 +262,7 @@ def _fwd_kernel(st: _Static, q_ref, k_ref, v_ref, *refs):
         jnp.zeros((bq, st.head_dim_padded), _F32),
     )
     carry = lax.fori_loop(0, full_hi, step(False), carry)
-    m, l, acc = lax.fori_loop(full_hi, hi, step(True), carry)
+    m, l, acc = lax.fori_loop(st.kv_start(i, full_hi, hi), hi, step(True), carry)
     empty = l == 0.0  # no visible key: the output is 0, not 0/0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc * ((1.0 / (1.0 - st.dropout_rate)) / l_safe)[:, None]).astype(o_ref.dtype)
@@ -347,7 +367,7 @@ def _dq_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     full_hi, hi = kv_range(i)
     dq = jnp.zeros((bq, st.head_dim_padded), _F32)
     dq = lax.fori_loop(0, full_hi, step(False), dq)
-    dq = lax.fori_loop(full_hi, hi, step(True), dq)
+    dq = lax.fori_loop(st.kv_start(i, full_hi, hi), hi, step(True), dq)
     dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
 
 
@@ -393,10 +413,12 @@ def _dkdv_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
 
     _, q_range = st.ranges()
     lo, full_lo = q_range(j)
+    stop = st.q_stop(j)
+    full_lo = jnp.minimum(full_lo, stop)
 
     def head(gi, carry):
         carry = lax.fori_loop(lo, full_lo, step(gi, True), carry)
-        return lax.fori_loop(full_lo, st.nq, step(gi, False), carry)
+        return lax.fori_loop(full_lo, stop, step(gi, False), carry)
 
     zeros = jnp.zeros((bk, dp_), _F32)
     dk, dv = lax.fori_loop(0, st.group, head, (zeros, zeros))
@@ -492,6 +514,7 @@ def attention(
     dropout_seed: jax.Array | None,
     block_size: int,
     interpret: bool,
+    window: int | None = None,
 ) -> jax.Array:
     """Same contract as `reference.attention`; `block_size` is the tile length
     (rounded down to a power of two, at least 16)."""
@@ -524,6 +547,7 @@ def attention(
         mask_shape=None if mask is None else tuple(mask.shape),
         has_segments=seg,
         interpret=interpret,
+        window=window,
     )
     ex = _Extras(
         mask=mask,

@@ -7,8 +7,10 @@ the backward pass (a `custom_vjp`) recomputes each tile's probabilities from it.
 Work is skipped, not masked: for each query tile the kv tiles fall into three
 ranges computed from the tile index (`_masking.kv_tile_range`): `[0, full_hi)`
 (every pair visible: no mask is computed), `[full_hi, hi)` (partly visible: the
-mask is applied) and `[hi, nk)` (causally hidden: never visited). The backward
-pass does the same per kv tile over query tiles. The loops are
+mask is applied) and `[hi, nk)` (causally hidden: never visited). A sliding
+window also skips the tiles wholly before its band (`_masking.window_kv_start`)
+and masks every visited tile. The backward pass does the same per kv tile over
+query tiles. The loops are
 `lax.fori_loop`s with traced bounds (while loops), so the compiled program has
 a fixed size whatever the length, and causal attention costs about half of
 non-causal. Tiles hidden only by `mask` or `segment_ids` are still visited.
@@ -34,6 +36,8 @@ from vishwam.kernels._masking import (
     kv_tile_range,
     q_tile_range,
     visible,
+    window_kv_start,
+    window_q_stop,
 )
 from vishwam.kernels.reference import grouped_mask
 
@@ -55,6 +59,7 @@ class _Static:
     causal: bool
     sm_scale: float
     dropout_rate: float
+    window: int | None = None
 
     @property
     def group(self) -> int:
@@ -166,6 +171,7 @@ def _tile_vis(st: _Static, ex: _Extras, i, j, q_seg_i, kv_seg_j) -> jax.Array:
         q_seg=None if q_seg_i is None else jnp.tile(q_seg_i, (1, g))[:, None, :, None],
         kv_seg=None if kv_seg_j is None else kv_seg_j[:, None, None, :],
         mask=mask,
+        window=st.window,
     )
     in_range = kv_pos < st.kv_len
     return in_range if vis is None else vis & in_range
@@ -183,7 +189,9 @@ def _tile_keep(st: _Static, ex: _Extras, i, j) -> jax.Array:
 
 
 def _kv_range(st: _Static, ex: _Extras, i):
-    return kv_tile_range(
+    """`(full_hi, start, hi)`: kv tiles `[0, full_hi)` need no mask, `[start, hi)` are masked
+    (`start > full_hi` only under a sliding window, whose band starts there)."""
+    full_hi, hi = kv_tile_range(
         i,
         block_q=st.block_q,
         block_k=st.block_k,
@@ -191,12 +199,18 @@ def _kv_range(st: _Static, ex: _Extras, i):
         kv_len=st.kv_len,
         offset=st.offset,
         causal=st.causal,
-        masked_everywhere=ex.masked_everywhere,
+        masked_everywhere=ex.masked_everywhere or st.window is not None,
     )
+    if st.window is None:
+        return full_hi, full_hi, hi
+    start = window_kv_start(i, block_q=st.block_q, block_k=st.block_k, offset=st.offset, window=st.window)
+    return full_hi, jnp.minimum(jnp.maximum(full_hi, start), hi), hi
 
 
 def _q_range(st: _Static, ex: _Extras, j):
-    return q_tile_range(
+    """`(lo, full_lo, stop)`: query tiles `[lo, full_lo)` are masked, `[full_lo, stop)` need
+    no mask (`stop < nq` only under a sliding window, whose band ends there)."""
+    lo, full_lo = q_tile_range(
         j,
         block_q=st.block_q,
         block_k=st.block_k,
@@ -204,8 +218,12 @@ def _q_range(st: _Static, ex: _Extras, j):
         kv_len=st.kv_len,
         offset=st.offset,
         causal=st.causal,
-        masked_everywhere=ex.masked_everywhere,
+        masked_everywhere=ex.masked_everywhere or st.window is not None,
     )
+    if st.window is None:
+        return lo, full_lo, st.nq
+    stop = window_q_stop(j, block_q=st.block_q, block_k=st.block_k, nq=st.nq, offset=st.offset, window=st.window)
+    return lo, jnp.minimum(full_lo, stop), stop
 
 
 def _forward(st: _Static, q, k, v, ex: _Extras):
@@ -237,14 +255,14 @@ def _forward(st: _Static, q, k, v, ex: _Extras):
 
             return body
 
-        full_hi, hi = _kv_range(st, ex, i)
+        full_hi, start, hi = _kv_range(st, ex, i)
         carry = (
             jnp.full((st.batch, st.kv_heads, rows), MASK_VALUE, _F32),
             jnp.zeros((st.batch, st.kv_heads, rows), _F32),
             jnp.zeros((st.batch, st.kv_heads, rows, st.head_dim), _F32),
         )
         carry = lax.fori_loop(0, full_hi, kv_step(False), carry)
-        m, l, acc = lax.fori_loop(full_hi, hi, kv_step(True), carry)
+        m, l, acc = lax.fori_loop(start, hi, kv_step(True), carry)
         l_safe = jnp.where(l == 0.0, 1.0, l)
         scale = 1.0 / (1.0 - st.dropout_rate)
         out = acc * (scale / l_safe)[..., None]
@@ -291,10 +309,10 @@ def _backward(st: _Static, q, k, v, ex: _Extras, out, lse_t, do):
 
             return body
 
-        lo, full_lo = _q_range(st, ex, j)
+        lo, full_lo, stop = _q_range(st, ex, j)
         zeros = jnp.zeros((st.batch, st.kv_heads, st.block_k, st.head_dim), _F32)
         carry = lax.fori_loop(lo, full_lo, q_step(True), (zeros, zeros, dq_t))
-        dk, dv, dq_t = lax.fori_loop(full_lo, st.nq, q_step(False), carry)
+        dk, dv, dq_t = lax.fori_loop(full_lo, stop, q_step(False), carry)
         return dq_t, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq_t = jnp.zeros(qt.shape, _F32)
@@ -335,6 +353,7 @@ def attention(
     dropout_rate: float,
     dropout_seed: jax.Array | None,
     block_size: int,
+    window: int | None = None,
 ) -> jax.Array:
     """Same contract as `reference.attention`; `block_size` tiles q and kv."""
     b, q_len, heads, d = q.shape
@@ -351,6 +370,7 @@ def attention(
         causal=causal,
         sm_scale=sm_scale,
         dropout_rate=dropout_rate,
+        window=window,
     )
     seg = q_segment_ids is not None
     ex = _Extras(

@@ -33,10 +33,12 @@ def attention(
     sm_scale: float,
     dropout_rate: float,
     dropout_seed: jax.Array | None,
+    window: int | None = None,
 ) -> jax.Array:
     """Attention of `q [b, q_len, heads, d]` over `k, v [b, kv_len, kv_heads, d]`.
 
-    `mask` is `None` or boolean `[b | 1, heads | 1, q_len | 1, kv_len | 1]`.
+    `mask` is `None` or boolean `[b | 1, heads | 1, q_len | 1, kv_len | 1]`; `window` a
+    causal sliding window (`_masking.visible`).
     """
     b, q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -54,6 +56,7 @@ def attention(
         q_seg=q_segment_ids[:, None, None, :, None] if seg else None,
         kv_seg=kv_segment_ids[:, None, None, None, :] if seg else None,
         mask=grouped_mask(mask, kv_heads),
+        window=window,
     )
     if vis is not None:
         s = jnp.where(vis, s, MASK_VALUE)

@@ -36,7 +36,9 @@ class TPUMultiHeadAttention(eqx.Module):
 
     `num_kv_heads < num_heads` gives grouped-query attention (the kernels never
     materialise repeated keys). With `use_flash_attn=False` the naive reference
-    attention runs instead (debugging, oracles).
+    attention runs instead (debugging, oracles). `sliding_window` limits each query
+    to the last `sliding_window` positions (Mistral); `qkv_bias` gives the q/k/v
+    projections a bias (Qwen2) whatever `use_bias` says of the output projection.
     """
 
     q_proj: Linear
@@ -50,6 +52,7 @@ class TPUMultiHeadAttention(eqx.Module):
     use_flash_attn: bool = eqx.field(static=True)
     implementation: str = eqx.field(static=True)
     block_size: int = eqx.field(static=True)
+    sliding_window: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -61,6 +64,8 @@ class TPUMultiHeadAttention(eqx.Module):
         *,
         num_kv_heads: int | None = None,
         use_bias: bool = False,
+        qkv_bias: bool = False,
+        sliding_window: int | None = None,
         rope_theta: float = 10000.0,
         implementation: str = "auto",
         block_size: int = 128,
@@ -74,12 +79,12 @@ class TPUMultiHeadAttention(eqx.Module):
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         kq, kk, kv, ko = jax.random.split(key, 4)
-        common = dict(use_bias=use_bias, use_fp8=use_fp8, block_size=fp8_block_size,
-                      fp8_scaling=fp8_scaling, dtype=dtype)
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, init_std=init_std, key=kq, **common)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kk, **common)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kv, **common)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size,
+        common = dict(use_fp8=use_fp8, block_size=fp8_block_size, fp8_scaling=fp8_scaling, dtype=dtype)
+        qkv = dict(common, use_bias=use_bias or qkv_bias)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, init_std=init_std, key=kq, **qkv)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kk, **qkv)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kv, **qkv)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, use_bias=use_bias,
                              init_std=init_std if out_init_std is None else out_init_std, key=ko, **common)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -88,6 +93,7 @@ class TPUMultiHeadAttention(eqx.Module):
         self.use_flash_attn = use_flash_attn
         self.implementation = implementation
         self.block_size = block_size
+        self.sliding_window = sliding_window
 
     def __check_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -132,7 +138,8 @@ class TPUMultiHeadAttention(eqx.Module):
             if positions is None:
                 positions = default_positions(segment_ids, x.shape[:2])
             q, k, v = self._project(x, positions)
-            return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids)
+            return self._attend(q, k, v, mask=mask, causal=causal, segment_ids=segment_ids,
+                                window=self.sliding_window)
 
     def decode(
         self,
@@ -146,8 +153,9 @@ class TPUMultiHeadAttention(eqx.Module):
 
         The new keys/values are written at `positions` (per row, so rows of a batch
         may sit at different lengths), then each query attends to every cached slot
-        at or before its own position. Slots past a row's position hold stale or
-        padding entries and are masked out.
+        at or before its own position (and, with a sliding window, after its position
+        minus the window). Slots past a row's position hold stale or padding entries and
+        are masked out.
         """
         with jax.named_scope("attention"):
             q, k, v = self._project(x, positions)
@@ -156,5 +164,7 @@ class TPUMultiHeadAttention(eqx.Module):
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
             slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
             visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
+            if self.sliding_window is not None:
+                visible = visible & (slots[None, None, None, :] > positions[:, None, :, None] - self.sliding_window)
             out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
             return out, k_cache, v_cache

@@ -38,7 +38,8 @@ class Block(eqx.Module):
         self.attn_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
         self.attn = TPUMultiHeadAttention(
             config.hidden_size, config.num_heads, config.dim_per_head,
-            use_fp8=fp8_attn, num_kv_heads=config.kv_heads, rope_theta=config.rope_theta,
+            use_fp8=fp8_attn, num_kv_heads=config.kv_heads, qkv_bias=config.qkv_bias,
+            sliding_window=config.sliding_window, rope_theta=config.rope_theta,
             implementation=config.attention_impl, block_size=config.attention_block_size,
             fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
             init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=ka,
