@@ -67,6 +67,8 @@ class Chip:
     """Device memory (HBM) per chip."""
     hbm_bandwidth: float | None = None
     """HBM bytes/s per chip."""
+    ici_bandwidth: float | None = None
+    """Bidirectional inter-chip bytes/s per chip (all links together)."""
 
 
 # Matched (case-insensitively) as substrings of `device_kind`, first match wins, so
@@ -74,18 +76,18 @@ class Chip:
 # architecture pages (v4, v5e, v5p, v6e); GPU figures: NVIDIA data sheets (dense,
 # without sparsity).
 CHIPS: tuple[Chip, ...] = (
-    Chip("H200", 989e12, 141 * 10**9, 4.8e12),
-    Chip("H100", 989e12, 80 * 10**9, 3.35e12),
-    Chip("A100", 312e12, 80 * 10**9, 2.0e12),
+    Chip("H200", 989e12, 141 * 10**9, 4.8e12, 900e9),  # NVLink 4
+    Chip("H100", 989e12, 80 * 10**9, 3.35e12, 900e9),
+    Chip("A100", 312e12, 80 * 10**9, 2.0e12, 600e9),
     Chip("L40S", 362e12, 48 * 10**9, 0.864e12),
     Chip("L4", 121e12, 24 * 10**9, 0.3e12),
     Chip("A10", 125e12, 24 * 10**9, 0.6e12),
     Chip("V100", 125e12, 32 * 10**9, 0.9e12),
-    Chip("TPU v6 lite", 918e12, 32 * 10**9, 1640e9),  # v6e (Trillium)
-    Chip("TPU v6", 918e12, 32 * 10**9, 1640e9),
-    Chip("TPU v5 lite", 197e12, 16 * 10**9, 819e9),  # v5e
-    Chip("TPU v5p", 459e12, 95 * 10**9, 2765e9),
-    Chip("TPU v5", 459e12, 95 * 10**9, 2765e9),  # libtpu names v5p chips "TPU v5"
+    Chip("TPU v6 lite", 918e12, 32 * 10**9, 1638e9, 800e9),  # v6e (Trillium)
+    Chip("TPU v6", 918e12, 32 * 10**9, 1638e9, 800e9),
+    Chip("TPU v5 lite", 197e12, 16 * 10**9, 819e9, 400e9),  # v5e
+    Chip("TPU v5p", 459e12, 95 * 10**9, 2765e9, 1200e9),
+    Chip("TPU v5", 459e12, 95 * 10**9, 2765e9, 1200e9),  # libtpu names v5p chips "TPU v5"
     Chip("TPU v4", 275e12, 32 * 2**30, 1228e9),
     Chip("TPU v3", 123e12, 32 * 2**30, 900e9),
 )
@@ -268,8 +270,9 @@ class Plan:
     """One configuration's compiled footprint and estimated speed (per chip unless named).
 
     `estimated_step_s` is a roofline **estimate**: `max(hardware FLOPs / peak,
-    estimated HBM bytes / bandwidth)` from the chip's published figures; it ignores
-    collectives (ICI), kernel efficiency and overlap, so a real step is slower.
+    estimated HBM bytes / HBM bandwidth, estimated collective bytes / ICI bandwidth)`
+    from the chip's published figures: perfect overlap, ideal kernels and links (a
+    real step is slower); useful to rank meshes, not to promise a time.
     """
 
     topology: str
@@ -292,6 +295,9 @@ class Plan:
     estimated_step_s: float
     estimated_mfu: float
     estimated_hbm_traffic_bytes: float
+    estimated_collective_bytes: float
+    estimated_total_bytes: float
+    """Per-chip footprint from formulas (`estimated_footprint`), for ranking a search before compiling."""
     compile_s: float | None
     compiled: bool
     error: str | None = None
@@ -310,6 +316,43 @@ def _per_chip_state_bytes(state) -> int:
     return total
 
 
+def _weight_counts(model_config: ModelConfig) -> tuple[int, int]:
+    """(dense parameters, routed-expert parameters) of the model."""
+    abstract = eqx.filter_eval_shape(VishwamAI, model_config, key=jax.random.key(0))
+    routed = sum(math.prod(x.shape) for stage in abstract.stages for block in stage.blocks if block.is_moe
+                 for x in jax.tree_util.tree_leaves(block.mlp.experts) if _is_abstract(x))
+    return count_parameters(model_config)["total"] - routed, routed
+
+
+def estimated_collective_bytes(model_config: ModelConfig, train_config: TrainConfig,
+                               mesh_sizes: Mapping[str, int]) -> float:
+    """Estimated bytes one chip sends over the inter-chip links in one step (an estimate).
+
+    Terms, each `(n - 1) / n` of the data along an axis of size `n`: FSDP all-gathers of
+    the weights a chip uses (compute dtype; forward, backward, and the remat forward)
+    and reduce-scatters of their fp32 gradients, per micro-batch; the data axis'
+    gradient all-reduce (twice the shard); the expert axis' two all-to-alls per MoE
+    layer and pass (tokens x top-k x hidden, times the capacity factor); the tensor
+    axis' two activation all-reduces per layer and pass.
+    """
+    c = jnp.dtype(model_config.compute_dtype).itemsize
+    data, fsdp = mesh_sizes.get("data", 1), mesh_sizes.get("fsdp", 1)
+    expert, tensor = mesh_sizes.get("expert", 1), mesh_sizes.get("tensor", 1)
+    dense, routed = _weight_counts(model_config)
+    used = (dense + routed / expert) / tensor
+    passes = 3 if model_config.remat_policy == "full" else 2
+    frac = lambda n: (n - 1) / n  # noqa: E731
+    accum = train_config.accum_steps
+    fsdp_bytes = accum * used * frac(fsdp) * (passes * c + 4)
+    data_bytes = 2 * 4 * used / fsdp * frac(data)
+    tokens = train_config.micro_batch_size * train_config.seq_len / max(data * fsdp * expert, 1)
+    capacity = model_config.capacity_factor or 1.0
+    a2a = accum * model_config.num_moe_layers * (2 * passes) * tokens * model_config.experts_per_token \
+        * model_config.hidden_size * c * capacity * frac(expert)
+    tp = accum * model_config.num_layers * (2 * passes) * 2 * tokens * model_config.hidden_size * c * frac(tensor)
+    return fsdp_bytes + data_bytes + a2a + tp
+
+
 def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, mesh_sizes: Mapping[str, int],
                           state_bytes_per_chip: int) -> float:
     """Estimated HBM bytes one chip reads and writes in one step (an estimate, see `Plan`).
@@ -322,11 +365,7 @@ def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, 
     about `12 * hidden + 3 * ffn * top_k` values written and read back three times.
     """
     compute_bytes = jnp.dtype(model_config.compute_dtype).itemsize
-    counts = count_parameters(model_config)
-    abstract = eqx.filter_eval_shape(VishwamAI, model_config, key=jax.random.key(0))
-    routed = sum(math.prod(x.shape) for stage in abstract.stages for block in stage.blocks if block.is_moe
-                 for x in jax.tree_util.tree_leaves(block.mlp.experts) if _is_abstract(x))
-    dense = counts["total"] - routed
+    dense, routed = _weight_counts(model_config)
     expert, tensor = mesh_sizes.get("expert", 1), mesh_sizes.get("tensor", 1)
     weights = (dense + routed / expert) / tensor
     passes = 4 if model_config.remat_policy == "full" else 3
@@ -336,6 +375,35 @@ def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, 
     activations = tokens_per_chip * model_config.num_layers * per_token * compute_bytes * 3 / tensor
     return 7.0 / 3.0 * state_bytes_per_chip + weights * compute_bytes * passes * train_config.accum_steps \
         + activations
+
+
+_SAVED_PER_TOKEN_LAYER = {
+    # Values saved per token and layer for the backward, by remat policy (from what each
+    # policy keeps: the block input; matmul outputs; attention output; everything).
+    "full": lambda h, f, k: h,
+    "save_attention_output": lambda h, f, k: 2 * h,
+    "dots_saveable": lambda h, f, k: 6 * h + 3 * f * k,
+    "offload_dots": lambda h, f, k: h,
+    "none": lambda h, f, k: 16 * h + 5 * f * k,
+}
+
+
+def estimated_footprint(model_config: ModelConfig, train_config: TrainConfig, mesh_sizes: Mapping[str, int],
+                        state_bytes_per_chip: int) -> float:
+    """Per-chip bytes from formulas (an estimate; the compile gives the real figure): the
+    state (parameters and moments), fp32 gradients (a third of it), activations saved for
+    the backward by the remat policy, plus one layer's working set and one logits chunk."""
+    h, f, k = model_config.hidden_size, model_config.ffn_dim, model_config.experts_per_token
+    compute_bytes = jnp.dtype(model_config.compute_dtype).itemsize
+    chips = math.prod(mesh_sizes.values())
+    tensor = mesh_sizes.get("tensor", 1)
+    tokens = train_config.micro_batch_size * train_config.seq_len / max(chips // tensor, 1)
+    saved = _SAVED_PER_TOKEN_LAYER.get(model_config.remat_policy, _SAVED_PER_TOKEN_LAYER["none"])(h, f, k)
+    activations = tokens * model_config.num_layers * saved * compute_bytes / tensor
+    working = tokens * (16 * h + 5 * f * k) * 4 / tensor
+    chunk = min(train_config.loss_chunk_size or train_config.seq_len, train_config.seq_len)
+    logits = tokens / train_config.seq_len * chunk * model_config.vocab_size * 4 * 3 / tensor
+    return state_bytes_per_chip * 4 / 3 + activations + working + logits
 
 
 def plan(
@@ -369,9 +437,11 @@ def plan(
         * train_config.seq_len
     hardware_flops = flops * _REMAT_RECOMPUTE.get(model_config.remat_policy, 1.0)
     traffic = estimated_hbm_traffic(model_config, train_config, sizes, state_bytes)
+    collective = estimated_collective_bytes(model_config, train_config, sizes)
     if chip is not None:
         step_s = max(hardware_flops / (len(devices) * chip.bf16_flops),
-                     traffic / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0)
+                     traffic / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0,
+                     collective / chip.ici_bandwidth if chip.ici_bandwidth else 0.0)
         mfu = flops / (len(devices) * chip.bf16_flops * step_s)
     else:
         step_s, mfu = float("nan"), float("nan")
@@ -395,7 +465,9 @@ def plan(
                 remat_policy=model_config.remat_policy, per_chip_bytes=per_chip,
                 hbm_bytes=None if chip is None else chip.hbm_bytes, fits=fits, hbm_fraction=hbm_fraction,
                 model_flops_per_step=flops, estimated_step_s=step_s, estimated_mfu=mfu,
-                estimated_hbm_traffic_bytes=traffic, compile_s=seconds, compiled=per_chip is not None,
+                estimated_hbm_traffic_bytes=traffic, estimated_collective_bytes=collective,
+                estimated_total_bytes=estimated_footprint(model_config, train_config, sizes, state_bytes),
+                compile_s=seconds, compiled=per_chip is not None,
                 error=error)
 
 
@@ -443,7 +515,8 @@ def search_plans(
     devices: Sequence[jax.Device] | None = None,
 ) -> list[Plan]:
     """Try meshes, remat policies and micro-batch sizes; compile the `compile_top`
-    fastest by the estimate (the rest keep their estimates, `compiled=False`).
+    fastest by the estimate among those whose `estimated_total_bytes` fits (the rest
+    keep their estimates, `compiled=False`).
 
     Meshes with more than `max_data` pure data-parallel replicas are left out (each
     replica holds a whole copy of the sharded state). Returns plans sorted by
@@ -462,7 +535,12 @@ def search_plans(
             candidates.append((model_config.replace(remat_policy=policy), tc, mesh_sizes))
     estimates = [plan(mc, tc, topology, sizes, compile=False, hbm_fraction=hbm_fraction, devices=devices)
                  for mc, tc, sizes in candidates]
-    order = sorted(range(len(candidates)), key=lambda i: estimates[i].estimated_step_s)
+    # Fastest first among those the formulas expect to fit; the compile then decides.
+    budget = (estimates[0].hbm_bytes or float("inf")) * hbm_fraction if estimates else 0.0
+    # Ties (compute-bound estimates) go to the mesh that moves fewer bytes between chips.
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (estimates[i].estimated_total_bytes > budget, estimates[i].estimated_step_s,
+                                  estimates[i].estimated_collective_bytes))
     results = list(estimates)
     for rank, i in enumerate(order[:compile_top]):
         mc, tc, sizes = candidates[i]
@@ -470,7 +548,8 @@ def search_plans(
             progress(f"compiling {rank + 1}/{min(compile_top, len(order))}: mesh {_mesh_text(sizes)}, remat "
                      f"{mc.remat_policy}, accum {tc.accum_steps}")
         results[i] = plan(mc, tc, topology, sizes, compile=True, hbm_fraction=hbm_fraction, devices=devices)
-    return sorted(results, key=lambda p: (not p.compiled, p.fits is False, p.estimated_step_s))
+    return sorted(results, key=lambda p: (not p.compiled, p.fits is False, p.estimated_step_s,
+                                          p.estimated_collective_bytes))
 
 
 def _mesh_text(sizes: Mapping[str, int]) -> str:
