@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig, TrainConfig
+from ..files import atomic_write_text
 from ..model import VishwamAI, count_parameters
 from .checkpoint import Checkpointer, check_compatible, combine_arrays, partition_arrays
 from .metrics_db import MetricsDB
@@ -543,7 +544,7 @@ class _Run:
         if not t.is_main:
             return
         t.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(t.run_dir / "config.json", json.dumps(t.full_config(), indent=2, sort_keys=True,
+        atomic_write_text(t.run_dir / "config.json", json.dumps(t.full_config(), indent=2, sort_keys=True,
                                                                   default=str))
         tokenizer = getattr(t.pipeline, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -727,12 +728,6 @@ class _Run:
         interactive = sys.stderr.isatty()
         self.pbar = tqdm(total=t.max_steps, initial=start, unit="step", desc=self.run.name, dynamic_ncols=True,
                          mininterval=0.5 if interactive else 10.0, smoothing=0.1, file=sys.stderr)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ runs on disk
