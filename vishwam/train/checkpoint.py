@@ -229,6 +229,10 @@ class Checkpointer:
         """Block until pending saves are on disk (re-raises a failed background save)."""
         self._manager.wait_until_finished()
 
+    def saving(self) -> bool:
+        """True while an asynchronous save is still being written (not yet committed)."""
+        return self._manager.is_saving_in_progress()
+
     def close(self) -> None:
         """Finish pending saves and release the manager. Safe to call twice."""
         if self._closed:

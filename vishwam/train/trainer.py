@@ -21,9 +21,11 @@ at any point and started again reproduces the uninterrupted run's parameters and
 per-step metrics bit for bit. Metrics are flushed to DuckDB before every
 checkpoint, and a resumed run rewinds the rows of the steps it repeats.
 
-Stopping: SIGTERM or SIGINT (Ctrl-C) finishes the current step, writes a final
-checkpoint, closes the database (`status = 'stopped'`) and returns; a second
-signal interrupts at once. On an exception the checkpoint manager still waits
+Stopping: SIGTERM or SIGINT (Ctrl-C) finishes the current step (an evaluation stops
+at its next batch and is not logged), writes a final checkpoint, closes the database
+(`status = 'stopped'`) and returns; a second signal interrupts at once. The events
+table names a checkpoint only once orbax has committed it (an asynchronous save is
+logged when it completes, not when it starts). On an exception the checkpoint manager still waits
 for saves already started and the database is closed (`status = 'failed'`).
 
 Non-finite losses (`TrainConfig.nan_policy`): `"stop"` raises `TrainingDiverged`
@@ -69,7 +71,8 @@ from .step import TrainState, init_train_state, make_eval_step, make_train_step
 
 Callback = Callable[[str, int, Mapping[str, Any]], None]
 """`callback(kind, step, detail)`: every event the trainer records (`start`, `resume`,
-`eval`, `checkpoint`, `nan`, `stop`, `finish`) plus `step` with the step's metrics."""
+`eval`, `checkpoint` once orbax has committed that step, `nan`, `stop`, `finish`) plus
+`step` with the step's metrics and `checkpoint_started` when a save begins (not recorded)."""
 
 _RESUME_MODES = ("auto", "require", "never")
 _DB_LOCKED_MODES = ("raise", "fallback")
@@ -415,6 +418,8 @@ class _Run:
         self.skipped = 0
         self.consecutive_skips = 0
         self.last_checkpoint: int | None = None
+        self.uncommitted: list[tuple[int, dict[str, Any]]] = []  # saves started, not yet logged
+        self.signals: _StopSignals | None = None
         self.pbar = None
         self.postfix: dict[str, str] = {}
         self.last_done = time.perf_counter()
@@ -429,7 +434,7 @@ class _Run:
         t, run = self.t, self.run
         began = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            signals = stack.enter_context(_StopSignals(run.handle_signals))
+            signals = self.signals = stack.enter_context(_StopSignals(run.handle_signals))
             if run.resume == "never" and self.t.is_main and t.checkpoint_dir.exists():
                 shutil.rmtree(t.checkpoint_dir)
             self.ckpt = stack.enter_context(Checkpointer(t.checkpoint_dir, keep=run.keep_checkpoints,
@@ -468,10 +473,11 @@ class _Run:
                 else:
                     if self.last_eval is None or self.last_eval["step"] != step:
                         self._evaluate(eval_step, state.model, step)
-                    self._save(state, step, force_wait=False)
+                    self._save(state, step, force_wait=True)
                     self._record(step, "finish", {"reason": reason, "skipped": self.skipped})
             self._close_pbar()
             self.ckpt.wait()
+            self._log_committed()
             t.pipeline.model = state.model
             pipeline_path = None
             if self.final_status is None:
@@ -569,6 +575,7 @@ class _Run:
                 break
             state, metrics = train_step(state, t._place_batch(batch))
             step += 1
+            self._log_committed()
             # One step of lag: the device runs step n while the host reads step n - 1.
             if pending is not None:
                 self._finish_step(*pending)
@@ -663,6 +670,10 @@ class _Run:
         for batch in loader:
             if self.run.eval_batches is not None and batches >= self.run.eval_batches:
                 break
+            if self.signals is not None and self.signals.signum is not None:
+                # A part of the validation set is not the validation loss: nothing is logged.
+                self._note(f"step {step}: evaluation stopped by {self.signals.name} after {batches} batches")
+                return None
             out = eval_step(model, self.t._place_batch(batch))
             nll, tokens, batches = nll + out["nll_sum"], tokens + out["tokens"], batches + 1
         if batches == 0:
@@ -691,9 +702,19 @@ class _Run:
         arrays, _ = partition_arrays(state)
         if self.ckpt.save(step, arrays, meta):
             self.last_checkpoint = step
-            self._record(step, "checkpoint", {"directory": str(t.checkpoint_dir / str(step))})
+            detail = {"directory": str(t.checkpoint_dir / str(step))}
+            t._emit("checkpoint_started", step, detail)
+            self.uncommitted.append((step, detail))
         if force_wait:
             self.ckpt.wait()
+        self._log_committed()
+
+    def _log_committed(self) -> None:
+        """Record the `checkpoint` event of saves orbax has finished (all of them, or none yet)."""
+        if self.uncommitted and not self.ckpt.saving():
+            for step, detail in self.uncommitted:
+                self._record(step, "checkpoint", detail)
+            self.uncommitted.clear()
 
     def _export(self, state: TrainState) -> Path | None:
         t = self.t
