@@ -95,6 +95,10 @@ def _parse_text(cls_name: str, name: str, text: str, kind: type, optional: bool,
     return text
 
 
+# The config classes check their own field types (`_check_types`: a ValueError naming the field,
+# the value and the fix); `no_type_check` keeps a run-time type checker (jaxtyping's import hook
+# in the tests) from refusing a bad value first with a generic TypeError.
+@typing.no_type_check
 class _JsonConfig:
     """JSON round trip shared by the config dataclasses (no pickle: configs are JSON)."""
 
@@ -177,6 +181,7 @@ class _JsonConfig:
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
     """Everything that fixes the shape and the arithmetic of a `VishwamAI` model.
@@ -399,6 +404,7 @@ def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
 NanPolicy = Literal["stop", "skip"]
 
 
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_JsonConfig):
     """Everything that fixes one optimisation step: optimiser, schedule, batch, losses.

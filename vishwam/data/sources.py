@@ -143,7 +143,9 @@ class TextFiles(Source):
     def read(self) -> SourceText:
         documents, replaced, per_file = [], 0, []
         for path in self._files():
-            text, bad = _decode(Path(path).read_bytes(), self.encoding, self.errors, path)
+            raw = Path(path).read_bytes()
+            _refuse_binary(raw, path)
+            text, bad = _decode(raw, self.encoding, self.errors, path)
             if bad:
                 replaced += bad
                 per_file.append(f"{path}: {bad}")
@@ -277,6 +279,16 @@ def _expand(patterns: tuple[str, ...]) -> list[str]:
                                     "check the path or the glob.")
         files.update(dict.fromkeys(matches))
     return list(files)
+
+
+def _refuse_binary(raw: bytes, path: str) -> None:
+    """Text has no NUL bytes; a file with some is a database, an archive or an image, not a corpus."""
+    if raw[8:12] == b"DUCK":
+        raise ValueError(f"{path} is a DuckDB database file, not a text or table file; export the table "
+                         "first (in duckdb: COPY my_table TO 'corpus.parquet') and pass that.")
+    if b"\x00" in raw[:8192]:
+        raise ValueError(f"{path} is a binary file (it holds NUL bytes), not text; pass text files, or "
+                         ".jsonl/.parquet/.csv tables.")
 
 
 def _decode(raw: bytes, encoding: str, errors: str, path: str) -> tuple[str, int]:
