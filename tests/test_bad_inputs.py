@@ -405,6 +405,7 @@ def _cli(id: str, script: str, argv: str, code: int, *words: str) -> Cli:
 
 TRAIN = "--preset tiny --tokenizer tok --data corpus.jsonl --batch 2 --seq-len 16 --steps 1 --no-progress --runs runs"
 RUN = "runs/run"
+RESUME = f"{TRAIN} --steps 2 --checkpoint-every 1 --set tie_embeddings=true --max-steps 3"  # the fixture run's
 CLI_ROWS = [
     # configs and flags
     _cli("set unknown", "train.py", f"{TRAIN} --name c1 --set tie_embedings=false", 2,
@@ -448,11 +449,11 @@ CLI_ROWS = [
          "not a valid SentencePiece model"),
     _cli("tokenizer ids", "train.py", f"{TRAIN} --name c31 --tokenizer wrong_ids_tok", 2, "[PAD]=0"),
     # checkpoints: the finished run again with another optimiser, another tokenizer, a damaged checkpoint
-    _cli("checkpoint other config", "train.py", f"{TRAIN} --name run --steps 3 --lr 0.5", 2,
+    _cli("checkpoint other config", "train.py", f"{RESUME} --name run --lr 0.5", 2,
          "train.learning_rate", "now=0.5"),
-    _cli("checkpoint other tokenizer", "train.py", f"{TRAIN} --name run --steps 3 --tokenizer other_tok", 2,
+    _cli("checkpoint other tokenizer", "train.py", f"{RESUME} --name run --tokenizer other_tok", 2,
          "tokenizer: checkpoint="),
-    _cli("checkpoint truncated", "train.py", f"{TRAIN} --name truncated_run --steps 3 --tokenizer tok", 2,
+    _cli("checkpoint truncated", "train.py", f"{RESUME} --name truncated_run", 2,
          "truncated_run", "damaged"),
     # generation
     _cli("generate nothing", "generate.py", "nowhere hello", 2, "nowhere", "no such directory"),
@@ -550,7 +551,8 @@ def test_scripts_refuse_bad_input_with_one_error_line(cli_results, row):
     err = got["stderr"]
     assert got["code"] == row.code, (row.code, got["code"], err[-2000:])
     assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    # `error: ...` from vishwam.cli; argparse's own usage errors end `<script>: error: ...`.
+    errors = [line for line in err.splitlines() if line.startswith("error: ") or ".py: error: " in line]
     assert errors, err[-2000:]
     missing = [w for w in row.words if w.lower() not in err.lower()]
     assert not missing, f"{missing} not in {err!r}"
@@ -610,19 +612,29 @@ def _config_dicts(draw) -> dict[str, Any]:
     return {**base, **{name: draw(_FIELDS[name]) for name in names}}
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(data=_config_dicts())
-def test_random_config_dicts_build_and_run_or_name_a_field(data):
-    try:
-        config = ModelConfig.from_dict(data)
-    except ValueError as error:
-        message = str(error)
-        named = [name for name in data if f"'{name}'" in message or f"ModelConfig.{name}" in message]
-        assert named, message
-        return
-    model = VishwamAI(config, key=jax.random.key(0))
-    tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8) % config.vocab_size
-    logits, _ = model(tokens[:, : min(8, config.max_seq_len)])
-    assert logits.shape == (1, min(8, config.max_seq_len), config.vocab_size)
-    assert bool(jnp.all(jnp.isfinite(logits)))
+def test_random_config_dicts_build_and_run_or_name_a_field():
+    outcomes = {"built": 0, "refused": 0}
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=_config_dicts())
+    def check(data):
+        try:
+            config = ModelConfig.from_dict(data)
+        except ValueError as error:
+            message = str(error)
+            named = [name for name in data if f"'{name}'" in message or f"ModelConfig.{name}" in message]
+            assert named, message
+            outcomes["refused"] += 1
+            return
+        model = VishwamAI(config, key=jax.random.key(0))
+        length = min(8, config.max_seq_len)
+        tokens = (jnp.arange(length, dtype=jnp.int32) % config.vocab_size)[None]
+        logits, _ = model(tokens)
+        assert logits.shape == (1, length, config.vocab_size)
+        assert bool(jnp.all(jnp.isfinite(logits)))
+        outcomes["built"] += 1
+
+    check()
+    # Both branches were exercised (the draws are derandomised, so this is stable).
+    assert outcomes["built"] >= 3 and outcomes["refused"] >= 3, outcomes

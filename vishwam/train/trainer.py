@@ -446,12 +446,13 @@ class _Run:
                                         "start without --resume (or with --new).")
             if latest is not None:
                 check_compatible(self.ckpt.read_meta(latest).get("config"), t.compatibility_config())
+            # Restored before the database is touched too: a damaged checkpoint leaves the records alone.
+            state, start = self._initial_state(latest)
             self.db = MetricsDB(t.metrics_path, run.name, t.full_config(), flush_every=run.flush_every,
                                 on_locked=run.on_db_locked)
             stack.push(self._close_db)
             stack.callback(self._close_pbar)
-
-            state, start = self._initial_state(latest)
+            self._record_start(latest, start)
             self._write_run_files()
             teacher = None if t.teacher is None else t._place_tree(t.teacher)
             train_step = make_train_step(t.model_config, t.config, teacher=teacher)
@@ -522,10 +523,6 @@ class _Run:
         model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
         state = t._place_tree(init_train_state(model, t.config, key=key))
         if latest is None:
-            if self.db.resumed:
-                # The run id exists but has no checkpoint: its rows belong to a trajectory we cannot continue.
-                self.db.rewind(-1)
-            self._record(0, "start", {"max_steps": t.max_steps})
             return state, 0
         arrays, static = partition_arrays(state)
         restored, meta = self.ckpt.restore(latest, arrays)
@@ -541,9 +538,17 @@ class _Run:
         self.last_eval = meta.get("last_eval")
         self.skipped = int(meta.get("skipped", 0))
         self.last_checkpoint = latest
+        return state, start
+
+    def _record_start(self, latest: int | None, start: int) -> None:
+        if latest is None:
+            if self.db.resumed:
+                # The run id exists but has no checkpoint: its rows belong to a trajectory we cannot continue.
+                self.db.rewind(-1)
+            self._record(0, "start", {"max_steps": self.t.max_steps})
+            return
         deleted = self.db.rewind(start)
         self._record(start, "resume", {"checkpoint": latest, "rewound_rows": deleted})
-        return state, start
 
     def _write_run_files(self) -> None:
         t = self.t
