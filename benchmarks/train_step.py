@@ -13,6 +13,10 @@ Variants (fp32, one device, random tokens, every token in the loss, no packing):
   AdamW, no RoPE): what the library's step should at least match.
 - `small-dense` / `small-moe`: the `small` preset (hidden 256, 4 layers, seq 256,
   batch 16) with one dense MLP per layer / with its 4 experts, top-2, capacity 1.25.
+- `ref-full-logits` / `small-moe-full-logits`: as `ref` / `small-moe` with
+  `loss_chunk_size=None`: the LM head writes all `[batch, seq, vocab]` fp32 logits
+  before the loss, instead of the default fused head + cross-entropy over chunks
+  of 512 positions. `--memory` also prints the compiled step's temporaries of both.
 
 MFU = model FLOPs per second / best fp32 matmul FLOP/s over two large shapes,
 measured in every repetition next to the steps (median over repetitions). Model
@@ -36,7 +40,10 @@ import optax
 
 from vishwam import ModelConfig, VishwamAI
 from vishwam.config import TrainConfig
+from vishwam.memory import compiled_memory
+from vishwam.plan import fresh_train_state
 from vishwam.train import init_train_state, make_train_step, model_flops_per_token
+from vishwam.train.step import train_update
 
 REF = ModelConfig(vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, ffn_dim=1408, num_experts=1,
                   experts_per_token=1, max_seq_len=512, tie_embeddings=True)
@@ -65,9 +72,9 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
 
 
 # --------------------------------------------------------------- vishwam step
-def vishwam_variant(model_config: ModelConfig, batch: int, seq: int, accum: int):
+def vishwam_variant(model_config: ModelConfig, batch: int, seq: int, accum: int, chunk: int | None = 512):
     train_config = TrainConfig(batch_size=batch, seq_len=seq, accum_steps=accum, warmup_steps=10,
-                               total_steps=1000)
+                               total_steps=1000, loss_chunk_size=chunk)
     model = eqx.filter_jit(VishwamAI)(model_config, key=jax.random.key(0))
     holder = {"state": init_train_state(model, train_config, key=jax.random.key(1))}
     step = make_train_step(model_config, train_config)
@@ -139,21 +146,36 @@ def plain_variant(config: ModelConfig, batch: int, seq: int):
     return run, model_flops_per_token(config, seq) * batch * seq
 
 
+def step_temporaries(model_config: ModelConfig, batch: int, seq: int, chunk: int | None) -> int:
+    """Temporary bytes of the compiled train step (XLA's memory analysis, abstract inputs)."""
+    train_config = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=10, total_steps=1000,
+                               loss_chunk_size=chunk)
+    state = eqx.filter_eval_shape(fresh_train_state, model_config, train_config)
+    data = jax.eval_shape(lambda: random_batch(batch, seq, model_config.vocab_size))
+    stats = compiled_memory(train_update(model_config, train_config), (data, None), state, donate=True)
+    return stats["temp_size_in_bytes"]
+
+
 VARIANTS = {
     "ref": lambda: vishwam_variant(REF, 8, 512, 1),
+    "ref-full-logits": lambda: vishwam_variant(REF, 8, 512, 1, None),
+    "small-moe-full-logits": lambda: vishwam_variant(SMALL, 16, 256, 1, None),
     "ref-accum4": lambda: vishwam_variant(REF, 8, 512, 4),
     "plain": lambda: plain_variant(REF, 8, 512),
     "small-dense": lambda: vishwam_variant(SMALL.replace(num_experts=1, experts_per_token=1), 16, 256, 1),
     "small-moe": lambda: vishwam_variant(SMALL, 16, 256, 1),
 }
-TOKENS = {"ref": 8 * 512, "ref-accum4": 8 * 512, "plain": 8 * 512, "small-dense": 16 * 256, "small-moe": 16 * 256}
-SAME_SHAPES_AS_PLAIN = ("ref", "ref-accum4", "plain")
+TOKENS = {"ref": 8 * 512, "ref-full-logits": 8 * 512, "ref-accum4": 8 * 512, "plain": 8 * 512,
+          "small-dense": 16 * 256, "small-moe": 16 * 256, "small-moe-full-logits": 16 * 256}
+SAME_SHAPES_AS_PLAIN = ("ref", "ref-full-logits", "ref-accum4", "plain")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--memory", action="store_true",
+                        help="also print the compiled step's temporaries, fused-chunked vs full-logits loss")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -195,6 +217,14 @@ def main():
     print(f"\nmatmul peak per repetition (GFLOP/s): {', '.join(f'{p / 1e9:.1f}' for p in peaks)}")
     if "ref" in median and "ref-accum4" in median:
         print(f"accum 4 / accum 1 step time: {median['ref-accum4'] / median['ref']:.3f} (goal <= 1.10)")
+    for fused, full in (("ref", "ref-full-logits"), ("small-moe", "small-moe-full-logits")):
+        if fused in median and full in median:
+            print(f"{fused}: fused chunked head+CE is {median[full] / median[fused]:.2f}x the full-logits step")
+    if args.memory:
+        for label, config, batch, seq in (("ref", REF, 8, 512), ("small-moe", SMALL, 16, 256)):
+            fused, full = (step_temporaries(config, batch, seq, chunk) for chunk in (512, None))
+            print(f"{label}: compiled step temporaries {fused / 2**20:.1f} MiB fused-chunked vs "
+                  f"{full / 2**20:.1f} MiB full logits ({fused / full:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -225,9 +225,8 @@ def _main(argv: list[str], callbacks) -> int:
 
     from vishwam.config import ModelConfig, TrainConfig
     from vishwam.data import make_datasets
-    from vishwam.model import VishwamAI
     from vishwam.pipeline import VishwamAIPipeline
-    from vishwam.train.trainer import RunConfig, VishwamAITrainer, load_run_model
+    from vishwam.train.trainer import RunConfig, VishwamAITrainer, abstract_model, load_run_model
 
     if args.name:
         name = args.name
@@ -313,8 +312,8 @@ def _main(argv: list[str], callbacks) -> int:
         say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
             f"{train_iter.rows.num_tokens:,} train tokens, "
             f"{0 if val_iter is None else val_iter.rows.num_tokens:,} validation tokens")
-        model = VishwamAI(model_config, key=jax.random.key(train_config.seed))
-        pipeline = VishwamAIPipeline(model, tokenizer)
+        # Abstract: the trainer creates the parameters in their shardings from the seed.
+        pipeline = VishwamAIPipeline(abstract_model(model_config), tokenizer)
         trainer = VishwamAITrainer(
             pipeline, train_config, train_iter, val_iter, run=run_config, teacher=teacher, callbacks=callbacks,
             extra_config={"data": {"source": "default corpus" if source is None else source,

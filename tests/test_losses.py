@@ -7,6 +7,7 @@ import pytest
 
 from vishwam.config import ModelConfig
 from vishwam.train.losses import (
+    chunked_lse_and_target,
     cross_entropy_loss,
     distillation_kl,
     distillation_loss,
@@ -155,3 +156,46 @@ def test_moe_aux_loss_uses_config_weights():
     config = ModelConfig.preset("tiny", router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
     aux = {"load_balancing_loss": jnp.asarray(2.0), "router_z_loss": jnp.asarray(3.0)}
     np.testing.assert_allclose(moe_aux_loss(aux, config), 0.1 * 2.0 + 0.01 * 3.0, rtol=1e-6)
+
+
+# ------------------------------------------------- fused, chunked LM head + loss
+def _unchunked_loss(hidden, head, targets, mask, z_coef):
+    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return masked_sum(token_cross_entropy(logits, targets), mask) + z_coef * masked_sum(logit_z_loss(logits), mask)
+
+
+def _chunked_loss(hidden, head, targets, mask, z_coef, chunk):
+    lse, target_logit = chunked_lse_and_target(hidden, head, targets, chunk)
+    return masked_sum(lse - target_logit, mask) + z_coef * masked_sum(jnp.square(lse), mask)
+
+
+@pytest.mark.parametrize("seq, chunk", [(24, 8), (23, 8), (23, 64), (16, 1)])
+def test_chunked_head_loss_equals_full_logits_in_values_and_gradients(seq, chunk):
+    rng = np.random.default_rng(seq * 100 + chunk)
+    batch, width, vocab = 3, 16, 37
+    hidden = jnp.asarray(rng.standard_normal((batch, seq, width)), jnp.float32)
+    head = jnp.asarray(0.3 * rng.standard_normal((width, vocab)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+    mask = jnp.asarray(rng.random((batch, seq)) > 0.3, jnp.float32)  # padding / document ends
+    want, want_grads = jax.value_and_grad(_unchunked_loss, (0, 1))(hidden, head, targets, mask, 1e-2)
+    chunked = jax.jit(jax.value_and_grad(_chunked_loss, (0, 1)), static_argnums=5)
+    got, got_grads = chunked(hidden, head, targets, mask, 1e-2, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # masked positions get exactly zero gradient
+    assert not np.any(np.asarray(got_grads[0])[np.asarray(mask) == 0])
+
+
+def test_chunked_head_loss_in_bf16_keeps_fp32_head_gradients():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((2, 32, 16)), jnp.bfloat16)
+    head = jnp.asarray(0.3 * rng.standard_normal((16, 29)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 29, (2, 32)), jnp.int32)
+    mask = jnp.ones((2, 32), jnp.float32)
+    want, (dh_want, dw_want) = jax.value_and_grad(_unchunked_loss, (0, 1))(hidden, head, targets, mask, 0.0)
+    got, (dh, dw) = jax.value_and_grad(_chunked_loss, (0, 1))(hidden, head, targets, mask, 0.0, 8)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(dw, dw_want, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh_want, np.float32), rtol=5e-2, atol=2e-2)

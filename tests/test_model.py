@@ -110,7 +110,8 @@ def test_tied_embeddings_and_layer_norm(tokens):
     assert logits.shape == (2, SEQ, 256)
     assert aux["expert_load"].shape == (0, 1)
     hidden = jnp.ones((1, 1, config.hidden_size))
-    np.testing.assert_allclose(model._logits(hidden)[0, 0], model.final_norm(hidden)[0, 0] @ model.embed.T, rtol=1e-5)
+    np.testing.assert_allclose(model.logits(model.final_norm(hidden))[0, 0], model.final_norm(hidden)[0, 0] @ model.embed.T,
+                               rtol=1e-5)
 
 
 def test_residual_projections_scaled_with_depth(config):

@@ -214,6 +214,22 @@ def test_batch_sharded_over_eight_devices_matches_one_device(state0, after_one_s
         np.testing.assert_allclose(leaf, ref_leaf, atol=1e-5, rtol=0)
 
 
+def test_fused_chunked_loss_gives_the_full_logits_step(state0):
+    """The default step fuses the head with the loss in chunks of positions (here 5,
+    which does not divide 16); without chunks it materialises all logits. Same step."""
+    batch = make_batch(3)
+    chunked, full = (make_train_step(MODEL, TRAIN.replace(loss_chunk_size=c)) for c in (5, None))
+    s_chunked, m_chunked = chunked(copy_tree(state0), batch)
+    s_full, m_full = full(copy_tree(state0), batch)
+    for name in ("loss", "ce", "z", "grad_norm"):
+        np.testing.assert_allclose(m_chunked[name], m_full[name], rtol=1e-5, err_msg=name)
+    for a, b in zip(jax.tree.leaves(eqx.filter(s_chunked, eqx.is_inexact_array)),
+                    jax.tree.leaves(eqx.filter(s_full, eqx.is_inexact_array))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    evaluate = [make_eval_step(MODEL, c)(state0.model, batch) for c in (5, None)]
+    np.testing.assert_allclose(evaluate[0]["nll_sum"], evaluate[1]["nll_sum"], rtol=1e-6)
+
+
 # -------------------------------------------------------------- distillation
 DISTILL = TRAIN.replace(distill_alpha=0.0, distill_temperature=2.0, nan_policy="stop")
 

@@ -27,6 +27,7 @@ from vishwam.data import default_corpus, make_datasets
 from vishwam.model import VishwamAI
 from vishwam.pipeline import VishwamAIPipeline
 from vishwam.tokenizer import VishwamAITokenizer
+from vishwam.parallel.sharding import path_string
 from vishwam.train import load_metrics, runs
 from vishwam.train.checkpoint import checkpoint_steps
 from vishwam.train.metrics_db import events
@@ -35,6 +36,7 @@ from vishwam.train.trainer import (
     RunConfig,
     TrainingDiverged,
     VishwamAITrainer,
+    abstract_model,
     load_run_state,
     model_flops_per_token,
 )
@@ -258,13 +260,15 @@ class NaNAt:
         self.loader.restore(state)
 
 
-def _train(tiny, workspace, tmp_path, *, nan_at=None, policy="stop", mesh=None, **run):
+def _train(tiny, workspace, tmp_path, *, nan_at=None, policy="stop", mesh=None, abstract=False, **run):
     tokenizer, config, train_config = tiny
     train_config = train_config.replace(nan_policy=policy)
     train, val = make_datasets(tokenizer, workspace / "corpus.jsonl", seq_len=32, batch_size=4, val_fraction=0.2,
                                cache_dir=workspace / "cache", process_index=0, process_count=1)
     loader = train if nan_at is None else NaNAt(train, nan_at)
-    pipeline = VishwamAIPipeline(VishwamAI(config, key=jax.random.key(0)), tokenizer)
+    # seed 0 either way: an abstract model is initialised by the trainer from TrainConfig.seed
+    model = abstract_model(config) if abstract else VishwamAI(config, key=jax.random.key(0))
+    pipeline = VishwamAIPipeline(model, tokenizer)
     run_config = RunConfig(run_dir=str(tmp_path), progress=False, mesh=mesh or {"data": 1}, eval_batches=2,
                            **run)
     try:
@@ -348,10 +352,14 @@ def test_sigterm_stops_an_evaluation_at_its_next_batch_and_checkpoints_are_logge
 
 def test_mesh_run_matches_single_device(tiny, workspace, tmp_path):
     one = _train(tiny, workspace, tmp_path / "one", eval_every=0, checkpoint_every=0, max_steps=4)
+    # The model arrives abstract: the trainer builds it (and the moments) in their shardings.
     mesh = _train(tiny, workspace, tmp_path / "mesh", mesh={"data": 2, "expert": 2}, eval_every=0,
-                  checkpoint_every=0, max_steps=4)
+                  checkpoint_every=0, max_steps=4, abstract=True)
     spec = mesh.state.model.stages[0].blocks[0].mlp.experts.gate.sharding.spec
     assert "expert" in str(spec), spec
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(mesh.state.opt_state)
+               if path_string(path).endswith("stages.0.blocks.0.mlp.experts.gate")]
+    assert len(moments) == 2 and all(m.sharding.spec == spec for m in moments)  # mu and nu
     a = load_metrics(tmp_path / "one" / "metrics.duckdb", names=["loss"])["loss"][1]
     b = load_metrics(tmp_path / "mesh" / "metrics.duckdb", names=["loss"])["loss"][1]
     np.testing.assert_allclose(b, a, rtol=2e-5)

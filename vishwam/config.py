@@ -250,9 +250,12 @@ class ModelConfig(_JsonConfig):
     init_std: float = 0.02
     """Std of the normal init; residual projections get `init_std / sqrt(2 * num_layers)`."""
     param_dtype: str = "float32"
-    """Storage dtype of parameters."""
+    """Storage dtype of parameters, and so of the AdamW moments. Keep fp32 master weights
+    for training (`bfloat16` halves the state's memory but rounds every update away
+    once it is below a weight's bf16 resolution)."""
     compute_dtype: str = "float32"
-    """Dtype of activations and matmul inputs (logits and losses are always fp32)."""
+    """Dtype of activations and matmul inputs (logits and losses are always fp32).
+    `bfloat16` on GPU/TPU (the `seed` preset does); fp32 on CPU, where bf16 matmuls are slower."""
     remat_policy: str = "none"
     """Gradient checkpointing policy applied to each scanned block."""
     attention_impl: str = "auto"
@@ -366,9 +369,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   ffn_dim=512, num_experts=4, experts_per_token=2, max_seq_len=256,
                   attention_block_size=64, moe_dispatch="capacity", capacity_factor=1.25,
                   tie_embeddings=True),
-    # The VishwamAI seed sizes.
+    # The VishwamAI seed sizes, set up to train on accelerators: fp32 master weights and
+    # moments with bf16 matmuls, capacity dispatch (expert-parallel under a mesh with an
+    # `expert` axis), every block rematerialised (see benchmarks/plan_seed.py).
     "seed": dict(vocab_size=131072, hidden_size=4096, num_layers=32, num_heads=32,
-                 num_experts=8, experts_per_token=2, ffn_dim=16384, max_seq_len=4096),
+                 num_experts=8, experts_per_token=2, ffn_dim=16384, max_seq_len=4096,
+                 moe_dispatch="capacity", capacity_factor=1.25, param_dtype="float32",
+                 compute_dtype="bfloat16", remat_policy="full"),
 }
 
 
@@ -449,6 +456,11 @@ class TrainConfig(_JsonConfig):
     """Softmax temperature `T` of the distillation KL."""
     seed: int = 0
     """Seed of the training PRNG key (dropout, router jitter) and of the model init."""
+    loss_chunk_size: int | None = 512
+    """Sequence positions per chunk of the fused LM head + cross-entropy
+    (`vishwam.train.losses.chunked_lse_and_target`): the train and eval steps never hold
+    more than `[batch, chunk, vocab]` logits. `None` = one `[batch, seq, vocab]` logits
+    array (also what distillation uses, since the KL needs the student's full logits)."""
     nan_policy: NanPolicy = "stop"
     """On a non-finite loss or gradient: `stop` applies the step and only reports it
     (the runner decides what to do); `skip` leaves the whole train state unchanged."""
@@ -465,6 +477,10 @@ class TrainConfig(_JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}.")
+        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int)
+                                                 or isinstance(self.loss_chunk_size, bool)
+                                                 or self.loss_chunk_size <= 0):
+            fail("loss_chunk_size", f"must be a positive integer or None (unchunked), got {self.loss_chunk_size!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             fail("seed", f"must be an integer, got {self.seed!r}.")
         if self.warmup_steps >= self.total_steps:

@@ -159,10 +159,15 @@ class VishwamAI(eqx.Module):
     def _embed(self, tokens):
         return self.embed[tokens].astype(self.precision.compute_dtype)
 
-    def _logits(self, x) -> Float[Array, "batch seq vocab"]:
-        x = self.final_norm(x)
-        head = self.embed.T if self.lm_head is None else self.lm_head.weight  # (D, V)
-        return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    @property
+    def head_weight(self) -> Float[Array, "hidden vocab"]:
+        """The LM head as a `[hidden, vocab]` matrix (the embedding's transpose when tied)."""
+        return self.embed.T if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:
+        """fp32 logits of final hidden states (as returned by `features`)."""
+        head = self.head_weight
+        return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def _run_stages(self, body, x, xs_per_stage):
         """Run `body(x, blocks, xs) -> (x, ys)` over every layer repeat of every stage."""
@@ -207,6 +212,31 @@ class VishwamAI(eqx.Module):
     ) -> tuple[Float[Array, "batch seq vocab"], dict]:
         """Logits (fp32) for every position, and the MoE aux pytree.
 
+        `model.logits(model.features(tokens, ...)[0])` is the same computation in
+        two halves; the train step uses the halves to fuse the LM head with the loss
+        (`vishwam.train.losses.chunked_lse_and_target`) and never hold all logits.
+        Arguments as for `features`.
+
+        Returns:
+            `(logits, aux)`; aux has `load_balancing_loss`, `router_z_loss`,
+            `dropped_fraction` (means over MoE layers) and `expert_load`
+            `[num_moe_layers, num_experts]`.
+        """
+        hidden, aux = self.features(tokens, segment_ids=segment_ids, positions=positions, key=key,
+                                    inference=inference)
+        return self.logits(hidden), aux
+
+    def features(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        positions: Int[Array, "batch seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Float[Array, "batch seq hidden"], dict]:
+        """Final hidden states (after the final norm, in the compute dtype) and the MoE aux pytree.
+
         Arguments:
             tokens: token ids.
             segment_ids: packed documents; attention never crosses a change of id.
@@ -216,9 +246,7 @@ class VishwamAI(eqx.Module):
             inference: no dropout/jitter, and MoE layers route without dropping tokens.
 
         Returns:
-            `(logits, aux)`; aux has `load_balancing_loss`, `router_z_loss`,
-            `dropped_fraction` (means over MoE layers) and `expert_load`
-            `[num_moe_layers, num_experts]`.
+            `(hidden, aux)` with aux as in `__call__`.
         """
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(
@@ -239,7 +267,7 @@ class VishwamAI(eqx.Module):
 
         xs = [None] * len(self.stages) if layer_keys is None else self._split_layers(layer_keys)
         x, per_stage = self._run_stages(body, self._embed(tokens), xs)
-        return self._logits(x), _merge_aux(self.config, per_stage)
+        return self.final_norm(x), _merge_aux(self.config, per_stage)
 
     def decode(
         self,
@@ -263,7 +291,7 @@ class VishwamAI(eqx.Module):
         x, per_stage = self._run_stages(body, self._embed(tokens), xs)
         k = jnp.concatenate([ks.reshape(-1, *ks.shape[2:]) for ks, _ in per_stage])
         v = jnp.concatenate([vs.reshape(-1, *vs.shape[2:]) for _, vs in per_stage])
-        return self._logits(x), KVCache(k, v)
+        return self.logits(self.final_norm(x)), KVCache(k, v)
 
     def with_config(self, config: ModelConfig) -> "VishwamAI":
         """The same weights under a config that changes only how they are run

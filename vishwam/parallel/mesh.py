@@ -75,7 +75,17 @@ def make_mesh(
     resolved = resolve_axis_sizes({**(sizes or {}), **axis_sizes}, len(devices))
     shape = tuple(resolved[axis] for axis in AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    except (ValueError, NotImplementedError) as error:
+        if "allow_split_physical_axes" not in str(error):
+            raise
+    # A logical axis that is not a product of whole physical axes (expert=8 on a 4x4x4
+    # v5p cube): split physical axes, as jax.make_mesh already does on v5e.
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
 def axis_size(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, axis: str) -> int:

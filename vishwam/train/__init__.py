@@ -30,7 +30,7 @@ _LAZY = {
     "TrainingDiverged": ".trainer",
     "load_run_model": ".trainer",
     "load_run_state": ".trainer",
-    "model_flops_per_token": ".trainer",
+    "model_flops_per_token": "..plan",
 }
 
 __all__ = [

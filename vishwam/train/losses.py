@@ -5,6 +5,8 @@ reduce them. The step divides masked *sums* by the token count of the whole
 optimiser batch, so that accumulating micro-batches gives the full-batch mean.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -20,6 +22,90 @@ def token_cross_entropy(
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return lse - target_logit
+
+
+def chunked_lse_and_target(
+    hidden: Float[Array, "batch seq hidden"],
+    head: Float[Array, "hidden vocab"],
+    targets: Int[Array, "batch seq"],
+    chunk_size: int,
+) -> tuple[Float[Array, "batch seq"], Float[Array, "batch seq"]]:
+    """`logsumexp(logits)` and `logits[target]` per position, logits = `hidden @ head`,
+    without ever holding more than `[batch, chunk_size, vocab]` logits.
+
+    The LM head and the loss fused: a scan over chunks of `chunk_size` sequence
+    positions (the batch dim stays whole, so a batch-sharded input keeps every device
+    busy in every chunk), with its own backward that recomputes each chunk's logits
+    from the saved log-sum-exp and accumulates the head's gradient in fp32. From the
+    two outputs: cross-entropy is `lse - target`, the z-loss `lse**2`. Matmuls run in
+    `hidden`'s dtype with fp32 accumulation, as `VishwamAI.logits` does; a sequence
+    length that `chunk_size` does not divide is padded (the padding costs compute,
+    not correctness).
+
+    Arguments:
+        hidden: final hidden states (`VishwamAI.features`).
+        head: `VishwamAI.head_weight` (any float dtype; its gradient comes back in it).
+        targets: target ids.
+        chunk_size: positions per chunk (`min(chunk_size, seq)` is used).
+
+    Returns:
+        `(lse, target_logit)`, both fp32 `[batch, seq]`.
+    """
+    batch, seq, width = hidden.shape
+    chunk = min(chunk_size, seq)
+    chunks = math.ceil(seq / chunk)
+    pad = chunks * chunk - seq
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    h = hidden.reshape(batch, chunks, chunk, width).swapaxes(0, 1)  # (n, B, C, D)
+    t = targets.astype(jnp.int32).reshape(batch, chunks, chunk).swapaxes(0, 1)  # (n, B, C)
+    lse, target_logit = _fused_head_lse(h, head, t)
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, chunks * chunk)[:, :seq]  # noqa: E731
+    return unchunk(lse), unchunk(target_logit)
+
+
+def _chunk_logits(h, head):
+    return jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _fused_head_lse(h, head, t):
+    def chunk(_, xs):
+        h_c, t_c = xs
+        logits = _chunk_logits(h_c, head)
+        target = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        return None, (jax.nn.logsumexp(logits, axis=-1), target)
+
+    _, (lse, target) = jax.lax.scan(chunk, None, (h, t))
+    return lse, target
+
+
+def _fused_head_lse_fwd(h, head, t):
+    lse, target = _fused_head_lse(h, head, t)
+    return (lse, target), (h, head, t, lse)
+
+
+def _fused_head_lse_bwd(residuals, cotangents):
+    h, head, t, lse = residuals
+    g_lse, g_target = cotangents
+    vocab = head.shape[-1]
+
+    def chunk(d_head, xs):
+        h_c, t_c, lse_c, g_lse_c, g_t_c = xs
+        probs = jnp.exp(_chunk_logits(h_c, head) - lse_c[..., None])  # (B, C, V) fp32
+        # d/dlogits of g_lse * lse + g_t * logits[t]
+        d_logits = g_lse_c[..., None] * probs + g_t_c[..., None] * jax.nn.one_hot(t_c, vocab, dtype=jnp.float32)
+        d_logits = d_logits.astype(h_c.dtype)
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, head.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bcd,bcv->dv", h_c, d_logits, preferred_element_type=jnp.float32)
+        return d_head, d_h.astype(h_c.dtype)
+
+    d_head, d_h = jax.lax.scan(chunk, jnp.zeros(head.shape, jnp.float32), (h, t, lse, g_lse, g_target))
+    return d_h, d_head.astype(head.dtype), None
+
+
+_fused_head_lse.defvjp(_fused_head_lse_fwd, _fused_head_lse_bwd)
 
 
 def logit_z_loss(logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:

@@ -30,7 +30,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ..config import ModelConfig, TrainConfig
 from ..model import VishwamAI
-from .losses import distillation_kl, logit_z_loss, masked_sum, moe_aux_loss, token_cross_entropy
+from ..parallel.sharding import shard_model
+from .losses import chunked_lse_and_target, distillation_kl, masked_sum, moe_aux_loss, token_cross_entropy
 from .optim import learning_rate_schedule, make_optimizer
 
 # Scalar loss terms summed over micro-batches (plus `expert_load`, a matrix).
@@ -127,6 +128,94 @@ def _split_micro_batches(x: Array, accum_steps: int) -> Array:
     return x.reshape(rows, accum_steps, *x.shape[1:]).swapaxes(0, 1)  # (A, B/A, ...)
 
 
+def train_update(model_config: ModelConfig, train_config: TrainConfig):
+    """The un-jitted step `update((batch, teacher), state) -> (state, metrics)` that
+    `make_train_step` jits (see there for the metrics; `teacher` may be None).
+    `vishwam.plan` lowers it from abstract inputs for pods this machine does not have.
+
+    Under a mesh (`jax.set_mesh`) gradients and the new state are constrained to the
+    sharding rules' layouts, so parameters and moments come back sharded as they went in.
+    """
+    accum = train_config.accum_steps
+    optimizer = make_optimizer(train_config)
+    schedule = learning_rate_schedule(train_config)
+    alpha, temperature = train_config.distill_alpha, train_config.distill_temperature
+    z_coef = train_config.z_loss_coef
+    chunk = train_config.loss_chunk_size
+    # Without dropout or jitter a key changes nothing but adds RNG code to compile.
+    uses_key = model_config.dropout > 0 or model_config.router_jitter > 0
+
+    def update(inputs, state: TrainState):
+        batch, teacher = inputs
+        params, static = eqx.partition(state.model, eqx.is_inexact_array)
+        key, step_key = jax.random.split(state.key)
+        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        normalizer = jnp.maximum(num_tokens, 1.0)
+
+        def loss_fn(params, micro, micro_key):
+            model = eqx.combine(params, static)
+            mask = micro["loss_mask"]
+            zero = jnp.zeros((), jnp.float32)
+            if teacher is None:
+                hidden, aux = model.features(micro["tokens"], segment_ids=micro.get("segment_ids"),
+                                             positions=micro.get("positions"), key=micro_key if uses_key else None)
+                nll, lse = _token_nll(model, hidden, micro["targets"], chunk)
+                distill = zero
+                ce = masked_sum(nll, mask) / normalizer
+                main = ce
+            else:
+                logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
+                                    positions=micro.get("positions"), key=micro_key if uses_key else None)
+                lse = jax.nn.logsumexp(logits, axis=-1)
+                ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
+                kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+                distill = temperature**2 * masked_sum(kl, mask) / normalizer
+                main = alpha * ce + (1.0 - alpha) * distill
+            z = z_coef * masked_sum(jnp.square(lse), mask) / normalizer if z_coef else zero
+            aux_loss = moe_aux_loss(aux, model_config) / accum
+            loss = main + z + aux_loss
+            terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
+                         expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
+            return loss, terms
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        micro_batches = jax.tree.map(lambda x: _split_micro_batches(x, accum), batch)
+        micro_keys = jax.random.split(step_key, accum)
+
+        def accumulate(carry, xs):
+            (_, terms), grads = grad_fn(params, *xs)
+            return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (grads, terms)), None
+
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zero_terms = {name: jnp.zeros((), jnp.float32) for name in _TERMS}
+        zero_terms["expert_load"] = jnp.zeros((model_config.num_moe_layers, model_config.num_experts), jnp.float32)
+        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty:
+            # Gradients, moments and new parameters stay in the parameters' shardings (the
+            # rules of `vishwam.parallel.sharding`), whatever the compiler would pick.
+            grads = shard_model(grads, mesh)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.combine(optax.apply_updates(params, updates), static)
+        if model_config.aux_free_bias:
+            model = model.update_router_bias(terms["expert_load"])
+        new_state = TrainState(model, opt_state, state.step + 1, key)
+
+        nonfinite = ~(jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm))
+        if train_config.nan_policy == "skip":
+            new_state = _keep_old_if(nonfinite, state, new_state)
+        if not mesh.empty:
+            new_state = shard_model(new_state, mesh)
+        metrics = dict(terms, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       tokens=num_tokens, nonfinite=nonfinite)
+        return new_state, metrics
+
+    return update
+
+
 def make_train_step(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -156,70 +245,9 @@ def make_train_step(
         `nan_policy="skip"` the returned state is then the input state unchanged).
     """
     accum = train_config.accum_steps
-    optimizer = make_optimizer(train_config)
-    schedule = learning_rate_schedule(train_config)
-    alpha, temperature = train_config.distill_alpha, train_config.distill_temperature
-    z_coef = train_config.z_loss_coef
-    # Without dropout or jitter a key changes nothing but adds RNG code to compile.
-    uses_key = model_config.dropout > 0 or model_config.router_jitter > 0
     if teacher is not None:
         _check_teacher(teacher, model_config, train_config)
-
-    def update(inputs, state: TrainState):
-        batch, teacher = inputs
-        params, static = eqx.partition(state.model, eqx.is_inexact_array)
-        key, step_key = jax.random.split(state.key)
-        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-        normalizer = jnp.maximum(num_tokens, 1.0)
-
-        def loss_fn(params, micro, micro_key):
-            model = eqx.combine(params, static)
-            logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
-                                positions=micro.get("positions"), key=micro_key if uses_key else None)
-            mask = micro["loss_mask"]
-            ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
-            zero = jnp.zeros((), jnp.float32)
-            z = z_coef * masked_sum(logit_z_loss(logits), mask) / normalizer if z_coef else zero
-            if teacher is None:
-                distill, main = zero, ce
-            else:
-                kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
-                distill = temperature**2 * masked_sum(kl, mask) / normalizer
-                main = alpha * ce + (1.0 - alpha) * distill
-            aux_loss = moe_aux_loss(aux, model_config) / accum
-            loss = main + z + aux_loss
-            terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
-                         expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
-            return loss, terms
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        micro_batches = jax.tree.map(lambda x: _split_micro_batches(x, accum), batch)
-        micro_keys = jax.random.split(step_key, accum)
-
-        def accumulate(carry, xs):
-            (_, terms), grads = grad_fn(params, *xs)
-            return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (grads, terms)), None
-
-        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        zero_terms = {name: jnp.zeros((), jnp.float32) for name in _TERMS}
-        zero_terms["expert_load"] = jnp.zeros((model_config.num_moe_layers, model_config.num_experts), jnp.float32)
-        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        model = eqx.combine(optax.apply_updates(params, updates), static)
-        if model_config.aux_free_bias:
-            model = model.update_router_bias(terms["expert_load"])
-        new_state = TrainState(model, opt_state, state.step + 1, key)
-
-        nonfinite = ~(jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm))
-        if train_config.nan_policy == "skip":
-            new_state = _keep_old_if(nonfinite, state, new_state)
-        metrics = dict(terms, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                       tokens=num_tokens, nonfinite=nonfinite)
-        return new_state, metrics
-
+    update = train_update(model_config, train_config)
     if max_traces is not None:
         update = eqx.debug.assert_max_traces(update, max_traces=max_traces)
     compiled = eqx.filter_jit(update, donate="all-except-first")
@@ -236,6 +264,17 @@ def make_train_step(
     return step
 
 
+def _token_nll(model: VishwamAI, hidden, targets, chunk: int | None):
+    """Per-position `-log p(target)` and `logsumexp(logits)` from final hidden states:
+    fused and chunked over positions when `chunk` is set, else from full logits."""
+    if chunk is None:
+        logits = model.logits(hidden)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return token_cross_entropy(logits, targets), lse
+    lse, target_logit = chunked_lse_and_target(hidden, model.head_weight, targets, chunk)
+    return lse - target_logit, lse
+
+
 def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> TrainState:
     """`old` where `pred`, else `new`, selected on device (no host sync)."""
     old_arrays, static = eqx.partition(old, eqx.is_array)
@@ -245,19 +284,21 @@ def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> Tra
 
 
 # ----------------------------------------------------------------------- eval
-def make_eval_step(model_config: ModelConfig):
+def make_eval_step(model_config: ModelConfig, loss_chunk_size: int | None = None):
     """Build `eval_step(model, batch) -> metrics`, jitted, no gradients.
 
-    The model runs in inference mode (no dropout, MoE drops no tokens). Metrics:
+    The model runs in inference mode (no dropout, MoE drops no tokens); with
+    `loss_chunk_size` the head and loss are fused as in the train step. Metrics:
     `loss` (masked mean CE), `perplexity` (`exp(loss)`), `tokens` and `nll_sum`
     (so a runner can average over many batches: `sum(nll_sum) / sum(tokens)`).
     """
 
     @eqx.filter_jit
     def evaluate(model: VishwamAI, batch: dict) -> dict:
-        logits, _ = model(batch["tokens"], segment_ids=batch.get("segment_ids"),
-                          positions=batch.get("positions"), inference=True)
-        nll_sum = masked_sum(token_cross_entropy(logits, batch["targets"]), batch["loss_mask"])
+        hidden, _ = model.features(batch["tokens"], segment_ids=batch.get("segment_ids"),
+                                   positions=batch.get("positions"), inference=True)
+        nll, _ = _token_nll(model, hidden, batch["targets"], loss_chunk_size)
+        nll_sum = masked_sum(nll, batch["loss_mask"])
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss = nll_sum / jnp.maximum(tokens, 1.0)
         return dict(loss=loss, perplexity=jnp.exp(loss), tokens=tokens, nll_sum=nll_sum)

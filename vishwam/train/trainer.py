@@ -64,7 +64,8 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig
 from ..files import atomic_write_text
-from ..model import VishwamAI, count_parameters
+from ..model import VishwamAI
+from ..plan import estimate_peak_flops, init_sharded_state, model_flops_per_token
 from .checkpoint import Checkpointer, check_compatible, combine_arrays, partition_arrays
 from .metrics_db import MetricsDB
 from .step import TrainState, init_train_state, make_eval_step, make_train_step
@@ -194,53 +195,6 @@ class TrainResult:
     """The DuckDB file written (a fallback file if the main one was held); None off process 0."""
     pipeline_path: Path | None
     wall_time: float
-
-
-# ------------------------------------------------------------------------- FLOPs
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM's estimate: `6 N + 12 L H Q T`.
-
-    `N` counts the parameters a token uses (top-k experts only, LM head included,
-    embedding lookup excluded; a tied embedding counts once, as the head),
-    `L` layers, `H` heads of width `Q`, `T` the sequence length (attention over
-    the full, not the causal half, square as in PaLM).
-    """
-    active = count_parameters(config)["active"]
-    lookup = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
-    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
-    return 6.0 * (active - lookup) + attention
-
-
-# bf16 dense peak FLOP/s per chip (vendor figures), matched against `device_kind`.
-_PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("A10", 125e12), ("V100", 125e12), ("TPU v6", 918e12), ("TPU v5p", 459e12),
-    ("TPU v5", 197e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
-)
-
-
-def estimate_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
-    """Peak FLOP/s of `devices` together and how it was obtained.
-
-    Accelerators: the vendor bf16 dense figure of their `device_kind`. CPU (and
-    unknown kinds): a 1024^3 fp32 matmul timed here, for the whole process (CPU
-    "devices" share the same cores), so CPU MFU reads as a fraction of what this
-    machine's matmul reaches now.
-    """
-    kind = devices[0].device_kind
-    for name, flops in _PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return flops * len(devices), f"{len(devices)} x {name} bf16 peak"
-    n = 1024
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    repeats, start = 4, time.perf_counter()
-    for _ in range(repeats):
-        out = matmul(a)
-    out.block_until_ready()
-    seconds = time.perf_counter() - start
-    return 2.0 * n**3 * repeats / seconds, f"measured {n}^3 fp32 matmul on {kind}"
 
 
 # ----------------------------------------------------------------------- signals
@@ -456,7 +410,7 @@ class _Run:
             self._write_run_files()
             teacher = None if t.teacher is None else t._place_tree(t.teacher)
             train_step = make_train_step(t.model_config, t.config, teacher=teacher)
-            eval_step = make_eval_step(t.model_config)
+            eval_step = make_eval_step(t.model_config, t.config.loss_chunk_size)
             self.peak_flops, peak_source = ((run.peak_flops, "RunConfig.peak_flops") if run.peak_flops
                                             else estimate_peak_flops(self._devices_used()))
             self._note(f"{run.name}: {'resuming from step ' + str(start) if start else 'starting'} "
@@ -518,10 +472,16 @@ class _Run:
     # ------------------------------------------------------------ start/resume
     def _initial_state(self, latest: int | None) -> tuple[TrainState, int]:
         t = self.t
-        key = jax.random.fold_in(jax.random.key(t.config.seed), 1)
-        # A copy: the step donates its state, and the caller's model must stay usable.
-        model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
-        state = t._place_tree(init_train_state(model, t.config, key=key))
+        if is_abstract_model(t.pipeline.model):
+            # Built where it lives: each device computes only its own shards.
+            state = init_sharded_state(t.model_config, t.config, t.mesh)
+            if t.mesh is None:
+                state = jax.device_put(state, t.device)
+        else:
+            key = jax.random.fold_in(jax.random.key(t.config.seed), 1)
+            # A copy: the step donates its state, and the caller's model must stay usable.
+            model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
+            state = t._place_tree(init_train_state(model, t.config, key=key))
         if latest is None:
             return state, 0
         arrays, static = partition_arrays(state)
@@ -754,6 +714,22 @@ class _Run:
         interactive = sys.stderr.isatty()
         self.pbar = tqdm(total=t.max_steps, initial=start, unit="step", desc=self.run.name, dynamic_ncols=True,
                          mininterval=0.5 if interactive else 10.0, smoothing=0.1, file=sys.stderr)
+
+
+def abstract_model(config: ModelConfig) -> VishwamAI:
+    """A `VishwamAI` whose arrays are `jax.ShapeDtypeStruct`s (nothing allocated).
+
+    Give it to `VishwamAITrainer` (in a pipeline) and the trainer creates the
+    parameters and optimiser state directly in their shardings on its mesh, from
+    `TrainConfig.seed` (`vishwam.plan.init_sharded_state`): the same values an eager
+    `VishwamAI(config, key=jax.random.key(seed))` would have, without a full copy
+    on any one device or the host.
+    """
+    return eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
+
+
+def is_abstract_model(model: VishwamAI) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(model))
 
 
 # ------------------------------------------------------------------ runs on disk

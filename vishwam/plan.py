@@ -1,0 +1,477 @@
+"""Will it fit, and how fast could it be: the train state built in its shardings,
+ahead-of-time compiles of the whole train step for abstract TPU pods, FLOPs and a
+roofline estimate.
+
+- `init_sharded_state` creates parameters and optimiser moments directly in their
+  shardings (one jitted init with `out_shardings` from the sharding rules), never as
+  a full host copy; `abstract_train_state` gives the same tree as
+  `jax.ShapeDtypeStruct`s carrying those shardings, for compiling without memory.
+- `compile_train_step` lowers and compiles the real train step (`vishwam.train.step`,
+  optimiser included) for any mesh, e.g. one over `tpu_devices("v5p:4x4x4")`: with
+  libtpu installed (`pip install "jax[tpu]"`), the XLA TPU compiler runs on a machine
+  without a TPU and reports per-chip memory.
+- `plan` / `search_plans` add the model's FLOPs (`model_flops_per_token`) and a
+  roofline **estimate** of the step time from the chips' published peaks (`CHIPS`).
+  Nothing here is a measured TPU time.
+
+The trainer takes its FLOPs, peak table and sharded init from here.
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig, TrainConfig
+from .memory import memory_stats
+from .model import VishwamAI, count_parameters
+from .parallel.mesh import AXES, make_mesh, resolve_axis_sizes
+from .parallel.sharding import DEFAULT_RULES, Rule, batch_spec, tree_shardings
+from .train.step import TrainState, init_train_state, train_update
+
+# ------------------------------------------------------------------------ FLOPs
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's estimate: `6 N + 12 L H Q T`.
+
+    `N` counts the parameters a token uses (top-k experts only, LM head included,
+    embedding lookup excluded; a tied embedding counts once, as the head),
+    `L` layers, `H` heads of width `Q`, `T` the sequence length (attention over
+    the full, not the causal half, square as in PaLM). Recomputation (remat) is not
+    counted: this is the "model FLOPs" of MFU.
+    """
+    active = count_parameters(config)["active"]
+    lookup = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
+    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
+    return 6.0 * (active - lookup) + attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published per-chip figures of an accelerator (vendor data sheets, not measured here)."""
+
+    name: str
+    bf16_flops: float
+    """Dense bf16 peak FLOP/s."""
+    hbm_bytes: int | None = None
+    """Device memory (HBM) per chip."""
+    hbm_bandwidth: float | None = None
+    """HBM bytes/s per chip."""
+
+
+# Matched (case-insensitively) as substrings of `device_kind`, first match wins, so
+# the more specific names come first. TPU figures: Google Cloud TPU system
+# architecture pages (v4, v5e, v5p, v6e); GPU figures: NVIDIA data sheets (dense,
+# without sparsity).
+CHIPS: tuple[Chip, ...] = (
+    Chip("H200", 989e12, 141 * 10**9, 4.8e12),
+    Chip("H100", 989e12, 80 * 10**9, 3.35e12),
+    Chip("A100", 312e12, 80 * 10**9, 2.0e12),
+    Chip("L40S", 362e12, 48 * 10**9, 0.864e12),
+    Chip("L4", 121e12, 24 * 10**9, 0.3e12),
+    Chip("A10", 125e12, 24 * 10**9, 0.6e12),
+    Chip("V100", 125e12, 32 * 10**9, 0.9e12),
+    Chip("TPU v6 lite", 918e12, 32 * 10**9, 1640e9),  # v6e (Trillium)
+    Chip("TPU v6", 918e12, 32 * 10**9, 1640e9),
+    Chip("TPU v5 lite", 197e12, 16 * 10**9, 819e9),  # v5e
+    Chip("TPU v5p", 459e12, 95 * 10**9, 2765e9),
+    Chip("TPU v5", 459e12, 95 * 10**9, 2765e9),  # libtpu names v5p chips "TPU v5"
+    Chip("TPU v4", 275e12, 32 * 2**30, 1228e9),
+    Chip("TPU v3", 123e12, 32 * 2**30, 900e9),
+)
+
+
+def chip_of(device: jax.Device) -> Chip | None:
+    """The `CHIPS` entry of `device.device_kind`, or None (CPUs, unknown kinds)."""
+    kind = device.device_kind.lower()
+    for chip in CHIPS:
+        if chip.name.lower() in kind:
+            return chip
+    return None
+
+
+def estimate_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
+    """Peak FLOP/s of `devices` together and how it was obtained.
+
+    Accelerators: the vendor bf16 dense figure of their `device_kind` (`CHIPS`). CPU
+    (and unknown kinds): a 1024^3 fp32 matmul timed here, for the whole process (CPU
+    "devices" share the same cores), so CPU MFU reads as a fraction of what this
+    machine's matmul reaches now.
+    """
+    chip = chip_of(devices[0])
+    if chip is not None:
+        return chip.bf16_flops * len(devices), f"{len(devices)} x {chip.name} bf16 peak"
+    n = 1024
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    repeats, start = 4, time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a)
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    return 2.0 * n**3 * repeats / seconds, f"measured {n}^3 fp32 matmul on {devices[0].device_kind}"
+
+
+# --------------------------------------------------------------- sharded state
+
+
+def _is_abstract(x) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def fresh_train_state(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+    """The step-0 state of a run, built eagerly: the model from `key(seed)`, the state's
+    key `fold_in(key(seed), 1)` (what `VishwamAITrainer` and `scripts/train.py` use)."""
+    key = jax.random.key(train_config.seed)
+    model = VishwamAI(model_config, key=key)
+    return init_train_state(model, train_config, key=jax.random.fold_in(key, 1))
+
+
+def _state_shardings(model_config, train_config, mesh, rules):
+    abstract = eqx.filter_eval_shape(fresh_train_state, model_config, train_config)
+    arrays, static = eqx.partition(abstract, _is_abstract)
+    return arrays, static, tree_shardings(arrays, mesh, rules)
+
+
+def abstract_train_state(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+) -> TrainState:
+    """`fresh_train_state`'s tree with every array a `jax.ShapeDtypeStruct` carrying its
+    `NamedSharding` on `mesh` (by `rules`): the input of an ahead-of-time compile."""
+    arrays, static, shardings = _state_shardings(model_config, train_config, mesh, rules)
+    arrays = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
+    return eqx.combine(arrays, static)
+
+
+def init_sharded_state(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    mesh: jax.sharding.Mesh | None,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+) -> TrainState:
+    """`fresh_train_state`, computed by one jitted init whose `out_shardings` follow
+    `rules` on `mesh`: each device only ever holds its own shards (no full host copy).
+    Values equal the eager `fresh_train_state`. `mesh=None`: the default device."""
+    if mesh is None:
+        abstract = eqx.filter_eval_shape(fresh_train_state, model_config, train_config)
+        (_, static), shardings = eqx.partition(abstract, _is_abstract), None
+    else:
+        _, static, shardings = _state_shardings(model_config, train_config, mesh, rules)
+
+    def init():
+        return eqx.filter(fresh_train_state(model_config, train_config), eqx.is_array)
+
+    return eqx.combine(jax.jit(init, out_shardings=shardings)(), static)
+
+
+def abstract_batch(train_config: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A packed global batch as the data pipeline gives it, split over the batch axes."""
+    shape = (train_config.batch_size, train_config.seq_len)
+    sharding = jax.sharding.NamedSharding(mesh, batch_spec(mesh, 2))
+    ints = ("tokens", "targets", "segment_ids", "positions")
+    batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for name in ints}
+    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    return batch
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def compile_train_step(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+):
+    """Lower and compile the whole train step (forward, backward, AdamW update, state
+    donated) for `mesh`, from abstract inputs only. Returns `(compiled, seconds)`."""
+    update = train_update(model_config, train_config)
+    state = abstract_train_state(model_config, train_config, mesh, rules)
+    arrays, static = eqx.partition(state, _is_abstract)
+
+    def run(arrays, batch):
+        new_state, metrics = update((batch, None), eqx.combine(arrays, static))
+        return eqx.filter(new_state, eqx.is_array), metrics
+
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(run, donate_argnums=0).lower(arrays, abstract_batch(train_config, mesh)).compile()
+    return compiled, time.perf_counter() - start
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+    """The abstract devices of a TPU topology such as `v5p:4x4x4` (64 chips),
+    `v5e:16x16` (256) or `v6e:8x8` (64); needs libtpu, not a TPU."""
+    generation, sep, shape = topology.partition(":")
+    dims = shape.split("x") if sep else []
+    if not sep or not dims or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ValueError(f"topology {topology!r}: expected GENERATION:SHAPE such as v5p:4x4x4, v5e:4x4 or "
+                         "v6e:8x8.")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise RuntimeError("compiling for a TPU topology needs libtpu: pip install \"jax[tpu]\" (no TPU "
+                           "needed; it brings the XLA TPU compiler).") from None
+    from jax.experimental import topologies
+
+    # libtpu takes a machine-wide lock file on first use unless told otherwise; compiling
+    # touches no TPU, so several processes (tests, planners) may do it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        with _quiet_native_stderr():
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as error:  # libtpu raises XlaRuntimeError / ValueError with its own text
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"topology {topology!r} is not one libtpu knows ({first}); use e.g. v5p:2x2x1, "
+                         "v5p:4x4x4, v5e:2x2, v5e:16x16, v6e:8x8 (3 dims for v4/v5p, 2 for v5e/v6e).") from None
+    return list(desc.devices)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a native call: libtpu's first use prints a screen
+    of warnings about TPU hosts it cannot find, which do not apply to compiling."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ----------------------------------------------------------------- planning
+
+_REMAT_RECOMPUTE = {"none": 1.0, "dots_saveable": 1.0, "save_attention_output": 1.25, "offload_dots": 1.0,
+                    "full": 4.0 / 3.0}
+"""Hardware FLOPs / model FLOPs per remat policy (full: the forward runs twice, 8N vs 6N)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One configuration's compiled footprint and estimated speed (per chip unless named).
+
+    `estimated_step_s` is a roofline **estimate**: `max(hardware FLOPs / peak,
+    estimated HBM bytes / bandwidth)` from the chip's published figures; it ignores
+    collectives (ICI), kernel efficiency and overlap, so a real step is slower.
+    """
+
+    topology: str
+    chips: int
+    chip: str
+    mesh: dict[str, int]
+    batch_size: int
+    seq_len: int
+    accum_steps: int
+    remat_policy: str
+    per_chip_bytes: dict[str, int] | None
+    """`arguments` (params + moments + batch), `temporaries`, `outputs`, `aliased` (donated
+    outputs reusing argument buffers), `total` = arguments + outputs - aliased + temporaries;
+    None when not compiled."""
+    hbm_bytes: int | None
+    fits: bool | None
+    """`total <= hbm_fraction * hbm_bytes`; None when not compiled or the HBM size is unknown."""
+    hbm_fraction: float
+    model_flops_per_step: float
+    estimated_step_s: float
+    estimated_mfu: float
+    estimated_hbm_traffic_bytes: float
+    compile_s: float | None
+    compiled: bool
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _per_chip_state_bytes(state) -> int:
+    """Bytes one chip holds of an abstract sharded tree (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(state):
+        if _is_abstract(leaf):
+            shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+            total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, mesh_sizes: Mapping[str, int],
+                          state_bytes_per_chip: int) -> float:
+    """Estimated HBM bytes one chip reads and writes in one step (an estimate, see `Plan`).
+
+    Terms: the AdamW update reads parameters, gradients and both moments and writes
+    parameters and moments (7 passes over the fp32 state shard: `7/3 * state bytes`);
+    the weights a chip multiplies with (dense weights gathered whole, its `1/expert`
+    of the experts, `1/tensor` of both) are read in the compute dtype in the forward,
+    the remat forward and the two backward matmuls; activations: per token and layer
+    about `12 * hidden + 3 * ffn * top_k` values written and read back three times.
+    """
+    compute_bytes = jnp.dtype(model_config.compute_dtype).itemsize
+    counts = count_parameters(model_config)
+    abstract = eqx.filter_eval_shape(VishwamAI, model_config, key=jax.random.key(0))
+    routed = sum(math.prod(x.shape) for stage in abstract.stages for block in stage.blocks if block.is_moe
+                 for x in jax.tree_util.tree_leaves(block.mlp.experts) if _is_abstract(x))
+    dense = counts["total"] - routed
+    expert, tensor = mesh_sizes.get("expert", 1), mesh_sizes.get("tensor", 1)
+    weights = (dense + routed / expert) / tensor
+    passes = 4 if model_config.remat_policy == "full" else 3
+    chips = math.prod(mesh_sizes.values())
+    tokens_per_chip = train_config.batch_size * train_config.seq_len / max(chips // tensor, 1)
+    per_token = 12 * model_config.hidden_size + 3 * model_config.ffn_dim * model_config.experts_per_token
+    activations = tokens_per_chip * model_config.num_layers * per_token * compute_bytes * 3 / tensor
+    return 7.0 / 3.0 * state_bytes_per_chip + weights * compute_bytes * passes * train_config.accum_steps \
+        + activations
+
+
+def plan(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    topology: str,
+    mesh_sizes: Mapping[str, int] | None = None,
+    *,
+    compile: bool = True,
+    hbm_fraction: float = 0.8,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    devices: Sequence[jax.Device] | None = None,
+) -> Plan:
+    """Compile (unless `compile=False`) the whole train step for `topology` and estimate its speed.
+
+    Arguments:
+        topology: a TPU topology name (`v5p:4x4x4`); its abstract devices come from
+            libtpu unless `devices` is given (e.g. CPU devices for a test).
+        mesh_sizes: axis sizes (`fsdp`, `expert`, `data`, `tensor`; one may be -1);
+            default all chips on `fsdp`.
+        hbm_fraction: `fits` means a per-chip total at most this fraction of HBM.
+    """
+    devices = list(tpu_devices(topology) if devices is None else devices)
+    sizes = resolve_axis_sizes(dict(mesh_sizes or {"fsdp": -1}), len(devices))
+    mesh = make_mesh(sizes, devices=devices)
+    _check_divisible(model_config, train_config, sizes)
+    chip = chip_of(devices[0])
+    state = abstract_train_state(model_config, train_config, mesh, rules)
+    state_bytes = _per_chip_state_bytes(state)
+    flops = model_flops_per_token(model_config, train_config.seq_len) * train_config.batch_size \
+        * train_config.seq_len
+    hardware_flops = flops * _REMAT_RECOMPUTE.get(model_config.remat_policy, 1.0)
+    traffic = estimated_hbm_traffic(model_config, train_config, sizes, state_bytes)
+    if chip is not None:
+        step_s = max(hardware_flops / (len(devices) * chip.bf16_flops),
+                     traffic / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0)
+        mfu = flops / (len(devices) * chip.bf16_flops * step_s)
+    else:
+        step_s, mfu = float("nan"), float("nan")
+    per_chip, fits, seconds, error = None, None, None, None
+    if compile:
+        try:
+            compiled, seconds = compile_train_step(model_config, train_config, mesh, rules)
+            stats = memory_stats(compiled)
+            per_chip = {"arguments": stats["argument_size_in_bytes"], "temporaries": stats["temp_size_in_bytes"],
+                        "outputs": stats["output_size_in_bytes"], "aliased": stats["alias_size_in_bytes"],
+                        "total": stats["total_size_in_bytes"]}
+            if chip is not None and chip.hbm_bytes:
+                fits = per_chip["total"] <= hbm_fraction * chip.hbm_bytes
+        except Exception as exc:  # a compile that runs out of memory or hits a compiler limit is a result
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            error = f"{type(exc).__name__}: {first[:300]}"
+            fits = False
+    return Plan(topology=topology, chips=len(devices), chip=chip.name if chip else devices[0].device_kind,
+                mesh={axis: sizes[axis] for axis in AXES}, batch_size=train_config.batch_size,
+                seq_len=train_config.seq_len, accum_steps=train_config.accum_steps,
+                remat_policy=model_config.remat_policy, per_chip_bytes=per_chip,
+                hbm_bytes=None if chip is None else chip.hbm_bytes, fits=fits, hbm_fraction=hbm_fraction,
+                model_flops_per_step=flops, estimated_step_s=step_s, estimated_mfu=mfu,
+                estimated_hbm_traffic_bytes=traffic, compile_s=seconds, compiled=per_chip is not None,
+                error=error)
+
+
+def _check_divisible(model_config: ModelConfig, train_config: TrainConfig, sizes: Mapping[str, int]) -> None:
+    shown = ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1) or "one chip"
+    shards = math.prod(sizes[axis] for axis in ("data", "fsdp", "expert"))
+    if train_config.micro_batch_size % shards:
+        raise ValueError(f"mesh {shown}: the micro-batch of {train_config.micro_batch_size} rows (batch "
+                         f"{train_config.batch_size} / accum {train_config.accum_steps}) does not split over "
+                         f"data*fsdp*expert = {shards} chips; use a batch that is a multiple of "
+                         f"{shards * train_config.accum_steps}.")
+    if model_config.is_moe and model_config.num_experts % sizes["expert"]:
+        raise ValueError(f"mesh {shown}: expert={sizes['expert']} does not divide num_experts="
+                         f"{model_config.num_experts}; use an expert size that divides it.")
+
+
+def candidate_meshes(chips: int, model_config: ModelConfig, *, max_tensor: int = 8) -> list[dict[str, int]]:
+    """Meshes `fsdp x expert x data x tensor` over `chips`: expert divides the experts,
+    tensor (at most `max_tensor`) divides the kv heads, fsdp takes the rest with data."""
+    def divisors(n):
+        return [d for d in range(1, n + 1) if n % d == 0]
+
+    experts = divisors(model_config.num_experts) if model_config.is_moe else [1]
+    meshes = []
+    for expert, tensor in itertools.product(experts, divisors(min(max_tensor, chips))):
+        if chips % (expert * tensor) or model_config.kv_heads % tensor:
+            continue
+        rest = chips // (expert * tensor)
+        for data in divisors(rest):
+            meshes.append({"data": data, "fsdp": rest // data, "expert": expert, "tensor": tensor})
+    return meshes
+
+
+def search_plans(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    topology: str,
+    *,
+    remat_policies: Sequence[str] = ("full", "dots_saveable"),
+    accum_steps: Sequence[int] = (1, 2, 4),
+    compile_top: int = 3,
+    max_data: int = 2,
+    hbm_fraction: float = 0.8,
+    progress: Callable[[str], None] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> list[Plan]:
+    """Try meshes, remat policies and micro-batch sizes; compile the `compile_top`
+    fastest by the estimate (the rest keep their estimates, `compiled=False`).
+
+    Meshes with more than `max_data` pure data-parallel replicas are left out (each
+    replica holds a whole copy of the sharded state). Returns plans sorted by
+    estimated step time, compiled ones that fit first.
+    """
+    devices = list(tpu_devices(topology) if devices is None else devices)
+    candidates = []
+    for mesh_sizes in candidate_meshes(len(devices), model_config):
+        if mesh_sizes["data"] > max_data:
+            continue
+        for policy, accum in itertools.product(remat_policies, accum_steps):
+            tc = train_config.replace(accum_steps=accum)
+            shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
+            if tc.batch_size % accum or tc.micro_batch_size % shards:
+                continue
+            candidates.append((model_config.replace(remat_policy=policy), tc, mesh_sizes))
+    estimates = [plan(mc, tc, topology, sizes, compile=False, hbm_fraction=hbm_fraction, devices=devices)
+                 for mc, tc, sizes in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: estimates[i].estimated_step_s)
+    results = list(estimates)
+    for rank, i in enumerate(order[:compile_top]):
+        mc, tc, sizes = candidates[i]
+        if progress is not None:
+            progress(f"compiling {rank + 1}/{min(compile_top, len(order))}: mesh {_mesh_text(sizes)}, remat "
+                     f"{mc.remat_policy}, accum {tc.accum_steps}")
+        results[i] = plan(mc, tc, topology, sizes, compile=True, hbm_fraction=hbm_fraction, devices=devices)
+    return sorted(results, key=lambda p: (not p.compiled, p.fits is False, p.estimated_step_s))
+
+
+def _mesh_text(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1) or "1 chip"
