@@ -490,6 +490,8 @@ CLI_ROWS = [
     _cli("report run id", "report.py", f"{RUN} --run nope --no-plot", 2, "no run 'nope'"),
     _cli("distill teacher", "distill.py", "--teacher nowhere", 2, "not found"),
     _cli("distill scale", "distill.py", f"--teacher {RUN} --scale 2", 2, "--scale 2"),
+    _cli("plan mesh", "plan.py", "--topology v5p:2x2x1 --mesh fsdp", 2, "AXIS=SIZE"),
+    _cli("plan config", "plan.py", "--topology v5p:2x2x1 --config invalid.json", 2, "not valid JSON"),
 ]
 
 # Runs each (script, argv) as `__main__` in this process, in the workspace, and reports the exit
