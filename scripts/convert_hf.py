@@ -19,16 +19,15 @@ the tokenizer files when the input has a `tokenizer/`.
 """
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import equinox as eqx
 import jax
 
+from vishwam.cli import add_debug_flag, run_script
 from vishwam.config import ModelConfig
+from vishwam.files import atomic_directory, atomic_write_text
 from vishwam.hf import generation_eos_ids, load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint
 from vishwam.pipeline import load_model_weights
 
@@ -43,7 +42,7 @@ def _named_arrays(model) -> dict:
 
 def _fresh_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise SystemExit(f"convert_hf: {path} already exists; pass --overwrite or choose another directory.")
+        raise FileExistsError(f"convert_hf: {path} already exists; pass --overwrite or choose another directory.")
 
 
 def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, progress: bool = False) -> str:
@@ -62,40 +61,40 @@ def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, p
         return f"pipeline (model + tokenizer, vocab {tokenizer.vocab_size})"
     from safetensors.numpy import save_file
 
-    # Assembled beside the target and renamed into place: never a half-written directory.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        (staging / "config.json").write_text(config.to_json())
+    # Staged beside the target and swapped in: never a half-written directory, and an
+    # existing target is replaced only once the new one is complete.
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        atomic_write_text(staging / "config.json", config.to_json())
         save_file(_named_arrays(model), str(staging / "model.safetensors"), metadata={"format": "vishwam"})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return f"weights only ({why})"
 
 
 def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: bool, progress: bool = False) -> str:
     _fresh_output(target, overwrite)
+    if not source.is_dir():
+        raise FileNotFoundError(f"convert_hf: {source}: no such directory.")
     missing = [name for name in ("config.json", "model.safetensors") if not (source / name).is_file()]
     if missing:
-        raise SystemExit(f"convert_hf: {source} lacks {missing}; expected a vishwam directory written by "
-                         "`convert_hf.py to-vishwam` or VishwamAIPipeline.save.")
+        raise FileNotFoundError(f"convert_hf: {source} lacks {missing}; expected a vishwam directory written by "
+                                "`convert_hf.py to-vishwam` or VishwamAIPipeline.save.")
     config = ModelConfig.from_json(source / "config.json")
     model = load_model_weights(source / "model.safetensors", config)
     tokenizer = load_hf_tokenizer(source / "tokenizer") if (source / "tokenizer").is_dir() else None
     ids = None if tokenizer is None else {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id,
                                           "eos_token_id": tokenizer.eos_id}
-    save_hf_checkpoint(model, config, target, max_shard_size=max_shard_size, token_ids=ids, progress=progress)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
-        return "model + tokenizer"
-    return "model"
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        save_hf_checkpoint(model, config, staging, max_shard_size=max_shard_size, token_ids=ids, progress=progress)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return "model" if tokenizer is None else "model + tokenizer"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (`vishwam.cli`: 2 for bad input)."""
+    return run_script(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("to-vishwam", help="HF directory -> vishwam weights (or pipeline) directory")
@@ -108,9 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("target", type=Path)
     b.add_argument("--max-shard-size", default=None, help="e.g. 5GB: split into shards with an index")
     for p in (a, b):
-        p.add_argument("--overwrite", action="store_true", help="replace an existing target directory")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing target directory (once the new one is complete)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is "
                        "not a terminal)")
+        add_debug_flag(p)
     args = parser.parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.direction == "to-vishwam":
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         what = to_hf(args.source, args.target, args.max_shard_size, args.overwrite, progress)
     print(f"{args.source} -> {args.target}: {what}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

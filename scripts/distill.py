@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     parser.add_argument("--teacher", type=Path, required=True, metavar="RUN_DIR",
                         help="a run directory with checkpoints")
     parser.add_argument("--scale", type=float, default=0.5, help="student width and depth relative to the teacher")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     args, rest = parser.parse_known_args(argv)
+    if args.debug:
+        rest.append("--debug")
     config_path = args.teacher / "config.json"
     if not config_path.is_file():
         print(f"error: {config_path} not found; --teacher must be a run directory written by scripts/train.py",
@@ -51,9 +54,16 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     if not 0 < args.scale <= 1:
         print(f"error: --scale {args.scale} must be in (0, 1]", file=sys.stderr)
         return 2
-    teacher = json.loads(config_path.read_text())
+    try:
+        teacher = json.loads(config_path.read_text(encoding="utf-8"))
+        teacher_model = teacher["model"]
+        overrides = student_overrides(teacher_model, args.scale)
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"error: {config_path} is not a run's config.json ({type(error).__name__}: {error}); --teacher must "
+              "be a run directory written by scripts/train.py", file=sys.stderr)
+        return 2
     forwarded = ["--config", str(config_path), "--teacher", str(args.teacher)]
-    for field, value in student_overrides(teacher["model"], args.scale).items():
+    for field, value in overrides.items():
         forwarded += ["--set", f"{field}={json.dumps(value)}"]
     source = teacher.get("data", {}).get("source")
     if "--data" not in rest and isinstance(source, list):

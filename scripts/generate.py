@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from vishwam.cli import add_debug_flag, run_script
+
 
 def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
     """A `VishwamAIPipeline` with the model of checkpoint `step` (default: the latest) of a run.
@@ -44,13 +46,16 @@ def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
     config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a run directory holds the config.json the trainer wrote.")
-    saved = json.loads(config_path.read_text())
-    if "model" not in saved or "train" not in saved:
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); is {run_dir} a training run directory?") from None
+    if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
         raise ValueError(f"{config_path} has no 'model' and 'train' sections; is {run_dir} a training run directory?")
     complete, unfinished = checkpoint_steps(checkpoints)
     if unfinished:
         # Opening the checkpoint manager would delete these, failing a save still in flight.
-        raise RuntimeError(f"{checkpoints} holds unfinished saves {unfinished}: a run is saving (wait for it) or "
+        raise FileExistsError(f"{checkpoints} holds unfinished saves {unfinished}: a run is saving (wait for it) or "
                            "was killed mid-save (resume it, or delete them).")
     if not complete:
         raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint.")
@@ -71,6 +76,9 @@ def load_pipeline(directory: str | Path, step: int | None = None):
     from vishwam.pipeline import VishwamAIPipeline
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory; pass a pipeline directory or a training run "
+                                "directory (runs/<name>).")
     if step is None:
         for candidate in (directory, directory / "pipeline"):
             if (candidate / "pipeline.json").is_file():
@@ -82,6 +90,27 @@ def load_pipeline(directory: str | Path, step: int | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (`vishwam.cli`: 2 for bad input)."""
+    return run_script(_main, argv)
+
+
+def _check_sampling(args) -> None:
+    """Sampling flags that cannot work, refused before the model is loaded."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be a positive integer.")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy).")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be a positive integer (or leave it out).")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1] (or leave it out).")
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step {args.step}: must be a checkpoint step >= 0.")
+    if not args.prompt:
+        raise ValueError("the prompt is empty; give some text to complete.")
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="pipeline or training-run directory")
     parser.add_argument("prompt", help="text to complete")
@@ -94,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         "pipeline/, else the latest checkpoint)")
     parser.add_argument("--no-stream", action="store_true", help="print the completion once it is complete")
     parser.add_argument("--no-progress", action="store_true", help="no tokens/s line or progress bar on stderr")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    _check_sampling(args)
 
     pipeline = load_pipeline(args.directory, args.step)
     meter = None if args.no_progress else _TokenMeter(args.max_new_tokens, bar=args.no_stream and sys.stderr.isatty())

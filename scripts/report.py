@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vishwam.train.metrics_db import MetricsDBLockedError, events, load_metrics, runs
+from vishwam.cli import add_debug_flag, run_script
+from vishwam.train.metrics_db import events, load_metrics, runs
 
 PLOT_INCHES, PLOT_DPI = (13.5, 4.2), 100
 PLOT_PIXELS = (round(PLOT_INCHES[0] * PLOT_DPI), round(PLOT_INCHES[1] * PLOT_DPI))
@@ -209,7 +210,7 @@ def _open(path: Path, run_id: str | None) -> tuple[Path, Path, dict, int]:
         raise ValueError(f"{db_path} holds no runs.")
     by_id = {r["run_id"]: r for r in all_runs}
     if run_id is not None and run_id not in by_id:
-        raise KeyError(f"No run {run_id!r} in {db_path}; runs: {list(by_id)}.")
+        raise ValueError(f"No run {run_id!r} in {db_path}; runs: {list(by_id)}.")
     return run_dir, db_path, by_id[run_id] if run_id is not None else all_runs[-1], len(all_runs)
 
 
@@ -260,20 +261,20 @@ def compare(paths: list[Path], run_id: str | None = None, plot_to: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (`vishwam.cli`: 2 for a missing or unreadable run)."""
+    return run_script(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="path",
                         help="run directory or metrics .duckdb file; several are compared")
     parser.add_argument("--run", dest="run_id", help="run id (default: the latest in the file)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: <run dir>/loss.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the picture")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        text = compare(args.paths, args.run_id, args.plot, plot=not args.no_plot)
-    except (FileNotFoundError, KeyError, ValueError, MetricsDBLockedError) as err:
-        message = err.args[0] if isinstance(err, KeyError) else err  # str(KeyError) adds quotes
-        print(f"report: {message}", file=sys.stderr)
-        return 1
-    print(text)
+    print(compare(args.paths, args.run_id, args.plot, plot=not args.no_plot))
     return 0
 
 

@@ -14,8 +14,11 @@ Running the same command again resumes from the latest checkpoint (the run's
 `config.json` is the base, so flags you do not repeat keep their values; a flag
 that changes the model or the optimiser is refused with the list of differing
 fields). `--new` starts over, `--resume` insists on a checkpoint. SIGTERM or
-Ctrl-C writes a checkpoint and exits with 128 + the signal number. Exit codes: 0
-done, 2 bad configuration / database held by another process, 3 diverged (NaN).
+Ctrl-C writes a checkpoint and exits with 128 + the signal number. Exit codes
+(`vishwam.cli`): 0 done, 2 bad input (configuration, flags, files; database held by
+another process), 3 diverged (NaN), 128 + N stopped by signal N. An error is one
+`error: ...` line and a hint; `--debug` shows the traceback instead. Bad input never
+leaves a run directory behind: the run's files are written once training starts.
 
 Several hosts: start the same command on every host with `--distributed` (JAX
 finds the coordinator on TPU pods / SLURM, or set JAX_COORDINATOR_ADDRESS,
@@ -32,8 +35,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from vishwam.cli import add_debug_flag, run_script
 
 DEFAULT_PRESET = "small"
 # The main job: sized for a few minutes on a 2-core CPU with the loss clearly falling.
@@ -50,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--config", type=Path,
                       help="JSON with 'model' and/or 'train' sections (a run's config.json works), or a ModelConfig")
     what.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a ModelConfig field (JSON value), e.g. --set num_layers=2; repeatable")
+                      help="override a ModelConfig field, parsed with the field's type (true/false, none), "
+                      "e.g. --set num_layers=2 --set tie_embeddings=false; repeatable")
     what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs "
                       "(default: the built-in corpus, vishwam.data.default_corpus())")
     what.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's, trained if missing)")
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, help="warm-up steps")
     train.add_argument("--seed", type=int, help="seed of the init, the data order and the step keys")
     train.add_argument("--nan-policy", choices=["stop", "skip"], help="on a non-finite loss: stop, or skip the step")
-    train.add_argument("--teacher", type=Path, metavar="RUN_DIR", help="distil from this run's latest checkpoint, or from a HuggingFace Llama/Mixtral directory")
+    train.add_argument("--teacher", type=Path, metavar="RUN_DIR", help="distil from this run's latest checkpoint, or from a HuggingFace Llama/Mistral/Qwen2/Mixtral directory")
     train.add_argument("--distill-alpha", type=float, help="weight of the data CE (rest: teacher KL)")
     train.add_argument("--distill-temperature", type=float, help="softmax temperature of the distillation KL")
     run = p.add_argument_group("run")
@@ -89,23 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trace steps START..STOP (1-based, inclusive) with jax.profiler into <run>/profile/ "
                           "(TensorBoard profile plugin or Perfetto); those steps stay out of the throughput")
     run.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    add_debug_flag(p)
     return p
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
     sizes = {}
     for part in filter(None, text.split(",")):
         name, sep, value = part.partition("=")
-        if not sep:
-            raise SystemExit(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4")
-        sizes[name.strip()] = int(value)
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4")
     return sizes
 
 
@@ -121,6 +125,30 @@ def _parse_profile(text: str) -> tuple[int, int]:
         raise ValueError(f"--profile {text!r}: START must be at least 1 and at most STOP "
                          "(the window is steps START to STOP, counted from 1)")
     return window
+
+
+def _check_args(args) -> None:
+    """What the flags alone get wrong, refused before anything is built or read."""
+    positive = {"--steps": args.steps, "--batch": args.batch, "--seq-len": args.seq_len, "--accum": args.accum,
+                "--max-steps": args.max_steps, "--eval-batches": args.eval_batches, "--keep": args.keep,
+                "--log-every": args.log_every, "--vocab-size": args.vocab_size}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer.")
+    for flag, value in {"--eval-every": args.eval_every, "--checkpoint-every": args.checkpoint_every,
+                        "--warmup": args.warmup}.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} {value}: must be >= 0.")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {args.val_fraction}: must be in [0, 1) (0 = no validation).")
+    for flag, path, kind in (("--config", args.config, "file"), ("--tokenizer", args.tokenizer, "directory"),
+                             ("--teacher", args.teacher, "directory")):
+        if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+            raise FileNotFoundError(f"{flag} {path}: no such {kind}.")
+    if args.mesh is not None:
+        _parse_mesh(args.mesh)
+    if args.profile is not None:
+        _parse_profile(args.profile)
 
 
 def _enable_compile_cache() -> None:
@@ -139,20 +167,45 @@ def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
 
     saved = run_dir / "config.json"
     if args.config is not None:
-        data = json.loads(args.config.read_text())
+        data = _read_json(args.config, "--config")
         sectioned = "model" in data or "train" in data
         model = data.get("model", {}) if sectioned else data
-        return dict(model), dict(data.get("train", {}) if sectioned else {}), str(args.config)
+        train = data.get("train", {}) if sectioned else {}
+        if not isinstance(model, dict) or not isinstance(train, dict):
+            raise ValueError(f"--config {args.config}: the 'model' and 'train' sections must be JSON objects.")
+        return dict(model), dict(train), str(args.config)
     if saved.exists() and not args.new and not args.preset:
-        data = json.loads(saved.read_text())
+        data = _read_json(saved, "the run's")
+        if not isinstance(data.get("model"), dict) or not isinstance(data.get("train"), dict):
+            raise ValueError(f"{saved} has no 'model' and 'train' sections; it was not written by the trainer "
+                             "(start over with --new, or choose another --run-dir).")
         return dict(data["model"]), dict(data["train"]), f"{saved} (resuming)"
     preset = args.preset or DEFAULT_PRESET
     if preset not in PRESETS:
-        raise SystemExit(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}.")
     return dict(PRESETS[preset]), {}, f"preset {preset!r}"
 
 
-def _tokenizer(args, run_dir: Path, source, vocab_size: int):
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _saved_source(run_dir: Path):
+    """The data source a run was started with (its config.json), for a resume without --data."""
+    try:
+        source = json.loads((run_dir / "config.json").read_text()).get("data", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, list) else None
+
+
+def _tokenizer(args, run_dir: Path, source, vocab_size: int, *, exact: bool = False):
     from vishwam.data import as_source
     from vishwam.tokenizer import VishwamAITokenizer
 
@@ -162,19 +215,28 @@ def _tokenizer(args, run_dir: Path, source, vocab_size: int):
         return VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"), f"{run_dir / 'tokenizer'}"
     start = time.perf_counter()
     documents = as_source(source).read().documents
-    target = args.vocab_size or max(vocab_size, MIN_TOKENIZER_VOCAB)
-    tokenizer = VishwamAITokenizer.train(documents, run_dir / "tokenizer" / "tokenizer.model", vocab_size=target,
-                                         hard_vocab_limit=False, input_kind="documents")
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if not any(documents):
+        raise ValueError(f"--data {' '.join(source)}: no text to train a tokenizer on (the files are empty).")
+    target = args.vocab_size or (vocab_size if exact else max(vocab_size, MIN_TOKENIZER_VOCAB))
+    # Trained into a scratch folder: the trainer saves it into the run once training starts,
+    # so a run refused later leaves no half-made run directory behind.
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = VishwamAITokenizer.train(documents, Path(scratch) / "tokenizer.model", vocab_size=target,
+                                             hard_vocab_limit=False, input_kind="documents")
     return tokenizer, (f"trained here: vocab {tokenizer.vocab_size} on {len(documents)} documents "
                        f"in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     """Run the CLI; `callbacks` go to `VishwamAITrainer` (embedding the job in a program that
-    watches its events: `callback(kind, step, detail)`). Returns the exit code."""
+    watches its events: `callback(kind, step, detail)`). Returns the exit code (`vishwam.cli`)."""
+    return run_script(lambda arguments: _main(arguments, callbacks), argv)
+
+
+def _main(argv: list[str], callbacks) -> int:
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
+    _check_args(args)
     _enable_compile_cache()
     import jax
 
@@ -184,10 +246,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     from vishwam.config import ModelConfig, TrainConfig
     from vishwam.data import make_datasets
     from vishwam.pipeline import VishwamAIPipeline
-    from vishwam.train.checkpoint import CheckpointError
-    from vishwam.train.metrics_db import MetricsDBLockedError
-    from vishwam.train.trainer import (RunConfig, TrainingDiverged, VishwamAITrainer, abstract_model,
-                                       load_run_model)
+    from vishwam.train.trainer import RunConfig, VishwamAITrainer, abstract_model, load_run_model
 
     if args.name:
         name = args.name
@@ -197,64 +256,75 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
         name = args.preset or (args.config.stem if args.config else DEFAULT_PRESET)
     run_dir = (args.run_dir or args.runs / name).absolute()
     model_dict, train_dict, origin = _base_configs(args, run_dir)
-    try:
-        for item in args.set:
-            field, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-            model_dict[field] = _parse_value(value)
-        source = None if args.data is None else list(args.data)
+    set_fields = dict(ModelConfig.parse_override(item) for item in args.set)
+    model_dict.update(set_fields)
+    resuming = (run_dir / "config.json").exists() and not args.new
+    source = list(args.data) if args.data is not None else _saved_source(run_dir) if resuming else None
 
-        teacher, teacher_tokenizer = None, None
-        if args.teacher is not None:
-            from vishwam.hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_tokenizer
-            from vishwam.tokenizer import VishwamAITokenizer
+    overrides = {"total_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
+                 "accum_steps": args.accum, "learning_rate": args.lr, "warmup_steps": args.warmup,
+                 "seed": args.seed, "nan_policy": args.nan_policy, "distill_alpha": args.distill_alpha,
+                 "distill_temperature": args.distill_temperature}
+    if not train_dict:  # a preset: the main job's optimisation settings
+        total = args.steps or MAIN_JOB["steps"]
+        train_dict = {"batch_size": MAIN_JOB["batch_size"], "seq_len": MAIN_JOB["seq_len"],
+                      "learning_rate": MAIN_JOB["learning_rate"], "total_steps": total,
+                      # inside a short schedule too (e.g. --steps 20)
+                      "warmup_steps": min(MAIN_JOB["warmup_steps"], total // 10)}
+    train_config = TrainConfig.from_dict({**train_dict, **{k: v for k, v in overrides.items() if v is not None}})
+    # Everything the configs get wrong is refused here, before a tokenizer is trained or data read
+    # (the vocabulary is the tokenizer's; any valid size stands in for it until then).
+    provisional = ModelConfig.from_dict({**model_dict, "vocab_size": int(model_dict.get("vocab_size") or 1)})
+    if train_config.seq_len > provisional.max_seq_len:
+        raise ValueError(f"--seq-len {train_config.seq_len} exceeds the model's max_seq_len="
+                         f"{provisional.max_seq_len}; shorten it, or --set max_seq_len={train_config.seq_len}.")
+    profile = None if args.profile is None else _parse_profile(args.profile)
+    last_step = args.max_steps or train_config.total_steps
+    if profile is not None and profile[1] > last_step:
+        raise ValueError(f"--profile {args.profile!r}: step {profile[1]} is beyond the run's last step "
+                         f"{last_step} (--steps/--max-steps); end the window at or before it")
+    run_config = RunConfig(
+        run_dir=str(run_dir), max_steps=args.max_steps,
+        eval_every=args.eval_every if args.eval_every is not None else MAIN_JOB["eval_every"],
+        eval_batches=args.eval_batches,
+        checkpoint_every=(args.checkpoint_every if args.checkpoint_every is not None
+                          else MAIN_JOB["checkpoint_every"]),
+        keep_checkpoints=args.keep, log_every=args.log_every,
+        resume="require" if args.resume else "never" if args.new else "auto",
+        mesh=None if args.mesh is None else _parse_mesh(args.mesh),
+        on_db_locked="fallback" if args.db_fallback else "raise", progress=not args.no_progress,
+        profile_steps=profile)
+    if args.resume and not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoints/ to resume from; "
+                                "drop --resume to start the run.")
 
-            if is_hf_checkpoint(args.teacher):
-                # A HuggingFace Llama/Mixtral directory; its tokenizer.model must be a
-                # vishwam-layout SentencePiece model for the ids to line up.
-                teacher, _ = load_hf_checkpoint(args.teacher)
-                teacher_tokenizer = load_hf_tokenizer(args.teacher)
-            else:
-                teacher, _ = load_run_model(args.teacher)
-                teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
-        if teacher_tokenizer is not None and args.tokenizer is None:
-            tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
+    teacher, teacher_tokenizer = None, None
+    if args.teacher is not None:
+        from vishwam.hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_tokenizer
+        from vishwam.tokenizer import VishwamAITokenizer
+
+        if is_hf_checkpoint(args.teacher):
+            # A HuggingFace Llama/Mistral/Qwen2/Mixtral directory; without --tokenizer the
+            # student trains with the teacher's own tokenizer, so the ids line up.
+            teacher, _ = load_hf_checkpoint(args.teacher)
+            teacher_tokenizer = load_hf_tokenizer(args.teacher)
         else:
-            tokenizer, tok_origin = _tokenizer(args, run_dir, source, int(model_dict.get("vocab_size", 0)))
-        model_dict["vocab_size"] = int(tokenizer.vocab_size)
-        model_config = ModelConfig.from_dict(model_dict)
-
-        overrides = {"total_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
-                     "accum_steps": args.accum, "learning_rate": args.lr, "warmup_steps": args.warmup,
-                     "seed": args.seed, "nan_policy": args.nan_policy, "distill_alpha": args.distill_alpha,
-                     "distill_temperature": args.distill_temperature}
-        if not train_dict:  # a preset: the main job's optimisation settings
-            total = args.steps or MAIN_JOB["steps"]
-            train_dict = {"batch_size": MAIN_JOB["batch_size"], "seq_len": MAIN_JOB["seq_len"],
-                          "learning_rate": MAIN_JOB["learning_rate"], "total_steps": total,
-                          # inside a short schedule too (e.g. --steps 20)
-                          "warmup_steps": min(MAIN_JOB["warmup_steps"], total // 10)}
-        train_config = TrainConfig.from_dict({**train_dict, **{k: v for k, v in overrides.items() if v is not None}})
-        profile = None if args.profile is None else _parse_profile(args.profile)
-        last_step = args.max_steps or train_config.total_steps
-        if profile is not None and profile[1] > last_step:
-            raise ValueError(f"--profile {args.profile!r}: step {profile[1]} is beyond the run's last step "
-                             f"{last_step} (--steps/--max-steps); end the window at or before it")
-        run_config = RunConfig(
-            run_dir=str(run_dir), max_steps=args.max_steps,
-            eval_every=args.eval_every if args.eval_every is not None else MAIN_JOB["eval_every"],
-            eval_batches=args.eval_batches,
-            checkpoint_every=(args.checkpoint_every if args.checkpoint_every is not None
-                              else MAIN_JOB["checkpoint_every"]),
-            keep_checkpoints=args.keep, log_every=args.log_every,
-            resume="require" if args.resume else "never" if args.new else "auto",
-            mesh=None if args.mesh is None else _parse_mesh(args.mesh),
-            on_db_locked="fallback" if args.db_fallback else "raise", progress=not args.no_progress,
-            profile_steps=profile)
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            teacher, _ = load_run_model(args.teacher)
+            teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
+    if teacher_tokenizer is not None and args.tokenizer is None:
+        tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
+    else:
+        tokenizer, tok_origin = _tokenizer(args, run_dir, source, int(model_dict.get("vocab_size") or 0),
+                                           exact="vocab_size" in set_fields)
+    vocab = int(tokenizer.vocab_size)
+    if "vocab_size" in set_fields and set_fields["vocab_size"] != vocab:
+        raise ValueError(f"--set vocab_size={set_fields['vocab_size']}: the tokenizer ({tok_origin}) has "
+                         f"{vocab} pieces, and the model's vocabulary must match it; drop --set vocab_size "
+                         "(use --vocab-size N to train a tokenizer of N pieces).")
+    if model_dict.get("vocab_size") not in (None, vocab):
+        tok_origin += f"; its vocabulary ({vocab}) replaces the config's vocab_size={model_dict['vocab_size']}"
+    model_dict["vocab_size"] = vocab
+    model_config = ModelConfig.from_dict(model_dict)
 
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     say(f"run:       {run_dir}")
@@ -264,26 +334,18 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     train_iter, val_iter = make_datasets(tokenizer, source, seq_len=train_config.seq_len,
                                          batch_size=train_config.batch_size, val_fraction=args.val_fraction,
                                          seed=train_config.seed, cache_dir=run_dir.parent / ".cache" / "tokens")
-    say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
-        f"{train_iter.rows.num_tokens:,} train tokens, "
-        f"{0 if val_iter is None else val_iter.rows.num_tokens:,} validation tokens")
-    # Abstract: the trainer creates the parameters in their shardings from the seed.
-    pipeline = VishwamAIPipeline(abstract_model(model_config), tokenizer)
-    trainer = VishwamAITrainer(
-        pipeline, train_config, train_iter, val_iter, run=run_config, teacher=teacher, callbacks=callbacks,
-        extra_config={"data": {"source": "default corpus" if source is None else source,
-                               "val_fraction": args.val_fraction},
-                      "teacher_run": None if args.teacher is None else str(args.teacher.absolute())})
     try:
+        say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
+            f"{train_iter.rows.num_tokens:,} train tokens, "
+            f"{0 if val_iter is None else val_iter.rows.num_tokens:,} validation tokens")
+        # Abstract: the trainer creates the parameters in their shardings from the seed.
+        pipeline = VishwamAIPipeline(abstract_model(model_config), tokenizer)
+        trainer = VishwamAITrainer(
+            pipeline, train_config, train_iter, val_iter, run=run_config, teacher=teacher, callbacks=callbacks,
+            extra_config={"data": {"source": "default corpus" if source is None else source,
+                                   "val_fraction": args.val_fraction},
+                          "teacher_run": None if args.teacher is None else str(args.teacher.absolute())})
         result = trainer.train()
-    except (MetricsDBLockedError, FileNotFoundError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        if isinstance(error, MetricsDBLockedError) and not args.db_fallback:
-            print("(or rerun with --db-fallback to log into a separate file)", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
     finally:
         train_iter.close()
         if val_iter is not None:

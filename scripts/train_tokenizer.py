@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vishwam.cli import add_debug_flag, run_script
 from vishwam.tokenizer import VishwamAITokenizer
 
 DEFAULT_CORPUS_VOCAB = 4096
@@ -51,6 +52,11 @@ def _check_lines(documents: list[str] | None, files: list[Path] | None, limit: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (`vishwam.cli`: 2 for bad input, 1 for a failed round trip)."""
+    return run_script(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -74,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-lines", type=int, default=20000, help="lines for coverage and round trip")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr "
                         "is not a terminal)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size {args.vocab_size}: must be a positive integer.")
+    if args.check_lines < 1:
+        raise ValueError(f"--check-lines {args.check_lines}: must be a positive integer.")
+    if args.output.exists() and not args.output.is_dir():
+        raise FileExistsError(f"--output {args.output} is a file; pass a directory for the tokenizer.")
+    for path in args.input or []:
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {path}: no such file.")
 
     documents = None if args.input else _default_documents()
     vocab_size = args.vocab_size or (FILES_VOCAB if args.input else DEFAULT_CORPUS_VOCAB)
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             if "hard_vocab_limit" in str(error):
-                print("(on the command line: --vocab-size N or --soft-vocab-limit)", file=sys.stderr)
+                print("hint: on the command line, --vocab-size N or --soft-vocab-limit", file=sys.stderr)
             return 2
         trained = time.perf_counter() - start
         tokenizer.save_pretrained(args.output)

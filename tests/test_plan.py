@@ -162,3 +162,24 @@ def test_a_mesh_that_does_not_fit_the_chips_or_the_batch_is_refused():
         plan(TPU_MODEL, TPU_TRAIN, "v5e:2x2", {"fsdp": 8}, compile=False)
     with pytest.raises(ValueError, match="does not split"):
         plan(TPU_MODEL, TPU_TRAIN.replace(batch_size=2), "v5e:2x2", {"fsdp": 4}, compile=False)
+
+
+@needs_libtpu
+def test_scripts_skip_the_tpu_probe_on_a_machine_without_tpus():
+    """With libtpu installed, a script on a TPU-less machine pins JAX to the CPU before
+    JAX starts (no seconds-long probe, no screen of warnings); a user's choice stands."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; from vishwam.cli import skip_absent_tpu; skip_absent_tpu(); "
+             "print(os.environ.get('JAX_PLATFORMS')); import jax; print(jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "cpu"]
+    assert "TPU" not in out.stderr  # libtpu's host-discovery warnings never printed
+    keep = ("import os; from vishwam.cli import skip_absent_tpu; skip_absent_tpu(); "
+            "print(repr(os.environ['JAX_PLATFORMS']))")
+    chosen = subprocess.run([sys.executable, "-c", keep], env={**env, "JAX_PLATFORMS": ""},
+                            capture_output=True, text=True, timeout=120)
+    assert chosen.stdout.strip() == "''"  # "" = every platform: the user's choice, kept

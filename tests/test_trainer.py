@@ -155,7 +155,7 @@ def test_kills_signals_and_locks_leave_resumable_runs_equal_to_an_uninterrupted_
         first = _wait({
             "reference": _start(ws, "reference"),
             "sigkill": _start(ws, "sigkill", KILL_ON="step", KILL_AT=kill_at),
-            "mid_save": _start(ws, "mid_save", KILL_ON="checkpoint", KILL_AT=6),
+            "mid_save": _start(ws, "mid_save", KILL_ON="checkpoint_started", KILL_AT=6),
             "sigterm": _start(ws, "sigterm", KILL_ON="step", KILL_AT=7, KILL_SIGNAL="SIGTERM"),
             "locked": _start(ws, "locked", script="train.py"),
         })
@@ -303,6 +303,53 @@ def test_nan_stop_points_at_the_last_good_checkpoint(tiny, workspace, tmp_path):
     assert checkpoint_steps(tmp_path / "checkpoints") == ([2, 4], [])  # the diverged state was not saved
     [row] = runs(tmp_path / "metrics.duckdb")
     assert row["status"] == "nan"
+
+
+class SigtermInPass:
+    """Validation batches that send this process SIGTERM as batch `at` of pass `on_pass` is drawn."""
+
+    def __init__(self, loader, *, on_pass: int, at: int):
+        self.loader, self.on_pass, self.at = loader, on_pass, at
+        self.passes, self.drawn = 0, []
+
+    def reset(self):
+        self.loader.reset()
+        self.passes += 1
+        self.drawn.append(0)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.drawn[-1] += 1
+            if self.passes == self.on_pass and self.drawn[-1] == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def test_sigterm_stops_an_evaluation_at_its_next_batch_and_checkpoints_are_logged_when_committed(
+        tiny, workspace, tmp_path):
+    tokenizer, config, train_config = tiny
+    train, val = make_datasets(tokenizer, workspace / "corpus.jsonl", seq_len=32, batch_size=2, val_fraction=0.2,
+                               cache_dir=workspace / "cache", process_index=0, process_count=1)
+    assert len(val) >= 3
+    interrupted = SigtermInPass(val, on_pass=2, at=2)
+    seen = []
+    pipeline = VishwamAIPipeline(VishwamAI(config, key=jax.random.key(0)), tokenizer)
+    run = RunConfig(run_dir=str(tmp_path), progress=False, mesh={"data": 1}, eval_every=4, checkpoint_every=2)
+    try:
+        result = VishwamAITrainer(pipeline, train_config.replace(batch_size=2), train, interrupted, run=run,
+                                  callbacks=[lambda kind, step, detail: seen.append((kind, step))]).train()
+    finally:
+        train.close()
+        val.close()
+    # The step-4 evaluation stopped when its second batch was drawn; the full first pass ran.
+    assert interrupted.drawn == [len(val), 2] and result.stop_reason == "SIGTERM" and result.step == 4
+    log = events(tmp_path / "metrics.duckdb")
+    assert [e["step"] for e in log if e["kind"] == "eval"] == [0]  # a partial pass is not a validation loss
+    # Each checkpoint event follows its save's start and names a step that is complete on disk.
+    assert [e["step"] for e in log if e["kind"] == "checkpoint"] == [2, 4]
+    assert checkpoint_steps(tmp_path / "checkpoints") == ([2, 4], [])
+    for step in (2, 4):
+        assert seen.index(("checkpoint_started", step)) < seen.index(("checkpoint", step))
 
 
 def test_mesh_run_matches_single_device(tiny, workspace, tmp_path):

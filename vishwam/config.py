@@ -1,7 +1,11 @@
 """Model configuration: one frozen dataclass, presets, validation, JSON round trip."""
 
 import dataclasses
+import difflib
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +33,109 @@ _CHOICES = {
 }
 
 
+def _field_kinds(annotation: Any) -> tuple[type, bool]:
+    """`(base type, accepts None)` of a config field's annotation (`int`, `float | None`, a Literal)."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, (annotation,) = True, args
+    if typing.get_origin(annotation) is Literal:
+        annotation = str
+    return annotation, optional
+
+
+def _type_error(cls_name: str, name: str, value: Any, kind: type, optional: bool, default: Any) -> str | None:
+    """Why `value` does not fit a field of type `kind`, or None. Bools are not numbers
+    here, ints are not floats' only stand-ins the other way round: 2.0 is no int."""
+    if value is None:
+        return None if optional else f"{cls_name}.{name}: must be set, got None; give a {kind.__name__}."
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return f"{cls_name}.{name}: must be a finite number, got {value!r}."
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+    return (f"{cls_name}.{name}: expected {expected}{' or null' if optional else ''}, got {value!r} "
+            f"({type(value).__name__}); write e.g. {name}={_example(kind, default)}.")
+
+
+def _example(kind: type, default: Any) -> str:
+    """A value of the right type to show in a message: the field's default where it has one."""
+    if default is not None and default is not dataclasses.MISSING:
+        return json.dumps(default)
+    return {bool: "true", int: "2", float: "0.5", str: '"value"'}.get(kind, "...")
+
+
+def _parse_text(cls_name: str, name: str, text: str, kind: type, optional: bool, default: Any) -> Any:
+    lowered = text.strip().lower()
+    if optional and lowered in ("none", "null"):
+        return None
+    try:
+        if kind is bool:
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ValueError(f"{cls_name}.{name}: expected {expected}{' or none' if optional else ''}, got {text!r}; "
+                         f"write e.g. {name}={_example(kind, default)}.") from None
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+# The config classes check their own field types (`_check_types`: a ValueError naming the field,
+# the value and the fix); `no_type_check` keeps a run-time type checker (jaxtyping's import hook
+# in the tests) from refusing a bad value first with a generic TypeError.
+@typing.no_type_check
 class _JsonConfig:
     """JSON round trip shared by the config dataclasses (no pickle: configs are JSON)."""
+
+    def _check_types(self) -> None:
+        """Raise `ValueError` naming the first field whose value has the wrong type."""
+        for field in dataclasses.fields(self):
+            kind, optional = _field_kinds(field.type)
+            message = _type_error(type(self).__name__, field.name, getattr(self, field.name), kind, optional,
+                                  field.default)
+            if message:
+                raise ValueError(message)
+
+    @classmethod
+    def unknown_field_error(cls, name: str) -> ValueError:
+        """The error for a field `cls` does not have, with the closest known name."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields are {', '.join(sorted(known))}."
+        return ValueError(f"{cls.__name__}: unknown field {name!r}; {hint}")
+
+    @classmethod
+    def parse_override(cls, assignment: str) -> tuple[str, Any]:
+        """`"FIELD=VALUE"` (a `--set` argument) as `(field, value)`, VALUE parsed with the field's type.
+
+        Bools take `true`/`false`, optional fields `none`/`null`, strings are taken as written
+        (quotes optional). Raises `ValueError` for a missing `=`, an unknown field (naming the
+        closest one) or a value that does not parse as the field's type.
+        """
+        name, sep, text = assignment.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set num_layers=2.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise cls.unknown_field_error(name)
+        kind, optional = _field_kinds(fields[name].type)
+        return name, _parse_text(cls.__name__, name, text, kind, optional, fields[name].default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -40,22 +145,32 @@ class _JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a JSON object of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+            raise cls.unknown_field_error(unknown[0])
         return cls(**data)
 
     @classmethod
     def from_json(cls, text_or_path: "str | Path"):
         """Parse a JSON string, or read the file it names."""
-        text = str(text_or_path)
+        text, where = str(text_or_path), "the JSON string"
         if not text.lstrip().startswith("{"):
             path = Path(text)
             if not path.is_file():
                 raise FileNotFoundError(f"{cls.__name__}.from_json: no such file {path}")
-            text = path.read_text()
-        return cls.from_dict(json.loads(text))
+            where = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{cls.__name__}.from_json: {path} is not UTF-8 text ({error}).") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{cls.__name__}.from_json: {where} is not valid JSON ({error}).") from None
+        return cls.from_dict(data)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -66,6 +181,7 @@ class _JsonConfig:
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
     """Everything that fixes the shape and the arithmetic of a `VishwamAI` model.
@@ -191,6 +307,8 @@ class ModelConfig(_JsonConfig):
         def fail(field: str, message: str):
             raise ValueError(f"ModelConfig.{field}: {message}")
 
+        self._check_types()
+
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             options = allowed.__args__
@@ -204,7 +322,7 @@ class ModelConfig(_JsonConfig):
                 fail(name, f"must be a positive integer, got {value!r}.")
         for name in ("num_kv_heads", "head_dim", "sliding_window"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and value <= 0:
                 fail(name, f"must be a positive integer or None, got {value!r}.")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             fail("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -243,7 +361,7 @@ class ModelConfig(_JsonConfig):
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -298,6 +416,7 @@ def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
 NanPolicy = Literal["stop", "skip"]
 
 
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_JsonConfig):
     """Everything that fixes one optimisation step: optimiser, schedule, batch, losses.
@@ -354,6 +473,8 @@ class TrainConfig(_JsonConfig):
     def __post_init__(self):
         def fail(field: str, message: str):
             raise ValueError(f"TrainConfig.{field}: {message}")
+
+        self._check_types()
 
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             fail("warmup_steps", f"must be a non-negative integer, got {self.warmup_steps!r}.")

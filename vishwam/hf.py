@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import ModelConfig
+from .files import atomic_write_bytes
 from .model import VishwamAI
 from .parallel.sharding import path_string
 
@@ -393,9 +393,13 @@ class _Checkpoint:
 
     def _open(self, path: Path):
         if path not in self._handles:
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            try:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            except SafetensorError as error:
+                raise ValueError(f"{path} is not a readable safetensors file ({error}); it is truncated or of "
+                                 "another format: copy it again.") from None
         return self._handles[path]
 
     def describe(self, name: str) -> tuple[tuple[int, ...], str]:
@@ -612,7 +616,7 @@ def save_hf_checkpoint(
                 host[piece.leaf] = np.asarray(leaves[piece.leaf])
             value = host[piece.leaf][piece.index]
             tensors[piece.name] = np.ascontiguousarray(value.T if piece.transpose else value)
-        written.append(_atomic_write(folder / file, save(tensors, metadata=_METADATA)))
+        written.append(atomic_write_bytes(folder / file, save(tensors, metadata=_METADATA)))
         bar.update(sum(t.nbytes for t in tensors.values()))
         del tensors
     bar.close()
@@ -620,11 +624,11 @@ def save_hf_checkpoint(
         weight_map = {p.name: file for file, shard in zip(names, shards) for p in shard}
         total = sum(_nbytes(p, leaves) for p in pieces)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        written.append(_atomic_write(folder / INDEX_FILE, _json_bytes(index)))
+        written.append(atomic_write_bytes(folder / INDEX_FILE, _json_bytes(index)))
     for stale in folder.iterdir():
         if _WEIGHT_FILE.match(stale.name) and stale not in written:
             stale.unlink()
-    written.append(_atomic_write(folder / CONFIG_FILE, _json_bytes(hf)))
+    written.append(atomic_write_bytes(folder / CONFIG_FILE, _json_bytes(hf)))
     return written
 
 
@@ -675,19 +679,6 @@ def _parse_size(size: int | str | None) -> int | None:
 
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 # -------------------------------------------------------------- tokenizer, pipeline

@@ -14,8 +14,6 @@ file, which must hold exactly the leaves that config implies.
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -27,6 +25,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .config import ModelConfig
+from .files import atomic_directory
 from .generate import generate, generate_stream
 from .model import VishwamAI
 
@@ -202,36 +201,22 @@ class VishwamAIPipeline:
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the pipeline directory (see the module docstring) atomically: it is
-        assembled next to its destination and renamed into place, so an interrupted
-        save never leaves a half-written pipeline. Returns the directory."""
+        assembled next to its destination and swapped into place (`vishwam.files.atomic_directory`),
+        so an interrupted save never leaves a half-written pipeline, and `overwrite=True`
+        replaces an existing one only once the new one is complete. Returns the directory."""
         from safetensors.numpy import save_file
 
         target = Path(directory).absolute()
         if target.exists() and not overwrite:
             raise FileExistsError(f"VishwamAIPipeline.save: {target} already exists; pass overwrite=True "
                                   "or choose another directory.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target, overwrite=overwrite) as staging:
             (staging / _CONFIG).write_text(self.config.to_json())
             (staging / _PIPELINE).write_text(json.dumps({"format": _FORMAT, "add_bos": self.add_bos,
                                                          "eos_ids": list(self.eos_ids)}, indent=2))
             save_file(_named_arrays(self.model), str(staging / _WEIGHTS),
                       metadata={"format": "vishwam", "vishwam_format": str(_FORMAT)})
             self.tokenizer.save_pretrained(staging / _TOKENIZER)
-            # mkdtemp creates 0700; give the published directory ordinary permissions.
-            for path in (staging, *staging.rglob("*")):
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, retired / target.name)
-                os.replace(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
         return target
 
     @classmethod
@@ -279,11 +264,16 @@ def load_model_weights(path: str | os.PathLike, config: ModelConfig) -> VishwamA
     Raises `ValueError` naming every missing, unexpected or mis-shaped tensor: the
     file must hold exactly the leaves `config` implies.
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     abstract = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    stored = load_file(str(path))
+    try:
+        stored = load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"load_model_weights: {path} is not a readable safetensors file ({error}); it is "
+                         "truncated or of another format: save it again.") from None
     wanted = {jax.tree_util.keystr(p): leaf for p, leaf in leaves}
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
+
+from .files import atomic_directory, atomic_write_bytes
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _SPECIAL_NAMES = ("pad", "unk", "bos", "eos")  # index == fixed id
@@ -487,7 +488,7 @@ class VishwamAITokenizer(TokenizerBase):
         finally:
             if bar is not None:
                 bar.close()
-        _atomic_write(output, model.getvalue())
+        atomic_write_bytes(output, model.getvalue())
         return cls(output, max_length=max_length)
 
     # ------------------------------------------------------------------ encoding
@@ -643,10 +644,9 @@ class VishwamAITokenizer(TokenizerBase):
 
         The layout is the one transformers' ``LlamaTokenizer`` reads (``legacy=True``: the
         SentencePiece model's own dummy-prefix handling), so plain text gets the same ids
-        there. Each file is written atomically.
+        there. The three files are atomic as a set (`write_tokenizer_files`).
         """
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         specials = self.special_tokens
         config = {
             "tokenizer_class": "LlamaTokenizer",
@@ -671,11 +671,8 @@ class VishwamAITokenizer(TokenizerBase):
             },
         }
         names = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-        paths = (folder / names[0], folder / names[1], folder / names[2])
-        _atomic_write(paths[0], self._sp.serialized_model_proto())
-        _atomic_write(paths[1], _json_bytes(config))
-        _atomic_write(paths[2], _json_bytes(specials))
-        return paths
+        contents = (self._sp.serialized_model_proto(), _json_bytes(config), _json_bytes(specials))
+        return write_tokenizer_files(folder, dict(zip(names, contents)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "VishwamAITokenizer":
@@ -1019,19 +1016,19 @@ def _training_error(error: RuntimeError, feed: _SentenceFeed, vocab_size: int, m
     return RuntimeError(f"SentencePiece training failed: {message}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+def write_tokenizer_files(folder: Path, files: dict[str, bytes]) -> tuple[Path, ...]:
+    """Write a tokenizer's files, atomic as a set where the directory allows: a directory
+    holding nothing else (a fresh one, or an earlier tokenizer) is staged whole and swapped
+    in; in a directory shared with other files (an HF export) each file is replaced atomically."""
+    others = [p.name for p in folder.iterdir() if p.name not in files] if folder.is_dir() else []
+    if others:
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data)
+    else:
+        with atomic_directory(folder, overwrite=True) as staging:
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+    return tuple(folder / name for name in files)
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -24,9 +24,9 @@ from .tokenizer import (
     IdArray,
     TokenizerBase,
     _as_id_list,
-    _atomic_write,
     _json_bytes,
     pretrained_settings,
+    write_tokenizer_files,
 )
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -184,10 +184,9 @@ class JsonTokenizer(TokenizerBase):
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[Path, Path, Path]:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
-        (each atomically), the files `from_pretrained` and transformers'
+        (atomic as a set: `write_tokenizer_files`), the files `from_pretrained` and transformers'
         ``PreTrainedTokenizerFast`` read."""
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         specials = self.special_tokens
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -198,11 +197,9 @@ class JsonTokenizer(TokenizerBase):
             "clean_up_tokenization_spaces": False,
             **specials,
         }
-        paths = (folder / TOKENIZER_FILE, folder / "tokenizer_config.json", folder / "special_tokens_map.json")
-        _atomic_write(paths[0], self._tk.to_str(pretty=True).encode("utf-8"))
-        _atomic_write(paths[1], _json_bytes(config))
-        _atomic_write(paths[2], _json_bytes(specials))
-        return paths
+        return write_tokenizer_files(folder, {TOKENIZER_FILE: self._tk.to_str(pretty=True).encode("utf-8"),
+                                              "tokenizer_config.json": _json_bytes(config),
+                                              "special_tokens_map.json": _json_bytes(specials)})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "JsonTokenizer":

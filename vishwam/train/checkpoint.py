@@ -229,6 +229,10 @@ class Checkpointer:
         """Block until pending saves are on disk (re-raises a failed background save)."""
         self._manager.wait_until_finished()
 
+    def saving(self) -> bool:
+        """True while an asynchronous save is still being written (not yet committed)."""
+        return self._manager.is_saving_in_progress()
+
     def close(self) -> None:
         """Finish pending saves and release the manager. Safe to call twice."""
         if self._closed:
@@ -248,8 +252,7 @@ class Checkpointer:
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON meta of `step` (default: latest) without reading any array."""
         step = self._existing_step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(
-            **{_META: ocp.args.JsonRestore()}))[_META]
+        return self._read(step, {_META: ocp.args.JsonRestore()})[_META]
 
     # ---------------------------------------------------------------------- save
     def save(self, step: int, state: PyTree, meta: Mapping[str, Any]) -> bool:
@@ -324,8 +327,7 @@ class Checkpointer:
         """
         self._check_open("restore")
         step = self._existing_step(step)
-        saved = self._manager.restore(step, args=ocp.args.Composite(
-            **{_META: ocp.args.JsonRestore(), _MANIFEST: ocp.args.JsonRestore()}))
+        saved = self._read(step, {_META: ocp.args.JsonRestore(), _MANIFEST: ocp.args.JsonRestore()})
         meta, manifest = saved[_META], saved[_MANIFEST]
         if manifest.get("format") != _FORMAT:
             raise CheckpointError(f"Step {step} in {self.directory} has manifest format "
@@ -357,8 +359,7 @@ class Checkpointer:
                 request[str(i)] = leaf
             else:
                 request[str(i)] = jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{_STATE: ocp.args.StandardRestore(request)}))[_STATE]
+        restored = self._read(step, {_STATE: ocp.args.StandardRestore(request)})[_STATE]
 
         values, problems = [], []
         for path, leaf in leaves:
@@ -381,6 +382,19 @@ class Checkpointer:
         return jax.tree_util.tree_unflatten(treedef, values), meta
 
     # ------------------------------------------------------------------- helpers
+    def _read(self, step: int, items: dict[str, Any]) -> Any:
+        """Orbax's restore of `items`; a damaged step (a truncated or half-copied file) raises
+        `CheckpointError` naming it. Orbax and TensorStore report these as bare exceptions."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (CheckpointError, FileNotFoundError):
+            raise
+        except Exception as error:  # noqa: BLE001  (whatever the storage layer raises for unreadable bytes)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" See full")[0][:200]
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({first}); the files are damaged "
+                "(truncated or partly copied). Restore an earlier step, or delete this one.") from error
+
     def _check_open(self, what: str) -> None:
         if self._closed:
             raise CheckpointError(f"{what}: this Checkpointer for {self.directory} is closed.")

@@ -22,9 +22,11 @@ at any point and started again reproduces the uninterrupted run's parameters and
 per-step metrics bit for bit. Metrics are flushed to DuckDB before every
 checkpoint, and a resumed run rewinds the rows of the steps it repeats.
 
-Stopping: SIGTERM or SIGINT (Ctrl-C) finishes the current step, writes a final
-checkpoint, closes the database (`status = 'stopped'`) and returns; a second
-signal interrupts at once. On an exception the checkpoint manager still waits
+Stopping: SIGTERM or SIGINT (Ctrl-C) finishes the current step (an evaluation stops
+at its next batch and is not logged), writes a final checkpoint, closes the database
+(`status = 'stopped'`) and returns; a second signal interrupts at once. The events
+table names a checkpoint only once orbax has committed it (an asynchronous save is
+logged when it completes, not when it starts). On an exception the checkpoint manager still waits
 for saves already started and the database is closed (`status = 'failed'`).
 
 Non-finite losses (`TrainConfig.nan_policy`): `"stop"` raises `TrainingDiverged`
@@ -73,6 +75,7 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig
 from ..memory import device_memory, host_peak_rss_bytes, host_rss_bytes, live_array_bytes, memory_stats
+from ..files import atomic_write_text
 from ..model import VishwamAI
 from ..plan import estimate_peak_flops, init_sharded_state, model_flops_per_token
 from .checkpoint import Checkpointer, check_compatible, combine_arrays, partition_arrays
@@ -81,7 +84,8 @@ from .step import TrainState, init_train_state, make_eval_step, make_train_step
 
 Callback = Callable[[str, int, Mapping[str, Any]], None]
 """`callback(kind, step, detail)`: every event the trainer records (`start`, `resume`,
-`eval`, `checkpoint`, `nan`, `stop`, `finish`) plus `step` with the step's metrics."""
+`eval`, `checkpoint` once orbax has committed that step, `nan`, `stop`, `finish`) plus
+`step` with the step's metrics and `checkpoint_started` when a save begins (not recorded)."""
 
 _RESUME_MODES = ("auto", "require", "never")
 _DB_LOCKED_MODES = ("raise", "fallback")
@@ -403,6 +407,8 @@ class _Run:
         self.skipped = 0
         self.consecutive_skips = 0
         self.last_checkpoint: int | None = None
+        self.uncommitted: list[tuple[int, dict[str, Any]]] = []  # saves started, not yet logged
+        self.signals: _StopSignals | None = None
         self.pbar = None
         self.postfix: dict[str, str] = {}
         self.last_done = time.perf_counter()
@@ -421,7 +427,7 @@ class _Run:
         t, run = self.t, self.run
         began = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            signals = stack.enter_context(_StopSignals(run.handle_signals))
+            signals = self.signals = stack.enter_context(_StopSignals(run.handle_signals))
             if run.resume == "never" and self.t.is_main and t.checkpoint_dir.exists():
                 shutil.rmtree(t.checkpoint_dir)
             self.ckpt = stack.enter_context(Checkpointer(t.checkpoint_dir, keep=run.keep_checkpoints,
@@ -433,14 +439,15 @@ class _Run:
                                         "start without --resume (or with --new).")
             if latest is not None:
                 check_compatible(self.ckpt.read_meta(latest).get("config"), t.compatibility_config())
+            # Restored before the database is touched too: a damaged checkpoint leaves the records alone.
+            state, start = self._initial_state(latest)
             self.db = MetricsDB(t.metrics_path, run.name, t.full_config(), flush_every=run.flush_every,
                                 on_locked=run.on_db_locked)
             stack.push(self._close_db)
             stack.callback(self._close_pbar)
             # Before the database closes: a run that stops inside the window still records its trace.
             stack.callback(self._stop_profile)
-
-            state, start = self._initial_state(latest)
+            self._record_start(latest, start)
             self._write_run_files()
             teacher = None if t.teacher is None else t._place_tree(t.teacher)
             train_step = make_train_step(t.model_config, t.config, teacher=teacher)
@@ -462,10 +469,11 @@ class _Run:
                 else:
                     if self.last_eval is None or self.last_eval["step"] != step:
                         self._evaluate(eval_step, state.model, step)
-                    self._save(state, step, force_wait=False)
+                    self._save(state, step, force_wait=True)
                     self._record(step, "finish", {"reason": reason, "skipped": self.skipped})
             self._close_pbar()
             self.ckpt.wait()
+            self._log_committed()
             t.pipeline.model = state.model
             pipeline_path = None
             if self.final_status is None:
@@ -591,10 +599,6 @@ class _Run:
             model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
             state = t._place_tree(init_train_state(model, t.config, key=key))
         if latest is None:
-            if self.db.resumed:
-                # The run id exists but has no checkpoint: its rows belong to a trajectory we cannot continue.
-                self.db.rewind(-1)
-            self._record(0, "start", {"max_steps": t.max_steps})
             return state, 0
         arrays, static = partition_arrays(state)
         restored, meta = self.ckpt.restore(latest, arrays)
@@ -610,16 +614,24 @@ class _Run:
         self.last_eval = meta.get("last_eval")
         self.skipped = int(meta.get("skipped", 0))
         self.last_checkpoint = latest
+        return state, start
+
+    def _record_start(self, latest: int | None, start: int) -> None:
+        if latest is None:
+            if self.db.resumed:
+                # The run id exists but has no checkpoint: its rows belong to a trajectory we cannot continue.
+                self.db.rewind(-1)
+            self._record(0, "start", {"max_steps": self.t.max_steps})
+            return
         deleted = self.db.rewind(start)
         self._record(start, "resume", {"checkpoint": latest, "rewound_rows": deleted})
-        return state, start
 
     def _write_run_files(self) -> None:
         t = self.t
         if not t.is_main:
             return
         t.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(t.run_dir / "config.json", json.dumps(t.full_config(), indent=2, sort_keys=True,
+        atomic_write_text(t.run_dir / "config.json", json.dumps(t.full_config(), indent=2, sort_keys=True,
                                                                   default=str))
         tokenizer = getattr(t.pipeline, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -651,6 +663,7 @@ class _Run:
                 self._record_compiled_memory(train_step, state, placed, step)
             state, metrics = train_step(state, placed)
             step += 1
+            self._log_committed()
             # One step of lag: the device runs step n while the host reads step n - 1.
             if pending is not None:
                 self._finish_step(*pending)
@@ -759,6 +772,10 @@ class _Run:
         for batch in loader:
             if self.run.eval_batches is not None and batches >= self.run.eval_batches:
                 break
+            if self.signals is not None and self.signals.signum is not None:
+                # A part of the validation set is not the validation loss: nothing is logged.
+                self._note(f"step {step}: evaluation stopped by {self.signals.name} after {batches} batches")
+                return None
             out = eval_step(model, self.t._place_batch(batch))
             nll, tokens, batches = nll + out["nll_sum"], tokens + out["tokens"], batches + 1
         if batches == 0:
@@ -787,9 +804,19 @@ class _Run:
         arrays, _ = partition_arrays(state)
         if self.ckpt.save(step, arrays, meta):
             self.last_checkpoint = step
-            self._record(step, "checkpoint", {"directory": str(t.checkpoint_dir / str(step))})
+            detail = {"directory": str(t.checkpoint_dir / str(step))}
+            t._emit("checkpoint_started", step, detail)
+            self.uncommitted.append((step, detail))
         if force_wait:
             self.ckpt.wait()
+        self._log_committed()
+
+    def _log_committed(self) -> None:
+        """Record the `checkpoint` event of saves orbax has finished (all of them, or none yet)."""
+        if self.uncommitted and not self.ckpt.saving():
+            for step, detail in self.uncommitted:
+                self._record(step, "checkpoint", detail)
+            self.uncommitted.clear()
 
     def _export(self, state: TrainState) -> Path | None:
         t = self.t
@@ -840,12 +867,6 @@ def abstract_model(config: ModelConfig) -> VishwamAI:
 
 def is_abstract_model(model: VishwamAI) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(model))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ runs on disk
