@@ -21,8 +21,8 @@ block. Per-row statistics (log-sum-exp, delta, query segment ids) are stored
 broadcast over 128 lanes (`[..., len, 128]`) and key segment ids over 8
 sublanes (`[batch, 8, kv_len]`): a 1-D row cannot be turned into a column
 inside a kernel. Tiles: kv tiles are multiples of 128 (`block_size` rounded
-down, at least 128); q tiles the same, or one tile of the whole query length
-rounded up to 16 when it is shorter; sequences are zero-padded to whole tiles
+down, clamped to [128, 512]); q tiles the same, or one tile of the whole query
+length rounded up to 16 when it is shorter; sequences are zero-padded to whole tiles
 and padded keys masked. head_dim over 128 is zero-padded to a multiple of 128.
 
 Tiles that causal masking hides are skipped (`pl.when`), and their index maps
@@ -56,6 +56,9 @@ _F32 = jnp.float32
 _LANES = 128
 _SUBLANES = 8
 _MIN_Q_TILE = 16  # bf16 packs 16 rows per sublane tile
+# VMEM bound: tiles of 2048 ran out of v5e's scoped VMEM at head_dim 128 (AOT
+# compile), 1024 compiled at head_dim 256; 512 leaves room for wider heads.
+_MAX_TILE = 512
 TENSOR_AXIS = "tensor"
 
 
@@ -64,7 +67,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _tiles(block_size: int, q_len: int, kv_len: int) -> tuple[int, int]:
-    tile = max(_LANES, block_size // _LANES * _LANES)
+    tile = min(_MAX_TILE, max(_LANES, block_size // _LANES * _LANES))
     bk = min(tile, _round_up(kv_len, _LANES))
     bq = _round_up(q_len, _MIN_Q_TILE) if q_len < tile else tile
     return bq, bk
@@ -352,7 +355,7 @@ def _q_block(st: _Static, j, t):
     """(query head within the group, q tile) to fetch at step t of kv tile j:
     tiles that see none of it are replaced by the first that does."""
     lo, _ = st.q_range(j)
-    return lax.div(t, st.nq), jnp.maximum(lax.rem(t, st.nq), lo)
+    return lax.div(t, st.nq), jnp.minimum(jnp.maximum(lax.rem(t, st.nq), lo), st.nq - 1)
 
 
 def _backward(st: _Static, res, do):
@@ -360,7 +363,7 @@ def _backward(st: _Static, res, do):
     batch, heads = q.shape[:2]
     d, g, bq, bk = st.head_dim, st.group, st.block_q, st.block_k
     delta = jnp.einsum("bhqd,bhqd->bhq", out.astype(_F32), do.astype(_F32))
-    delta = jnp.broadcast_to(delta[..., None], (*delta.shape, _LANES))
+    lse, delta = (jnp.broadcast_to(x[..., None], (*x.shape, _LANES)) for x in (lse, delta))
     extras = _extras_args(st, ex)
 
     q_spec, kv_spec, stat_spec, row_extras = _row_specs(st)
@@ -376,15 +379,14 @@ def _backward(st: _Static, res, do):
         name="flash_attention_tpu_dq",
     )(q, k, v, do, lse, delta, *extras)
 
-    def head_of(hk, j, t):
-        return hk * g + _q_block(st, j, t)[0]
+    def q_map(b, hk, j, t):  # grid (b, kv head, kv tile j, group head x q tile t)
+        gi, i = _q_block(st, j, t)
+        return b, hk * g + gi, i, 0
 
-    group_q_spec = pl.BlockSpec((None, None, bq, d), lambda b, hk, j, t: (b, head_of(hk, j, t), _q_block(st, j, t)[1], 0))
-    group_stat_spec = pl.BlockSpec(
-        (None, None, bq, _LANES), lambda b, hk, j, t: (b, head_of(hk, j, t), _q_block(st, j, t)[1], 0)
-    )
+    group_q_spec = pl.BlockSpec((None, None, bq, d), q_map)
+    group_stat_spec = pl.BlockSpec((None, None, bq, _LANES), q_map)
     tile_kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, hk, j, t: (b, hk, j, 0))
-    col_extras = _extras_specs(st, lambda b, hk, j, t: (b, head_of(hk, j, t), _q_block(st, j, t)[1], j))
+    col_extras = _extras_specs(st, lambda b, hk, j, t: (*q_map(b, hk, j, t)[:3], j))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st),
         grid=(batch, st.kv_heads, st.nk, g * st.nq),
@@ -406,7 +408,8 @@ def _flash(st: _Static, q, k, v, ex: _Extras):
 
 def _flash_fwd(st: _Static, q, k, v, ex: _Extras):
     out, lse = _forward(st, q, k, v, ex)
-    return out, (q, k, v, ex, out, lse)
+    # Saved once per row, not 128 times: the backward broadcasts it again.
+    return out, (q, k, v, ex, out, lse[..., 0])
 
 
 _flash.defvjp(_flash_fwd, _backward)
@@ -488,7 +491,7 @@ def attention(
     interpret: bool,
 ) -> jax.Array:
     """Same contract as `reference.attention` (dropout refused: see `unsupported`);
-    `block_size` is the tile length, rounded down to a multiple of 128 (at least 128)."""
+    `block_size` is the tile length, rounded down to a multiple of 128 in [128, 512]."""
     reason = unsupported(dropout_rate=dropout_rate)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}; use implementation='xla'.")
