@@ -461,9 +461,8 @@ def _local_attention(q, k, v, mask, q_seg, kv_seg, *, causal, sm_scale, block_si
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :d]
 
 
-def _mesh_split(mesh, batch: int, heads: int, kv_heads: int):
-    """Mesh axes the batch and the heads are split over (only axes not already manual)."""
-    free = set(mesh.axis_names) - set(mesh.manual_axes)
+def _mesh_split(mesh, free: set, batch: int, heads: int, kv_heads: int):
+    """Axes of `free` (the mesh axes not already manual) that the batch and the heads are split over."""
     sizes = dict(mesh.shape)
     batch_axes, shards = [], 1
     for axis in BATCH_AXES:
@@ -472,7 +471,7 @@ def _mesh_split(mesh, batch: int, heads: int, kv_heads: int):
             shards *= sizes[axis]
     t = sizes.get(TENSOR_AXIS, 1)
     split_heads = TENSOR_AXIS in free and t > 1 and heads % t == 0 and kv_heads % t == 0
-    return tuple(batch_axes), TENSOR_AXIS if split_heads else None, free
+    return tuple(batch_axes), TENSOR_AXIS if split_heads else None
 
 
 def attention(
@@ -504,7 +503,7 @@ def attention(
     if not free:
         return local(q, k, v, mask, q_segment_ids, kv_segment_ids)
 
-    batch_axes, head_axis, free = _mesh_split(mesh, q.shape[0], q.shape[2], k.shape[2])
+    batch_axes, head_axis = _mesh_split(mesh, free, q.shape[0], q.shape[2], k.shape[2])
     b_spec = batch_axes or None
     qkv_spec = P(b_spec, None, head_axis, None)
     in_specs = [qkv_spec, qkv_spec, qkv_spec]
