@@ -314,20 +314,18 @@ def test_pallas_on_unsupported_backend_raises_and_auto_falls_back(monkeypatch):
     assert calls == [1]
 
 
-def test_tpu_chooses_the_mosaic_kernel_and_auto_falls_back_for_dropout(monkeypatch):
+def test_tpu_chooses_the_mosaic_kernel(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    kernels._warn_once.cache_clear()
     mosaic = _spy(monkeypatch, kernels._tpu)
-    for implementation in ("auto", "pallas"):
+    for implementation in ("auto", "pallas", "pallas_tpu"):
         jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation=implementation), *_qkv())
-    assert mosaic == [1, 1]
-    xla = _spy(monkeypatch, kernels._xla)
-    dropout = dict(dropout_rate=0.1, key=jax.random.key(0))
-    with pytest.warns(UserWarning, match="dropout is not implemented in the TPU kernel.*using 'xla'"):
-        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, **dropout), *_qkv())
-    assert xla == [1] and mosaic == [1, 1]
-    with pytest.raises(ValueError, match="implementation='pallas' on TPU: attention dropout is not implemented"):
-        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation="pallas", **dropout), *_qkv())
+    assert mosaic == [1, 1, 1]
+
+
+def test_pallas_tpu_refuses_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="'pallas_tpu' runs on TPU .* not backend 'gpu'"):
+        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation="pallas_tpu"), *_qkv())
 
 
 def test_gpu_auto_falls_back_to_xla_once_when_pallas_does_not_compile(monkeypatch):

@@ -12,8 +12,7 @@ Implementations (`implementation=`):
   runs the Triton kernels with `interpret=True`: correct but slow, for tests.
 - `"pallas_tpu"`: the Mosaic kernels by name; on CPU with `interpret=True`.
 - `"auto"`: pallas on GPU (xla with a warning, once per configuration, if the
-  kernels do not compile), the Mosaic kernels on TPU (xla with a warning for
-  inputs they refuse, e.g. dropout), xla on CPU.
+  kernels do not compile), the Mosaic kernels on TPU, xla on CPU.
 
 The target platform is that of the mesh in context (`jax.set_mesh`), so a
 program compiled ahead of time for abstract TPU devices from a CPU host gets
@@ -144,13 +143,7 @@ def _resolve(implementation: str, arrays, kwargs) -> str:
     if implementation == "pallas_tpu" or platform == "tpu":
         if platform not in ("tpu", "cpu"):
             _fail(f"implementation='pallas_tpu' runs on TPU (and CPU in interpret mode), not backend {platform!r}.")
-        reason = _tpu.unsupported(dropout_rate=kwargs["dropout_rate"])
-        if reason is None:
-            return "pallas_tpu"
-        if implementation == "auto":
-            _warn_once(f"flash_attention: the TPU kernel does not take these inputs ({reason}), using 'xla'")
-            return "xla"
-        _fail(f"implementation={implementation!r} on TPU: {reason}; use implementation='xla' or 'auto'.")
+        return "pallas_tpu"
     if platform == "gpu":
         if implementation == "pallas":
             return "pallas"

@@ -1,7 +1,7 @@
 """Flash attention as Pallas kernels for the TPU (Mosaic) lowering.
 
-Same contract as `reference.attention` (causal, segment ids, GQA, boolean mask);
-dropout is refused (`unsupported`). Three kernels behind one `custom_vjp`:
+Same contract as `reference.attention` (causal, segment ids, GQA, boolean mask,
+dropout with the shared position hash). Three kernels behind one `custom_vjp`:
 
 - forward, grid `(batch, head, q tile, kv tile)`: online softmax with the kv
   tile as the innermost, sequential grid axis; running max, sum and output
@@ -40,7 +40,7 @@ compile them for an abstract TPU topology. Nothing here was timed on a TPU.
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from vishwam.kernels._masking import MASK_VALUE, kv_tile_range, q_tile_range, visible
+from vishwam.kernels._masking import (
+    MASK_VALUE,
+    dropout_keep,
+    dropout_threshold,
+    kv_tile_range,
+    q_tile_range,
+    visible,
+)
 from vishwam.parallel.sharding import BATCH_AXES
 
 _F32 = jnp.float32
@@ -73,13 +80,6 @@ def _tiles(block_size: int, q_len: int, kv_len: int) -> tuple[int, int]:
     return bq, bk
 
 
-def unsupported(*, dropout_rate: float) -> str | None:
-    """Why the TPU kernels cannot take these inputs, or None when they can."""
-    if dropout_rate > 0.0:
-        return "attention dropout is not implemented in the TPU kernel"
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Shapes and switches the kernels specialise on (a custom_vjp nondiff arg)."""
@@ -95,6 +95,8 @@ class _Static:
     block_k: int
     causal: bool
     sm_scale: float
+    dropout_rate: float
+    global_heads: int  # query heads before any shard_map split (the dropout hash counts them)
     mask_shape: tuple[int, int, int, int] | None  # padded int8 mask (mb, mh, 1|Lq_pad, 1|Lk_pad)
     has_segments: bool
     interpret: bool
@@ -139,22 +141,36 @@ class _Extras:
     mask: Any  # int8 (mb, mh, 1|Lq_pad, 1|Lk_pad)
     q_seg: Any  # int32 (b, Lq_pad, 128)
     kv_seg: Any  # int32 (b, 8, Lk_pad)
+    seed: Any  # uint32 (2,)
+    offsets: Any  # int32 (2,): this shard's first (batch row, query head)
 
 
-jax.tree_util.register_dataclass(_Extras, data_fields=["mask", "q_seg", "kv_seg"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    _Extras, data_fields=["mask", "q_seg", "kv_seg", "seed", "offsets"], meta_fields=[]
+)
+
+
+class _ExtraRefs(NamedTuple):
+    mask: Any
+    q_seg: Any
+    kv_seg: Any
+    seed: Any
+    offsets: Any
 
 
 def _extras_args(st: _Static, ex: _Extras) -> list:
     args = [ex.mask] if st.mask_shape is not None else []
-    return args + ([ex.q_seg, ex.kv_seg] if st.has_segments else [])
+    args += [ex.q_seg, ex.kv_seg] if st.has_segments else []
+    return args + ([ex.seed, ex.offsets] if st.dropout_rate > 0.0 else [])
 
 
-def _unpack(st: _Static, refs):
-    """The optional refs after the fixed inputs: (mask, q_seg, kv_seg, [outputs and scratch])."""
+def _unpack(st: _Static, refs) -> tuple[_ExtraRefs, list]:
+    """The optional refs after the fixed inputs, and the rest (outputs, scratch)."""
     refs = list(refs)
     mask = refs.pop(0) if st.mask_shape is not None else None
     q_seg, kv_seg = (refs.pop(0), refs.pop(0)) if st.has_segments else (None, None)
-    return mask, q_seg, kv_seg, refs
+    seed, offsets = (refs.pop(0), refs.pop(0)) if st.dropout_rate > 0.0 else (None, None)
+    return _ExtraRefs(mask, q_seg, kv_seg, seed, offsets), refs
 
 
 def _extras_specs(st: _Static, index):
@@ -172,6 +188,8 @@ def _extras_specs(st: _Static, index):
     if st.has_segments:
         specs.append(pl.BlockSpec((None, bq, _LANES), lambda *ids: (index(*ids)[0], index(*ids)[2], 0)))
         specs.append(pl.BlockSpec((None, _SUBLANES, bk), lambda *ids: (index(*ids)[0], 0, index(*ids)[3])))
+    if st.dropout_rate > 0.0:
+        specs += [pl.BlockSpec(memory_space=pltpu.SMEM)] * 2  # seed, offsets: scalars
     return specs
 
 
@@ -191,22 +209,49 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
-def _visibility(st: _Static, i, j, mask_ref, qseg_ref, kvseg_ref):
-    """`[bq, bk]` bool for q tile i and kv tile j."""
+def _positions(st: _Static, i, j):
+    """Query and key positions `[bq, bk]` of q tile i and kv tile j."""
     shape = (st.block_q, st.block_k)
     q_pos = i * st.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
-    kv_pos = j * st.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return q_pos, j * st.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
+def _visibility(st: _Static, x: _ExtraRefs, i, j):
+    """`[bq, bk]` bool for q tile i and kv tile j."""
+    q_pos, kv_pos = _positions(st, i, j)
     vis = visible(
         q_pos,
         kv_pos,
         causal=st.causal,
         causal_offset=st.kv_len - st.q_len,
-        q_seg=None if qseg_ref is None else _lanes(qseg_ref[...], st.block_k),
-        kv_seg=None if kvseg_ref is None else kvseg_ref[:1, :],
-        mask=None if mask_ref is None else mask_ref[...] != 0,
+        q_seg=None if x.q_seg is None else _lanes(x.q_seg[...], st.block_k),
+        kv_seg=None if x.kv_seg is None else x.kv_seg[:1, :],
+        mask=None if x.mask is None else x.mask[...] != 0,
     )
     in_range = kv_pos < st.kv_len
     return in_range if vis is None else vis & in_range
+
+
+def _head_row(st: _Static, x: _ExtraRefs, b, head):
+    """`global batch row * global heads + global head`, the dropout hash's head
+    coordinate (None without dropout). Read at the kernel's top level: the
+    interpreter substitutes `program_id` only there."""
+    if st.dropout_rate == 0.0:
+        return None
+    return (x.offsets[0] + b) * st.global_heads + x.offsets[1] + head
+
+
+def _dropped(st: _Static, x: _ExtraRefs, head_row, i, j, y):
+    """`y [bq, bk]` through dropout (zeroed where dropped, the kept scaled up), or
+    `y`. The keep-mask is hashed from global positions exactly as in `reference`,
+    whatever the shard or the tile."""
+    if st.dropout_rate == 0.0:
+        return y
+    q_pos, kv_pos = _positions(st, i, j)
+    keep = dropout_keep(
+        x.seed[0], x.seed[1], head_row * st.q_len + q_pos, kv_pos, dropout_threshold(st.dropout_rate)
+    )
+    return jnp.where(keep, y, 0.0) * (1.0 / (1.0 - st.dropout_rate))
 
 
 def _when_visible(full, partial, body) -> None:
@@ -220,8 +265,9 @@ def _when_visible(full, partial, body) -> None:
 
 
 def _fwd_kernel(st: _Static, q_ref, k_ref, v_ref, *refs):
-    mask_ref, qseg_ref, kvseg_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _unpack(st, refs)
+    x, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _unpack(st, refs)
     i, j = pl.program_id(2), pl.program_id(3)
+    head_row = _head_row(st, x, pl.program_id(0), pl.program_id(1))
 
     @pl.when(j == 0)
     def _init():
@@ -232,7 +278,7 @@ def _fwd_kernel(st: _Static, q_ref, k_ref, v_ref, *refs):
     def body(masked: bool):
         s = _dot_nt(q_ref[...], k_ref[...]) * st.sm_scale  # (bq, bk)
         if masked:
-            vis = _visibility(st, i, j, mask_ref, qseg_ref, kvseg_ref)
+            vis = _visibility(st, x, i, j)
             s = jnp.where(vis, s, MASK_VALUE)
         m_prev, l_prev = m_scr[...], l_scr[...]  # (bq, 128)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -242,6 +288,7 @@ def _fwd_kernel(st: _Static, q_ref, k_ref, v_ref, *refs):
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_scr[...] = m_new
+        p = _dropped(st, x, head_row, i, j, p)
         v = v_ref[...]
         acc_scr[...] = _lanes(alpha, st.head_dim) * acc_scr[...] + _dot(p.astype(v.dtype), v)
 
@@ -300,8 +347,9 @@ def _forward(st: _Static, q, k, v, ex: _Extras):
 
 
 def _dq_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    mask_ref, qseg_ref, kvseg_ref, (dq_ref, dq_scr) = _unpack(st, refs)
+    x, (dq_ref, dq_scr) = _unpack(st, refs)
     i, j = pl.program_id(2), pl.program_id(3)
+    head_row = _head_row(st, x, pl.program_id(0), pl.program_id(1))
 
     @pl.when(j == 0)
     def _init():
@@ -311,8 +359,9 @@ def _dq_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         k, v = k_ref[...], v_ref[...]
         p = jnp.exp(_dot_nt(q_ref[...], k) * st.sm_scale - _lanes(lse_ref[...], st.block_k))  # (bq, bk)
         if masked:
-            p = jnp.where(_visibility(st, i, j, mask_ref, qseg_ref, kvseg_ref), p, 0.0)
-        ds = p * (_dot_nt(do_ref[...], v) - _lanes(delta_ref[...], st.block_k))
+            p = jnp.where(_visibility(st, x, i, j), p, 0.0)
+        dp = _dropped(st, x, head_row, i, j, _dot_nt(do_ref[...], v))
+        ds = p * (dp - _lanes(delta_ref[...], st.block_k))
         dq_scr[...] += _dot(ds.astype(k.dtype), k)
 
     full_hi, hi = st.kv_range(i)
@@ -324,9 +373,10 @@ def _dq_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dkdv_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    mask_ref, qseg_ref, kvseg_ref, (dk_ref, dv_ref, dk_scr, dv_scr) = _unpack(st, refs)
+    x, (dk_ref, dv_ref, dk_scr, dv_scr) = _unpack(st, refs)
     j, t = pl.program_id(2), pl.program_id(3)
     i = lax.rem(t, st.nq)
+    head_row = _head_row(st, x, pl.program_id(0), pl.program_id(1) * st.group + lax.div(t, st.nq))
 
     @pl.when(t == 0)
     def _init():
@@ -337,9 +387,9 @@ def _dkdv_kernel(st: _Static, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
         q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
         p = jnp.exp(_dot_nt(q, k) * st.sm_scale - _lanes(lse_ref[...], st.block_k))  # (bq, bk)
         if masked:
-            p = jnp.where(_visibility(st, i, j, mask_ref, qseg_ref, kvseg_ref), p, 0.0)
-        dv_scr[...] += _dot(p.T.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - _lanes(delta_ref[...], st.block_k))
+            p = jnp.where(_visibility(st, x, i, j), p, 0.0)
+        dv_scr[...] += _dot(_dropped(st, x, head_row, i, j, p).T.astype(do.dtype), do)
+        ds = p * (_dropped(st, x, head_row, i, j, _dot_nt(do, v)) - _lanes(delta_ref[...], st.block_k))
         dk_scr[...] += _dot(ds.T.astype(q.dtype), q)
 
     lo, full_lo = st.q_range(j)
@@ -418,7 +468,9 @@ _flash.defvjp(_flash_fwd, _backward)
 # ------------------------------------------------------------------- entry
 
 
-def _local_attention(q, k, v, mask, q_seg, kv_seg, *, causal, sm_scale, block_size, interpret):
+def _local_attention(
+    q, k, v, mask, q_seg, kv_seg, seed, offsets, *, causal, sm_scale, dropout_rate, global_heads, block_size, interpret
+):
     """One device's attention: pad and transpose into kernel layout, run, undo."""
     _, q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -443,6 +495,8 @@ def _local_attention(q, k, v, mask, q_seg, kv_seg, *, causal, sm_scale, block_si
         block_k=bk,
         causal=causal,
         sm_scale=sm_scale,
+        dropout_rate=dropout_rate,
+        global_heads=global_heads,
         mask_shape=None if mask is None else tuple(mask.shape),
         has_segments=seg,
         interpret=interpret,
@@ -452,7 +506,7 @@ def _local_attention(q, k, v, mask, q_seg, kv_seg, *, causal, sm_scale, block_si
         kv_seg = jnp.pad(kv_seg, [(0, 0), (0, lk - kv_len)], constant_values=-1)
         q_seg = jnp.broadcast_to(q_seg[:, :, None], (*q_seg.shape, _LANES))  # (b, lq, 128)
         kv_seg = jnp.broadcast_to(kv_seg[:, None, :], (kv_seg.shape[0], _SUBLANES, lk))  # (b, 8, lk)
-    ex = _Extras(mask=mask, q_seg=q_seg, kv_seg=kv_seg)
+    ex = _Extras(mask=mask, q_seg=q_seg, kv_seg=kv_seg, seed=seed, offsets=offsets)
 
     def layout(x, length, padded):  # (b, len, h, d) -> (b, h, len_padded, d_padded)
         return jnp.pad(x, [(0, 0), (0, padded - length), (0, 0), (0, dp - d)]).transpose(0, 2, 1, 3)
@@ -489,41 +543,49 @@ def attention(
     block_size: int,
     interpret: bool,
 ) -> jax.Array:
-    """Same contract as `reference.attention` (dropout refused: see `unsupported`);
-    `block_size` is the tile length, rounded down to a multiple of 128 in [128, 512]."""
-    reason = unsupported(dropout_rate=dropout_rate)
-    if reason is not None:
-        raise ValueError(f"flash_attention: {reason}; use implementation='xla'.")
-    del dropout_seed
+    """Same contract as `reference.attention`; `block_size` is the tile length,
+    rounded down to a multiple of 128 in [128, 512]."""
     local = functools.partial(
-        _local_attention, causal=causal, sm_scale=sm_scale, block_size=block_size, interpret=interpret
+        _local_attention,
+        causal=causal,
+        sm_scale=sm_scale,
+        dropout_rate=dropout_rate,
+        global_heads=q.shape[2],
+        block_size=block_size,
+        interpret=interpret,
     )
+    dropout = dropout_rate > 0.0
     mesh = jax.sharding.get_abstract_mesh()
     free = set() if mesh.empty else set(mesh.axis_names) - set(mesh.manual_axes)
     if not free:
-        return local(q, k, v, mask, q_segment_ids, kv_segment_ids)
+        offsets = jnp.zeros((2,), jnp.int32) if dropout else None
+        return local(q, k, v, mask, q_segment_ids, kv_segment_ids, dropout_seed, offsets)
 
     batch_axes, head_axis = _mesh_split(mesh, free, q.shape[0], q.shape[2], k.shape[2])
     b_spec = batch_axes or None
     qkv_spec = P(b_spec, None, head_axis, None)
-    in_specs = [qkv_spec, qkv_spec, qkv_spec]
-    args = [q, k, v]
+    named = {"q": (q, qkv_spec), "k": (k, qkv_spec), "v": (v, qkv_spec)}
     if mask is not None:
         mb, mh = mask.shape[:2]
-        in_specs.append(P(b_spec if mb > 1 else None, head_axis if mh > 1 else None, None, None))
-        args.append(mask)
+        named["mask"] = (mask, P(b_spec if mb > 1 else None, head_axis if mh > 1 else None, None, None))
     if q_segment_ids is not None:
-        in_specs += [P(b_spec, None), P(b_spec, None)]
-        args += [q_segment_ids, kv_segment_ids]
+        named["q_seg"], named["kv_seg"] = (q_segment_ids, P(b_spec, None)), (kv_segment_ids, P(b_spec, None))
+    if dropout:
+        named["seed"] = (dropout_seed, P())
 
-    def per_shard(q, k, v, *rest):
-        rest = list(rest)
-        m = rest.pop(0) if mask is not None else None
-        qs, ks = (rest[0], rest[1]) if q_segment_ids is not None else (None, None)
-        return local(q, k, v, m, qs, ks)
+    def per_shard(a):
+        offsets = None
+        if dropout:  # where this shard's rows and heads start, for the dropout hash
+            b0 = lax.axis_index(batch_axes) * a["q"].shape[0] if batch_axes else 0
+            h0 = lax.axis_index(head_axis) * a["q"].shape[2] if head_axis else 0
+            offsets = jnp.stack([jnp.asarray(b0, jnp.int32), jnp.asarray(h0, jnp.int32)])
+        return local(
+            a["q"], a["k"], a["v"], a.get("mask"), a.get("q_seg"), a.get("kv_seg"), a.get("seed"), offsets
+        )
 
+    arrays = {name: x for name, (x, _) in named.items()}
+    specs = {name: spec for name, (_, spec) in named.items()}
     # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
     return jax.shard_map(
-        per_shard, mesh=mesh, in_specs=tuple(in_specs), out_specs=qkv_spec, axis_names=free, check_vma=False
-    )(*args)
-
+        per_shard, mesh=mesh, in_specs=(specs,), out_specs=qkv_spec, axis_names=free, check_vma=False
+    )(arrays)
