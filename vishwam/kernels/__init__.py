@@ -158,7 +158,10 @@ def _resolve(implementation: str, arrays, kwargs) -> str:
         return "xla" if implementation == "auto" else "pallas"
     if implementation == "auto":
         return "xla"
-    _fail(f"implementation='pallas' supports GPU and TPU (and CPU in interpret mode), not backend {platform!r}; use 'xla'.")
+    _fail(
+        f"implementation='pallas' supports GPU and TPU (and CPU in interpret mode), not backend {platform!r}; "
+        "use 'xla'."
+    )
 
 
 def flash_attention(

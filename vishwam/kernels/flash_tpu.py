@@ -19,11 +19,13 @@ multiples of (8, 128) or the whole array dim, so the kernels work on
 `[batch, heads, len, head_dim]` (the wrapper transposes) and a whole-head_dim
 block. Per-row statistics (log-sum-exp, delta, query segment ids) are stored
 broadcast over 128 lanes (`[..., len, 128]`) and key segment ids over 8
-sublanes (`[batch, 8, kv_len]`): a 1-D row cannot be turned into a column
-inside a kernel. Tiles: kv tiles are multiples of 128 (`block_size` rounded
-down, clamped to [128, 512]); q tiles the same, or one tile of the whole query
-length rounded up to 16 when it is shorter; sequences are zero-padded to whole tiles
-and padded keys masked. head_dim over 128 is zero-padded to a multiple of 128.
+sublanes (`[batch, 8, kv_len]`), so that a tile reads them as a column or a row
+with no relayout (the layout of `jax.experimental.pallas.ops.tpu`); the
+log-sum-exp is saved for the backward once per row. Tiles: kv tiles are
+multiples of 128 (`block_size` rounded down, clamped to [128, 512]); q tiles the
+same, or one tile of the whole query length rounded up to 16 when it is
+shorter; sequences are zero-padded to whole tiles and padded keys masked.
+head_dim over 128 is zero-padded to a multiple of 128.
 
 Tiles that causal masking hides are skipped (`pl.when`), and their index maps
 repeat the previous block so no copy is issued for them; entirely visible
@@ -32,7 +34,9 @@ tiles skip the mask (see `_masking.kv_tile_range` / `q_tile_range`).
 Inside a mesh (`jax.set_mesh`) the kernels run under `jax.shard_map`: batch
 split over the mesh axes of `data, fsdp, expert` that divide it, heads over
 `tensor` when both head counts divide by it, everything else replicated
-(Mosaic calls cannot be partitioned automatically).
+(Mosaic calls cannot be partitioned automatically). Each shard is told where
+its batch rows and heads start, so dropout hashes the same global positions as
+`reference`.
 
 On CPU the kernels run with `interpret=True` (slow; for tests), and the tests
 compile them for an abstract TPU topology. Nothing here was timed on a TPU.
@@ -440,7 +444,9 @@ def _backward(st: _Static, res, do):
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st),
         grid=(batch, st.kv_heads, st.nk, g * st.nq),
-        in_specs=[group_q_spec, tile_kv_spec, tile_kv_spec, group_q_spec, group_stat_spec, group_stat_spec, *col_extras],
+        in_specs=[
+            group_q_spec, tile_kv_spec, tile_kv_spec, group_q_spec, group_stat_spec, group_stat_spec, *col_extras
+        ],
         out_specs=[tile_kv_spec, tile_kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)],
