@@ -70,7 +70,7 @@ _MIN_Q_TILE = 16  # bf16 packs 16 rows per sublane tile
 # VMEM bound: tiles of 2048 ran out of v5e's scoped VMEM at head_dim 128 (AOT
 # compile), 1024 compiled at head_dim 256; 512 leaves room for wider heads.
 _MAX_TILE = 512
-TENSOR_AXIS = "tensor"
+_TENSOR_AXIS = "tensor"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -529,9 +529,9 @@ def _mesh_split(mesh, free: set, batch: int, heads: int, kv_heads: int):
         if axis in free and sizes[axis] > 1 and batch % (shards * sizes[axis]) == 0:
             batch_axes.append(axis)
             shards *= sizes[axis]
-    t = sizes.get(TENSOR_AXIS, 1)
-    split_heads = TENSOR_AXIS in free and t > 1 and heads % t == 0 and kv_heads % t == 0
-    return tuple(batch_axes), TENSOR_AXIS if split_heads else None
+    t = sizes.get(_TENSOR_AXIS, 1)
+    split_heads = _TENSOR_AXIS in free and t > 1 and heads % t == 0 and kv_heads % t == 0
+    return tuple(batch_axes), _TENSOR_AXIS if split_heads else None
 
 
 def attention(
