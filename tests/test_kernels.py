@@ -8,6 +8,7 @@ compile time (the cost of Pallas interpret mode) within budget.
 
 import dataclasses
 import functools
+import warnings
 import zlib
 
 import jax
@@ -361,20 +362,58 @@ def test_pallas_on_unsupported_backend_raises_and_auto_falls_back(monkeypatch):
     assert calls == [1]
 
 
-def test_tpu_auto_warns_and_falls_back_when_pallas_does_not_lower(monkeypatch):
+def test_tpu_chooses_the_mosaic_kernel(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    monkeypatch.setattr(kernels, "_pallas_lowering_error", lambda *a: "NotImplementedError: no Mosaic rule")
-    calls = _spy(monkeypatch, kernels._xla)
-    with pytest.warns(UserWarning, match="using 'xla'"):
-        jax.eval_shape(lambda *a: flash_attention(*a), *_qkv())
-    assert calls == [1]
-    with pytest.raises(ValueError, match="does not lower on TPU"):
-        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation="pallas"), *_qkv())
+    mosaic = _spy(monkeypatch, kernels._tpu)
+    for implementation in ("auto", "pallas", "pallas_tpu"):
+        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation=implementation), *_qkv())
+    assert mosaic == [1, 1, 1]
+
+
+def test_windowed_calls_stay_off_the_mosaic_kernel(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    kernels._warn_once.cache_clear()
+    mosaic, xla = _spy(monkeypatch, kernels._tpu), _spy(monkeypatch, kernels._xla)
+    with pytest.raises(ValueError, match="take no sliding `window`"):
+        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, causal=True, window=4, implementation="pallas_tpu"),
+                       *_qkv())
+    with pytest.warns(UserWarning, match="no sliding window yet; using 'xla'"):
+        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, causal=True, window=4), *_qkv())
+    assert mosaic == [] and xla == [1]
+
+
+def test_pallas_tpu_refuses_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="'pallas_tpu' runs on TPU .* not backend 'gpu'"):
+        jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation="pallas_tpu"), *_qkv())
+
+
+def test_gpu_auto_falls_back_to_xla_once_when_pallas_does_not_compile(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kernels._pallas_lowering_error.cache_clear()
+    kernels._warn_once.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no Triton rule for this op")
+
+    monkeypatch.setattr(kernels._pallas, "attention", broken)
+    case = CASES[0]
+    with pytest.warns(UserWarning, match="does not compile.*using 'xla'.*no Triton rule") as caught:
+        got = _result.__wrapped__(case, "auto")
+    assert sum("using 'xla'" in str(w.message) for w in caught) == 1
+    for a, b in zip(got, _result(case, "xla"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same configuration again: no second warning
+        jax.eval_shape(
+            lambda q, k, v: flash_attention(q, k, v, block_size=case.block, causal=True), *_inputs(case)[0]
+        )
 
 
 def test_gpu_auto_is_pallas(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kernels._pallas_lowering_error.cache_clear()
     calls = []  # the kernel itself cannot lower without a GPU: record how it is called
     monkeypatch.setattr(kernels._pallas, "attention", lambda q, *a, interpret, **kw: calls.append(interpret) or q)
     flash_attention(*_qkv())
-    assert calls == [False]
+    assert calls == [False, False]  # the compile probe, then the call

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 NormType = Literal["rms", "layer"]
 RematPolicy = Literal["none", "full", "dots_saveable", "save_attention_output", "offload_dots"]
-AttentionImpl = Literal["auto", "pallas", "xla", "reference"]
+AttentionImpl = Literal["auto", "pallas", "pallas_tpu", "xla", "reference"]
 MoEDispatch = Literal["dense", "capacity", "ragged"]
 RouterType = Literal["softmax", "sigmoid"]
 DType = Literal["float32", "bfloat16", "float16"]

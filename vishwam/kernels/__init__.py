@@ -6,14 +6,24 @@ Implementations (`implementation=`):
 - `"xla"`: blockwise online softmax in pure JAX with a hand-written backward that
   recomputes blocks, O(length) memory; skips blocks that causal masking hides.
   The default on CPU.
-- `"pallas"`: a Pallas kernel (forward saving the log-sum-exp, backward kernels
-  for dq and dk/dv) written for the GPU (Triton) lowering; the default on GPU.
-  On CPU it runs with `interpret=True`: correct but slow, meant for tests.
-- `"auto"`: pallas on GPU, xla on CPU; on TPU pallas if it lowers, otherwise xla
-  with a warning.
+- `"pallas"`: the target platform's Pallas kernels (forward saving the
+  log-sum-exp, backward kernels for dq and dk/dv): the Triton kernels of
+  `flash_pallas` on GPU, the Mosaic kernels of `flash_tpu` on TPU. On CPU it
+  runs the Triton kernels with `interpret=True`: correct but slow, for tests.
+- `"pallas_tpu"`: the Mosaic kernels by name; on CPU with `interpret=True`.
+- `"auto"`: pallas on GPU (xla with a warning, once per configuration, if the
+  kernels do not compile), the Mosaic kernels on TPU, xla on CPU.
+
+The target platform is that of the mesh in context (`jax.set_mesh`), so a
+program compiled ahead of time for abstract TPU devices from a CPU host gets
+the TPU kernels; without a mesh it is `jax.default_backend()`. Under a mesh the
+Mosaic kernels run inside `jax.shard_map` (batch and heads split, see
+`flash_tpu`).
 
 Every implementation takes the same masks: `causal`, a boolean `mask`, `segment_ids`
-and a causal sliding `window` (Mistral), all computed from positions in `_masking`.
+and a causal sliding `window` (Mistral), all computed from positions in `_masking`;
+the Mosaic kernels take no window yet (a windowed call is refused by name, and `auto`
+on TPU falls back to xla with a warning).
 """
 
 import functools
@@ -24,11 +34,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from vishwam.kernels import flash_pallas as _pallas
+from vishwam.kernels import flash_tpu as _tpu
 from vishwam.kernels import flash_xla as _xla
 from vishwam.kernels import reference as _reference
 from vishwam.kernels._masking import dropout_seed as _dropout_seed
 
-_IMPLEMENTATIONS = ("auto", "pallas", "xla", "reference")
+_IMPLEMENTATIONS = ("auto", "pallas", "pallas_tpu", "xla", "reference")
 
 
 def _fail(msg: str) -> None:
@@ -95,9 +106,16 @@ def _check_qkv(q, k, v):
         _fail(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first.")
 
 
+def target_platform() -> str:
+    """The platform this trace compiles for: the mesh in context's (`jax.set_mesh`,
+    also inside `jax.jit`), else `jax.default_backend()`. `"cpu"`, `"gpu"` or `"tpu"`."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 @functools.lru_cache(maxsize=256)
 def _pallas_lowering_error(signature, kwargs_items) -> str | None:
-    """Compile the pallas path (forward and backward) for these shapes; the error text, or None."""
+    """Compile the GPU pallas path (forward and backward) for these shapes; the error text, or None."""
     kwargs = dict(kwargs_items)
     avals = [None if s is None else jax.ShapeDtypeStruct(*s) for s in signature]
 
@@ -110,39 +128,51 @@ def _pallas_lowering_error(signature, kwargs_items) -> str | None:
     try:
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*avals).compile()
     except Exception as e:  # noqa: BLE001 - any lowering failure means "use xla"
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _warn_once(message: str) -> None:
+    # Cached: one warning per distinct configuration, not one per traced call.
+    warnings.warn(message, stacklevel=4)
+
+
 def _resolve(implementation: str, arrays, kwargs) -> str:
+    """The implementation to run: "reference", "xla", "pallas" (Triton) or "pallas_tpu" (Mosaic)."""
     if implementation not in _IMPLEMENTATIONS:
         _fail(f"unknown implementation {implementation!r}; choose one of {_IMPLEMENTATIONS}.")
-    backend = jax.default_backend()
     if implementation in ("xla", "reference"):
         return implementation
-    if backend == "gpu":
-        return "pallas"
-    if backend == "cpu":
-        # auto -> xla; an explicit "pallas" runs the kernels in interpret mode.
-        return "xla" if implementation == "auto" else "pallas"
-    if backend == "tpu":
+    platform = target_platform()
+    if implementation == "pallas_tpu" or platform == "tpu":
+        if platform not in ("tpu", "cpu"):
+            _fail(f"implementation='pallas_tpu' runs on TPU (and CPU in interpret mode), not backend {platform!r}.")
+        if kwargs.get("window") is not None:
+            if implementation != "auto":
+                _fail(f"the Mosaic (TPU) kernels take no sliding `window` yet (window={kwargs['window']}); use "
+                      "implementation='xla' or 'auto' (which picks xla for windowed calls on TPU).")
+            _warn_once("flash_attention: the TPU kernels take no sliding window yet; using 'xla' for this call")
+            return "xla"
+        return "pallas_tpu"
+    if platform == "gpu":
+        if implementation == "pallas":
+            return "pallas"
         signature = tuple(None if a is None else (a.shape, a.dtype) for a in arrays)
         error = _pallas_lowering_error(signature, tuple(sorted(kwargs.items())))
         if error is None:
             return "pallas"
-        if implementation == "auto":
-            warnings.warn(
-                f"flash_attention: the Pallas kernel does not lower on TPU for these inputs, using 'xla' ({error})",
-                stacklevel=3,
-            )
-            return "xla"
-        _fail(
-            f"implementation='pallas' does not lower on TPU for these inputs ({error}); "
-            "use implementation='xla' or 'auto'."
-        )
+        _warn_once(f"flash_attention: the Pallas kernel does not compile for these inputs, using 'xla' ({error})")
+        return "xla"
+    if platform == "cpu":
+        # auto -> xla; an explicit "pallas" runs the kernels in interpret mode.
+        return "xla" if implementation == "auto" else "pallas"
     if implementation == "auto":
         return "xla"
-    _fail(f"implementation='pallas' supports GPU (and CPU in interpret mode), not backend {backend!r}; use 'xla'.")
+    _fail(
+        f"implementation='pallas' supports GPU and TPU (and CPU in interpret mode), not backend {platform!r}; "
+        "use 'xla'."
+    )
 
 
 def flash_attention(
@@ -181,7 +211,8 @@ def flash_attention(
             mask is a hash of `(key, batch, head, q position, kv position)`, identical
             across implementations and between forward and backward.
         key: PRNG key for dropout.
-        implementation: `"auto" | "pallas" | "xla" | "reference"` (see module docstring).
+        implementation: `"auto" | "pallas" | "pallas_tpu" | "xla" | "reference"` (see
+            module docstring).
         window: sliding-window attention (Mistral), with `causal=True`: query position `p`
             sees only the keys `p - window < position <= p`. `None`: no window.
 
@@ -219,7 +250,11 @@ def flash_attention(
         return _reference.attention(*args, **kwargs)
     if impl == "xla":
         return _xla.attention(*args, block_size=block_size, **kwargs)
-    return _pallas.attention(*args, block_size=block_size, interpret=jax.default_backend() == "cpu", **kwargs)
+    interpret = target_platform() == "cpu"
+    if impl == "pallas_tpu":
+        kwargs.pop("window")  # None here: `_resolve` keeps windowed calls off the Mosaic kernels
+        return _tpu.attention(*args, block_size=block_size, interpret=interpret, **kwargs)
+    return _pallas.attention(*args, block_size=block_size, interpret=interpret, **kwargs)
 
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "target_platform"]
