@@ -269,6 +269,17 @@ class _StopSignals:
     def name(self) -> str | None:
         return None if self.signum is None else signal.Signals(self.signum).name
 
+    def agreed(self) -> str | None:
+        """The name of the signal to stop for, the same in every process: with several
+        processes, one that any of them received (a tiny all-gather per call), so that
+        all stop after the same step and save the checkpoint together."""
+        if jax.process_count() == 1:
+            return self.name
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.int32(self.signum or 0))))
+        return None if signum == 0 else signal.Signals(signum).name
+
 
 # ------------------------------------------------------------------------ trainer
 class VishwamAITrainer:
@@ -558,8 +569,8 @@ class _Run:
         iterator = iter(t.train_loader)
         self.last_done = time.perf_counter()
         while step < t.max_steps:
-            if signals.signum is not None:
-                reason = signals.name
+            if (stop := signals.agreed()) is not None:
+                reason = stop
                 break
             try:
                 batch = next(iterator)
