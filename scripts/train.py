@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="JSON with 'model' and/or 'train' sections (a run's config.json works), or a ModelConfig")
     what.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a ModelConfig field (JSON value), e.g. --set num_layers=2; repeatable")
-    what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs "
+    what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs, or "
+                      "one directory from scripts/prepare_data.py (its tokenizer is the default) "
                       "(default: the built-in corpus, vishwam.data.default_corpus())")
     what.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's, trained if missing)")
     what.add_argument("--vocab-size", type=int, help="vocabulary of a newly trained tokenizer (default: the preset's)")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
         return 2
 
     from vishwam.config import ModelConfig, TrainConfig
-    from vishwam.data import make_datasets
+    from vishwam.data import is_prepared, load_prepared, make_datasets
     from vishwam.model import VishwamAI
     from vishwam.pipeline import VishwamAIPipeline
     from vishwam.train.checkpoint import CheckpointError
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
                 raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
             model_dict[field] = _parse_value(value)
         source = None if args.data is None else list(args.data)
+        prepared = source is not None and len(source) == 1 and is_prepared(source[0])
+        if prepared and args.tokenizer is None and (Path(source[0]) / "tokenizer").is_dir():
+            args.tokenizer = Path(source[0]) / "tokenizer"
 
         teacher, teacher_tokenizer = None, None
         if args.teacher is not None:
@@ -281,7 +285,12 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
         f"{model_config.num_experts} experts (top-{model_config.experts_per_token}), vocab {model_config.vocab_size}")
     say(f"tokenizer: {tok_origin}")
     cache_dir = run_dir.parent / ".cache" / "tokens"
-    if jax.process_count() > 1:
+    try:
+        data = load_prepared(source[0], tokenizer) if prepared else source
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if jax.process_count() > 1 and not prepared:
         # Process 0 tokenises into the shared cache; the others then memory-map it (their rows only).
         from jax.experimental import multihost_utils
 
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
         if jax.process_index() == 0:
             tokenize_source(source, tokenizer, cache_dir=cache_dir)
         multihost_utils.sync_global_devices("vishwam: token cache written")
-    train_iter, val_iter = make_datasets(tokenizer, source, seq_len=train_config.seq_len,
+    train_iter, val_iter = make_datasets(tokenizer, data, seq_len=train_config.seq_len,
                                          batch_size=train_config.batch_size, val_fraction=args.val_fraction,
                                          seed=train_config.seed, cache_dir=cache_dir)
     say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "

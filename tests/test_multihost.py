@@ -73,7 +73,7 @@ def _env(**extra) -> dict[str, str]:
 def _args(ws: Path, name: str, *more: str) -> list[str]:
     return ["--preset", "tiny", "--tokenizer", str(ws / "tokenizer"), "--data", str(ws / "corpus.jsonl"),
             "--val-fraction", "0.2", "--steps", str(STEPS), "--batch", "8", "--seq-len", "32",
-            "--eval-every", "4", "--eval-batches", "2", "--checkpoint-every", "2", "--keep", "10",
+            "--eval-every", "0", "--eval-batches", "2", "--checkpoint-every", "2", "--keep", "10",
             "--no-progress", "--mesh", "data=2,expert=4", "--runs", str(ws / "runs"), "--name", name, *more]
 
 

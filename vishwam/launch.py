@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -39,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(base: dict[str, str], *, coordinator: str, num_processes: int, process_id: int,
+def child_env(base: Mapping[str, str], *, coordinator: str, num_processes: int, process_id: int,
               cpu_devices: int | None) -> dict[str, str]:
     """The environment of process `process_id` (see the module docstring)."""
     env = dict(base)
