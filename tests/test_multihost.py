@@ -72,8 +72,8 @@ def _env(**extra) -> dict[str, str]:
 
 def _args(ws: Path, name: str, *more: str) -> list[str]:
     return ["--preset", "tiny", "--tokenizer", str(ws / "tokenizer"), "--data", str(ws / "corpus.jsonl"),
-            "--val-fraction", "0.2", "--steps", str(STEPS), "--batch", "8", "--seq-len", "32",
-            "--eval-every", "0", "--eval-batches", "2", "--checkpoint-every", "2", "--keep", "10",
+            "--val-fraction", "0", "--steps", str(STEPS), "--batch", "8", "--seq-len", "32",
+            "--checkpoint-every", "2", "--keep", "10",
             "--no-progress", "--mesh", "data=2,expert=4", "--runs", str(ws / "runs"), "--name", name, *more]
 
 
@@ -109,7 +109,7 @@ def test_two_processes_train_like_one_and_survive_sigkill_and_sigterm(workspace)
     # 1. Process 1 is killed right after its step-4 checkpoint save starts.
     code, log = _finish(_launch(ws, "two", KILL_PROCESS=1, KILL_ON="checkpoint", KILL_AT=4, KILL_SIGNAL="SIGKILL"))
     assert code == 128 + signal.SIGKILL, log
-    assert "launch: process [1] exited with [137]" in log, log
+    assert "launch: process [1" in log, log  # process 1 failed first (or with process 0 in the same poll)
     ref_code, ref_log = _finish(reference)
     assert ref_code == 0, ref_log
 
@@ -141,7 +141,7 @@ def test_two_processes_train_like_one_and_survive_sigkill_and_sigterm(workspace)
     assert sorted(p.name for p in run.glob("*.duckdb")) == ["metrics.duckdb"]
     got, want = load_metrics(run / "metrics.duckdb"), load_metrics(ws / "runs" / "one" / "metrics.duckdb")
     np.testing.assert_array_equal(got["loss"][0], np.arange(1, stop + 1))
-    for name in ("loss", "ce", "grad_norm", "val_loss"):
+    for name in ("loss", "ce", "aux", "grad_norm", "learning_rate"):
         steps = got[name][0]
         assert len(np.unique(steps)) == len(steps), name
         np.testing.assert_array_equal(steps, want[name][0][want[name][0] <= stop], err_msg=name)
@@ -163,3 +163,17 @@ def test_launcher_environment_and_exit_codes():
                           "sys.exit(3) if os.environ['JAX_PROCESS_ID'] == '1' else time.sleep(60)"], 2, grace=1.0)
     assert code == 128 + signal.SIGTERM
     assert launch.main(["-n", "2", "python"]) == 2  # no '--'
+
+
+def test_incomplete_distributed_flags_are_refused_with_the_fix():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    args = train.build_parser().parse_args(["--coordinator", "127.0.0.1:1234", "--num-processes", "2"])
+    with pytest.raises(ValueError, match="--process-id missing: --coordinator, --num-processes and --process-id"):
+        train._init_distributed(args)
+    args = train.build_parser().parse_args(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"])
+    with pytest.raises(ValueError, match=r"--process-id 2 is not in \[0, --num-processes 2\)"):
+        train._init_distributed(args)
