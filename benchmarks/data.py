@@ -14,10 +14,25 @@ The corpus is the built-in one, repeated `--copies` times with a distinct first 
 per copy (so the tokenizer's encode cache cannot answer from memory).
 
     python benchmarks/data.py [--copies 8 --batch-size 8 --seq-len 256 --steps 5]
+
+Streaming preparation (issue 17), with `--prepare-mb SIZE [SIZE ...]`: for each size, a
+generated JSONL corpus of about SIZE MB of text (and the same rows as parquet) is
+prepared by `scripts/prepare_data.py`-equivalent code (`vishwam.data.prepare_corpus`) in
+a fresh subprocess each, reporting its peak RSS (goal <= 1.5 GB whatever the size) and
+tokens/s, against single-threaded raw SentencePiece (`encode(list, num_threads=1)` over
+the same JSONL, also in a subprocess) in the same run; then the time from a new process's
+`load_prepared` to its first training batch (imports and tokenizer loading excluded
+from every timing: importing vishwam imports jax).
+
+    python benchmarks/data.py --prepare-mb 200 600 [--vocab-size 4096 --chunk-mb 1]
 """
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,7 +127,126 @@ def _train_step_timing(VishwamAI, batch, vocab_size, args):
             "train_tok_s": args.batch_size * args.seq_len / step_s}
 
 
+def write_corpus(path: Path, megabytes: float, seed: int) -> int:
+    """JSONL of distinct documents (default-corpus paragraphs, shuffled, each with a unique first line)
+    until about `megabytes` MB of text; returns the number of documents."""
+    from vishwam.data import default_corpus
+
+    paragraphs = [p for doc in default_corpus() for p in doc.split("\n\n") if p.strip()]
+    rng = np.random.default_rng(seed)
+    size, count = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < megabytes * 1e6:
+            picks = rng.integers(0, len(paragraphs), size=int(rng.integers(2, 12)))
+            text = f"document {count} ({seed})\n\n" + "\n\n".join(paragraphs[i] for i in picks)
+            f.write(json.dumps({"text": text}) + "\n")
+            size, count = size + len(text), count + 1
+    return count
+
+
+def _child(argv: list[str]) -> None:
+    """Runs one measurement in this fresh process and prints it as a JSON line."""
+    kind, corpus, tokenizer_dir, out = argv[:4]
+    # Timed from after the imports and the tokenizer load (importing vishwam imports jax: seconds).
+    if kind == "prepare":
+        from vishwam.data import prepare_corpus
+        from vishwam.tokenizer import VishwamAITokenizer
+
+        tokenizer = VishwamAITokenizer.from_pretrained(tokenizer_dir)
+        start = time.perf_counter()
+        result = prepare_corpus(corpus, tokenizer, out, chunk_chars=int(float(argv[4]) * 2**20))
+        tokens = result.num_tokens
+    elif kind == "raw":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model"))
+        start = time.perf_counter()
+        tokens, batch = 0, []
+        with open(corpus, encoding="utf-8") as f:
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == 256:
+                    tokens += sum(map(len, sp.encode(batch, num_threads=1))) + len(batch)
+                    batch = []
+        tokens += sum(map(len, sp.encode(batch, num_threads=1))) + len(batch)
+    else:  # first batch from a prepared directory
+        from vishwam.data import load_prepared, make_datasets
+        from vishwam.tokenizer import VishwamAITokenizer
+
+        tokenizer = VishwamAITokenizer.from_pretrained(Path(out) / "tokenizer")
+        start = time.perf_counter()
+        train, val = make_datasets(tokenizer, load_prepared(out, tokenizer), seq_len=256, batch_size=8,
+                                   process_index=0, process_count=1)
+        next(train)
+        tokens = train.rows.num_tokens
+    seconds = time.perf_counter() - start
+    # VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec.
+    with open("/proc/self/status") as f:
+        peak_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_rss": peak_rss}))
+
+
+def _measure(*argv: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"child {argv[0]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prepare_benchmark(args) -> None:
+    import duckdb
+
+    from vishwam.data import default_corpus
+    from vishwam.tokenizer import VishwamAITokenizer
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    isa = [f for f in ("avx2", "avx512f") if f" {f} " in flags]
+    print(f"machine: {model}, {os.cpu_count()} cores, ISA {isa}; load average {os.getloadavg()}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        tokenizer = VishwamAITokenizer.train(default_corpus(), tmp / "tok" / "tokenizer.model",
+                                             vocab_size=args.vocab_size, hard_vocab_limit=False)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        rows = []
+        for size in args.prepare_mb:
+            jsonl, parquet = tmp / f"c{size}.jsonl", tmp / f"c{size}.parquet"
+            docs = write_corpus(jsonl, size, seed=int(size))
+            with duckdb.connect() as con:
+                con.execute(f"COPY (SELECT text FROM read_json_auto('{jsonl}')) TO '{parquet}' (FORMAT parquet)")
+            print(f"corpus {size} MB: {docs:,} documents; jsonl {jsonl.stat().st_size / 1e6:.0f} MB, "
+                  f"parquet {parquet.stat().st_size / 1e6:.0f} MB", flush=True)
+            if size == args.prepare_mb[0]:
+                raw = _measure("raw", str(jsonl), str(tmp / "tokenizer"), "-")
+                raw_rate = raw["tokens"] / raw["seconds"]
+                print(f"  raw SentencePiece, 1 thread, jsonl: {raw_rate:,.0f} tok/s ({raw['seconds']:.1f} s, "
+                      f"load {os.getloadavg()[0]:.1f})", flush=True)
+            for kind, path in (("jsonl", jsonl), ("parquet", parquet)):
+                out = tmp / f"prepared-{size}-{kind}"
+                m = _measure("prepare", str(path), str(tmp / "tokenizer"), str(out), str(args.chunk_mb))
+                first = _measure("first", "-", "-", str(out))
+                rate = m["tokens"] / m["seconds"]
+                rows.append((size, kind, m["tokens"], m["seconds"], rate, rate / raw_rate, m["peak_rss"],
+                             first["seconds"], os.getloadavg()[0]))
+                print(f"  prepare {kind:>7}: {m['tokens']:,} tokens in {m['seconds']:.1f} s = {rate:,.0f} tok/s "
+                      f"({rate / raw_rate:.2f}x raw 1-thread SP), peak RSS {m['peak_rss'] / 2**20:,.0f} MiB; "
+                      f"first batch {first['seconds']:.2f} s (peak RSS {first['peak_rss'] / 2**20:,.0f} MiB); "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                import shutil
+
+                shutil.rmtree(out)
+            jsonl.unlink()
+            parquet.unlink()
+    print("\n| corpus | format | tokens | prepare (s) | tok/s | vs raw 1-thread SP | peak RSS | first batch | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for size, kind, tokens, seconds, rate, ratio, rss, first, load in rows:
+        print(f"| {size} MB | {kind} | {tokens:,} | {seconds:.1f} | {rate:,.0f} | {ratio:.2f}x | "
+              f"{rss / 2**20:,.0f} MiB | {first:.2f} s | {load:.1f} |")
+
+
 def main():
+    if sys.argv[1:2] == ["--child"]:
+        return _child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -120,7 +254,13 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--prepare-mb", type=float, nargs="+", metavar="SIZE",
+                        help="streaming-preparation benchmark at these corpus sizes (MB of text) instead")
+    parser.add_argument("--chunk-mb", type=float, default=1.0, help="preparation chunk (MB of text)")
+    parser.add_argument("--workdir", help="where the generated corpora go (default: the system temp dir)")
     args = parser.parse_args()
+    if args.prepare_mb:
+        return prepare_benchmark(args)
 
     from vishwam.data import default_corpus
     from vishwam.tokenizer import VishwamAITokenizer

@@ -21,10 +21,14 @@ another process), 3 diverged (NaN), 128 + N stopped by signal N. An error is one
 leaves a run directory behind: the run's files are written once training starts.
 
 Several hosts: start the same command on every host with `--distributed` (JAX
-finds the coordinator on TPU pods / SLURM, or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID) and a mesh over all devices, e.g.
-`--mesh data=-1,expert=8`; only process 0 writes files and logs. Train the tokenizer
-first (scripts/train_tokenizer.py) and pass `--tokenizer`, so that hosts do not race to write it.
+finds the coordinator on TPU pods / SLURM), or with `--coordinator HOST:PORT
+--num-processes N --process-id I` (defaults: $JAX_COORDINATOR_ADDRESS,
+$JAX_NUM_PROCESSES, $JAX_PROCESS_ID), and a mesh over all devices, e.g.
+`--mesh data=-1,expert=8`; only process 0 writes the database and logs, every
+process writes its shards of each checkpoint. Train the tokenizer first
+(scripts/train_tokenizer.py) and pass `--tokenizer`, so that hosts do not race to
+write it. To try it on one machine: `python -m vishwam.launch -n 2 --cpu-devices 4 --
+scripts/train.py --preset tiny --mesh data=2,expert=4` (see vishwam/launch.py).
 
 JAX's persistent compilation cache lives in $VISHWAM_JAX_CACHE (default
 ~/.cache/vishwam-jax; set it empty to turn it off), so a second run compiles in seconds.
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a ModelConfig field, parsed with the field's type (true/false, none), "
                       "e.g. --set num_layers=2 --set tie_embeddings=false; repeatable")
-    what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs "
+    what.add_argument("--data", nargs="+", metavar="PATH", help="text/.jsonl/.parquet/.csv files or globs, or "
+                      "one directory from scripts/prepare_data.py (its tokenizer is the default) "
                       "(default: the built-in corpus, vishwam.data.default_corpus())")
     what.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's, trained if missing)")
     what.add_argument("--vocab-size", type=int, help="vocabulary of a newly trained tokenizer (default: the preset's)")
@@ -95,11 +100,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", metavar="START:STOP",
                      help="trace steps START..STOP (1-based, inclusive) with jax.profiler into <run>/profile/ "
                           "(TensorBoard profile plugin or Perfetto); those steps stay out of the throughput")
-    run.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    hosts = p.add_argument_group("several processes (jax.distributed; python -m vishwam.launch sets these)")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() and let JAX find the cluster (Cloud TPU, SLURM, ...)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                       help="address of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS); "
+                       "needs --num-processes and --process-id")
+    hosts.add_argument("--num-processes", type=int, metavar="N", default=_env_int("JAX_NUM_PROCESSES"),
+                       help="processes in the job (default $JAX_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=int, metavar="I", default=_env_int("JAX_PROCESS_ID"),
+                       help="this process's index in [0, N) (default $JAX_PROCESS_ID)")
     add_debug_flag(p)
     return p
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value in (None, "") else int(value)
+
+
+def _init_distributed(args) -> None:
+    """`jax.distributed.initialize` from the flags: explicit with `--coordinator`, auto-detected
+    with `--distributed` alone. Raises ValueError on an incomplete or impossible set."""
+    import jax
+
+    explicit = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+                "--process-id": args.process_id}
+    if all(v is None for v in explicit.values()) and not args.distributed:
+        return
+    if any(v is not None for v in explicit.values()):
+        missing = [flag for flag, v in explicit.items() if v is None]
+        if missing and not args.distributed:
+            raise ValueError(f"{', '.join(missing)} missing: --coordinator, --num-processes and --process-id go "
+                             "together (or pass --distributed alone to auto-detect the cluster).")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id {args.process_id} is not in [0, --num-processes {args.num_processes}).")
+    # Cross-process collectives between CPU devices; accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
 def _parse_mesh(text: str) -> dict[str, int]:
     sizes = {}
     for part in filter(None, text.split(",")):
@@ -240,11 +279,10 @@ def _main(argv: list[str], callbacks) -> int:
     _enable_compile_cache()
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()
+    _init_distributed(args)
 
     from vishwam.config import ModelConfig, TrainConfig
-    from vishwam.data import make_datasets
+    from vishwam.data import is_prepared, load_prepared, make_datasets
     from vishwam.pipeline import VishwamAIPipeline
     from vishwam.train.trainer import RunConfig, VishwamAITrainer, abstract_model, load_run_model
 
@@ -260,6 +298,9 @@ def _main(argv: list[str], callbacks) -> int:
     model_dict.update(set_fields)
     resuming = (run_dir / "config.json").exists() and not args.new
     source = list(args.data) if args.data is not None else _saved_source(run_dir) if resuming else None
+    prepared = source is not None and len(source) == 1 and is_prepared(source[0])
+    if prepared and args.tokenizer is None and (Path(source[0]) / "tokenizer").is_dir():
+        args.tokenizer = Path(source[0]) / "tokenizer"
 
     overrides = {"total_steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len,
                  "accum_steps": args.accum, "learning_rate": args.lr, "warmup_steps": args.warmup,
@@ -331,9 +372,20 @@ def _main(argv: list[str], callbacks) -> int:
     say(f"config:    {origin}; {model_config.num_layers} layers x {model_config.hidden_size}, "
         f"{model_config.num_experts} experts (top-{model_config.experts_per_token}), vocab {model_config.vocab_size}")
     say(f"tokenizer: {tok_origin}")
-    train_iter, val_iter = make_datasets(tokenizer, source, seq_len=train_config.seq_len,
+    cache_dir = run_dir.parent / ".cache" / "tokens"
+    data = load_prepared(source[0], tokenizer) if prepared else source
+    if jax.process_count() > 1 and not prepared:
+        # Process 0 tokenises into the shared cache; the others then memory-map it (their rows only).
+        from jax.experimental import multihost_utils
+
+        from vishwam.data import tokenize_source
+
+        if jax.process_index() == 0:
+            tokenize_source(source, tokenizer, cache_dir=cache_dir)
+        multihost_utils.sync_global_devices("vishwam: token cache written")
+    train_iter, val_iter = make_datasets(tokenizer, data, seq_len=train_config.seq_len,
                                          batch_size=train_config.batch_size, val_fraction=args.val_fraction,
-                                         seed=train_config.seed, cache_dir=run_dir.parent / ".cache" / "tokens")
+                                         seed=train_config.seed, cache_dir=cache_dir)
     try:
         say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
             f"{train_iter.rows.num_tokens:,} train tokens, "

@@ -27,10 +27,11 @@ from vishwam.data.packing import Batch, PackedRows
 from vishwam.data.sources import (DefaultCorpus, Source, SourceText, TableFiles, TextFiles, Texts, as_source,
                                   default_corpus)
 from vishwam.data.split import split_documents
-from vishwam.data.token_cache import TokenizedCorpus, TokenizerLike, tokenize_source
+from vishwam.data.token_cache import (TokenizedCorpus, TokenizerLike, is_prepared, load_prepared, prepare_corpus,
+                                      tokenize_source)
 
 __all__ = [
     "Batch", "DataIterator", "DefaultCorpus", "PackedRows", "Source", "SourceText", "TableFiles", "TextFiles",
-    "Texts", "TokenizedCorpus", "TokenizerLike", "as_source", "default_corpus", "make_datasets",
-    "split_documents", "tokenize_source",
+    "Texts", "TokenizedCorpus", "TokenizerLike", "as_source", "default_corpus", "is_prepared", "load_prepared",
+    "make_datasets", "prepare_corpus", "split_documents", "tokenize_source",
 ]

@@ -7,11 +7,12 @@ from vishwam.data.iterator import DataIterator
 from vishwam.data.packing import PackedRows
 from vishwam.data.sources import Source
 from vishwam.data.split import split_documents
-from vishwam.data.token_cache import tokenize_source
+from vishwam.data.token_cache import TokenizedCorpus, tokenize_source
 
 
 def make_datasets(tokenizer: object,
-                  source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None" = None, *,
+                  source: "Source | TokenizedCorpus | str | os.PathLike | Sequence[str | os.PathLike] | None" = None,
+                  *,
                   seq_len: int, batch_size: int, val_fraction: float = 0.05, seed: int = 0,
                   cache_dir: "str | os.PathLike | None" = None, val_batch_size: int | None = None,
                   add_bos: bool = False, drop_remainder: bool = False, process_index: int | None = None,
@@ -19,7 +20,8 @@ def make_datasets(tokenizer: object,
     """Train and validation iterators over `source` (default corpus when None).
 
     `tokenizer` is a `TokenizerLike` such as `VishwamAITokenizer`. Tokenises
-    (or loads from `cache_dir`, see `tokenize_source`), splits by document hash
+    (or loads from `cache_dir`, see `tokenize_source`; a `TokenizedCorpus`, e.g.
+    from `load_prepared`, is used as it is), splits by document hash
     (`split_documents`), packs each split (`PackedRows`) and wraps them:
     training repeats and reshuffles every epoch from `seed`; validation is one
     ordered pass (`len(val)` batches, `val.reset()` before each pass), or None
@@ -32,7 +34,8 @@ def make_datasets(tokenizer: object,
     for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    corpus = tokenize_source(source, tokenizer, cache_dir=cache_dir, add_bos=add_bos)
+    corpus = (source if isinstance(source, TokenizedCorpus)
+              else tokenize_source(source, tokenizer, cache_dir=cache_dir, add_bos=add_bos))
     train_docs, val_docs = split_documents(corpus.doc_hashes, val_fraction)
     common = dict(seed=seed, process_index=process_index, process_count=process_count, prefetch=prefetch)
     train = DataIterator(PackedRows(corpus, train_docs, seq_len=seq_len, drop_remainder=drop_remainder),

@@ -55,6 +55,17 @@ class PackedRows:
     def __len__(self) -> int:
         return self.num_rows
 
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        """Row `row` as a dict of `[seq_len]` arrays: with `len()` this is grain's
+        random-access data source protocol (`grain.python.DataLoader(data_source=rows, ...)`)."""
+        if not -self.num_rows <= row < self.num_rows:
+            raise IndexError(f"row {row} is out of range for {self.num_rows} packed rows.")
+        return {name: value[0] for name, value in self.batch(np.array([row % self.num_rows])).items()}
+
+    def __repr__(self) -> str:
+        # grain compares a checkpoint's repr(data_source) with the loader's before restoring.
+        return f"PackedRows(seq_len={self.seq_len}, num_rows={self.num_rows}, fingerprint={self.fingerprint[:16]})"
+
     def batch(self, rows: np.ndarray) -> Batch:
         """The packed rows `rows` (int indices; -1 gives an all-padding row) as a `Batch`."""
         rows = np.asarray(rows, dtype=np.int64)

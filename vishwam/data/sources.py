@@ -9,7 +9,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -21,6 +21,7 @@ _TABLE_READERS = {
     ".csv": "read_csv_auto",
     ".tsv": "read_csv_auto",
 }
+_FETCH_ROWS = 512  # rows per DuckDB fetch when streaming
 
 
 def default_corpus() -> list[str]:
@@ -50,7 +51,11 @@ class Source(abc.ABC):
     documents (file contents and reading options, not file names or times); it
     keys the token cache, so it must change whenever `read()` would return
     something different. `read()` returns the documents in a deterministic order;
-    empty documents are skipped.
+    empty documents are skipped. `stream()` yields the same documents in the same
+    order in pieces of about `chunk_chars` characters, holding about one piece in
+    memory (the library's sources; a subclass that does not override it yields
+    `read()` whole). `num_documents()` is the count when it is cheap to know (for
+    a progress bar's ETA), else None.
     """
 
     @abc.abstractmethod
@@ -58,6 +63,12 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def read(self) -> SourceText: ...
+
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        yield self.read()
+
+    def num_documents(self) -> int | None:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,12 @@ class DefaultCorpus(Source):
 
     def read(self) -> SourceText:
         return SourceText(default_corpus(), 0)
+
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        yield from _pieces(iter(default_corpus()), chunk_chars)
+
+    def num_documents(self) -> int:
+        return len(default_corpus())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,12 @@ class Texts(Source):
 
     def read(self) -> SourceText:
         return SourceText([t for t in self.texts if t], 0)
+
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        yield from _pieces((t for t in self.texts if t), chunk_chars)
+
+    def num_documents(self) -> int:
+        return sum(1 for t in self.texts if t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +181,58 @@ class TextFiles(Source):
                           "to fail instead.", stacklevel=2)
         return SourceText(documents, replaced)
 
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        """Like `read()`, reading each file in blocks; a document is held whole (one file
+        without `separator`, one piece with it), so the bound is the largest document."""
+        per_file = []
+        for path in self._files():
+            bad = 0
+            for documents, replaced in _pieces(self._file_documents(path, chunk_chars), chunk_chars):
+                bad += replaced
+                yield SourceText(documents, replaced)
+            if bad:
+                per_file.append((path, bad))
+        if per_file:
+            warnings.warn(f"TextFiles: replaced {sum(n for _, n in per_file)} undecodable byte(s) with U+FFFD "
+                          f"({'; '.join(f'{p}: {n}' for p, n in per_file[:5])}"
+                          f"{' ...' if len(per_file) > 5 else ''}). Pass encoding=... if the files are not "
+                          f"{self.encoding}, or errors='strict' to fail instead.", stacklevel=2)
+
+    def num_documents(self) -> int | None:
+        return len(self._files()) if self.separator is None else None
+
+    def _file_documents(self, path: str, block_bytes: int) -> Iterator[tuple[str, int]]:
+        """`(document, replaced bytes)` of one file, decoded block by block."""
+        strict = self.errors == "strict"
+        decoder = codecs.getincrementaldecoder(self.encoding)("strict" if strict else "surrogateescape")
+        carry, fed = "", 0
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(max(block_bytes, 1 << 16))
+                pending = len(decoder.getstate()[0])
+                try:
+                    text = decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    start = fed - pending + e.start
+                    raise ValueError(f"{path}: bytes {start}-{fed - pending + e.end} are not valid {self.encoding} "
+                                     f"({e.reason}). Pass encoding=... for the file's real encoding, or "
+                                     "errors='replace'.") from e
+                fed += len(block)
+                text, bad = (text, 0) if strict else re.subn("[\udc80-\udcff]", "\ufffd", text)
+                carry += text
+                if self.separator is not None:
+                    *done, carry = carry.split(self.separator)
+                    for piece in done:
+                        if piece:
+                            yield piece, bad
+                            bad = 0
+                if bad:
+                    yield "", bad  # counted now; empty documents are dropped by `_pieces`
+                if not block:
+                    break
+        if carry:
+            yield carry, 0
+
 
 @dataclasses.dataclass(frozen=True)
 class TableFiles(Source):
@@ -204,32 +279,59 @@ class TableFiles(Source):
     def read(self) -> SourceText:
         import duckdb
 
+        with duckdb.connect() as con:
+            rows = con.execute(self._select(con)).fetchall()
+        return SourceText([value for (value,) in rows if value], 0)
+
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        """Like `read()`, fetching rows in batches (DuckDB streams a plain scan; an
+        `ORDER BY` in `query` makes it sort first, spilling to disk if it must)."""
+        import duckdb
+
+        def rows():
+            with duckdb.connect() as con:
+                result = con.execute(self._select(con))
+                while batch := result.fetchmany(_FETCH_ROWS):
+                    for (value,) in batch:
+                        if value:
+                            yield value, 0
+
+        yield from _pieces(rows(), chunk_chars)
+
+    def num_documents(self) -> int | None:
+        import duckdb
+
+        with duckdb.connect() as con:
+            return con.execute(f'SELECT count(*) FROM ({self._select(con)}) WHERE length("text") > 0').fetchone()[0]
+
+    def _select(self, con) -> str:
+        """Creates the `data` view on `con`, checks the text column; returns the SQL of the texts."""
+        import duckdb
+
         files, reader = self._files()
         file_list = "[" + ", ".join(_sql_string(f) for f in files) + "]"
-        with duckdb.connect() as con:
-            try:
-                con.execute(f"CREATE VIEW data AS SELECT * FROM {reader}({file_list})")
-                sql = self.query if self.query is not None else "SELECT * FROM data"
-                schema = con.execute(f"DESCRIBE {sql}").fetchall()
-            except duckdb.Error as e:
-                raise ValueError(f"TableFiles{self.patterns}: DuckDB could not read {files[:3]} "
-                                 f"with {reader}{' and the query ' + repr(self.query) if self.query else ''}: "
-                                 f"{e}. Check the file format and encoding (UTF-8 only) and the SQL.") from e
-            columns = {name: kind for name, kind, *_ in schema}
-            if self.text_column in columns:
-                column = self.text_column
-            elif self.query is not None and len(columns) == 1:
-                column = next(iter(columns))
-            else:
-                where = "the query result" if self.query is not None else f"{files[0]}"
-                raise ValueError(f"TableFiles: no column {self.text_column!r} in {where}; its columns are "
-                                 f"{list(columns)}. Pass text_column=<one of those>, or a query "
-                                 "selecting the text.")
-            if columns[column] != "VARCHAR":
-                raise ValueError(f"TableFiles: column {column!r} has type {columns[column]}, not text "
-                                 f"(VARCHAR); choose a text column or cast it in query=...")
-            rows = con.execute(f"SELECT {_sql_identifier(column)} FROM ({sql})").fetchall()
-        return SourceText([value for (value,) in rows if value], 0)
+        try:
+            con.execute(f"CREATE VIEW data AS SELECT * FROM {reader}({file_list})")
+            sql = self.query if self.query is not None else "SELECT * FROM data"
+            schema = con.execute(f"DESCRIBE {sql}").fetchall()
+        except duckdb.Error as e:
+            raise ValueError(f"TableFiles{self.patterns}: DuckDB could not read {files[:3]} "
+                             f"with {reader}{' and the query ' + repr(self.query) if self.query else ''}: "
+                             f"{e}. Check the file format and encoding (UTF-8 only) and the SQL.") from e
+        columns = {name: kind for name, kind, *_ in schema}
+        if self.text_column in columns:
+            column = self.text_column
+        elif self.query is not None and len(columns) == 1:
+            column = next(iter(columns))
+        else:
+            where = "the query result" if self.query is not None else f"{files[0]}"
+            raise ValueError(f"TableFiles: no column {self.text_column!r} in {where}; its columns are "
+                             f"{list(columns)}. Pass text_column=<one of those>, or a query "
+                             "selecting the text.")
+        if columns[column] != "VARCHAR":
+            raise ValueError(f"TableFiles: column {column!r} has type {columns[column]}, not text "
+                             f"(VARCHAR); choose a text column or cast it in query=...")
+        return f'SELECT {_sql_identifier(column)} AS "text" FROM ({sql})'
 
 
 def as_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None") -> Source:
@@ -252,6 +354,23 @@ def as_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] 
         raise ValueError(f"as_source({list(patterns)}): mixes table files and text files; "
                          "build a TextFiles and a TableFiles separately.")
     return TextFiles(patterns)
+
+
+def _pieces(documents: Iterator, chunk_chars: int) -> Iterator[SourceText]:
+    """Groups documents (strings, or `(string, replaced)` pairs) into `SourceText`s of about
+    `chunk_chars` characters (at least one document each); empty documents are dropped."""
+    batch, size, replaced = [], 0, 0
+    for item in documents:
+        text, bad = (item, 0) if isinstance(item, str) else item
+        replaced += bad
+        if text:
+            batch.append(text)
+            size += len(text)
+        if size >= chunk_chars:
+            yield SourceText(batch, replaced)
+            batch, size, replaced = [], 0, 0
+    if batch or replaced:
+        yield SourceText(batch, replaced)
 
 
 def _patterns(value) -> tuple[str, ...]:
@@ -318,7 +437,7 @@ def _hash_files(options: dict[str, Any], files: list[str]) -> str:
     for path in files:
         digest.update(os.path.getsize(path).to_bytes(8, "little"))
         with open(path, "rb") as f:
-            while block := f.read(1 << 22):
+            while block := f.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
 

@@ -2,18 +2,24 @@
 
 import dataclasses
 import hashlib
+import io
+import itertools
 import json
 import os
+import queue
 import shutil
+import sys
+import threading
+import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from vishwam.data.sources import Source, as_source
+from vishwam.data.sources import Source, SourceText, as_source
 
 
 @runtime_checkable
@@ -67,22 +73,98 @@ _CACHE_VERSION = 1
 
 def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None",
                     tokenizer: object, *, cache_dir: "str | os.PathLike | None" = None,
-                    add_bos: bool = False, chunk_chars: int = 1 << 20) -> TokenizedCorpus:
+                    add_bos: bool = False, chunk_chars: int = 1 << 20, progress: bool = False) -> TokenizedCorpus:
     """Tokenises every document of `source` (see `as_source`), appending EOS to each.
 
     `tokenizer` is a `TokenizerLike` (checked here, with a message naming what
-    is missing). Documents are encoded with `tokenizer.batch_encode` in chunks of about
-    `chunk_chars` characters. With `cache_dir`, the result is stored once in
+    is missing). The source is streamed (`Source.stream`): pieces of about
+    `chunk_chars` characters are read, encoded with one `tokenizer.batch_encode`
+    call each (SentencePiece spreads a call over every core) while the next piece
+    is read on a thread, and appended to the output, so memory holds about two
+    pieces, not the corpus. With `cache_dir`, the output is the cache entry
     `cache_dir/<key>/` (`tokens.npy`, `offsets.npy`, `doc_hashes.npy`,
     `meta.json`), where `key` hashes the source fingerprint, the tokenizer
     fingerprint and `add_bos`; the entry is written in a temporary folder and
-    renamed into place, so a crash never leaves half an entry. A later call with
-    the same key memory-maps it instead of tokenising; an entry whose metadata
-    does not match (another tokenizer, another source, corruption) is discarded
-    with a warning and rebuilt. Packing options are not part of the key: the
-    cache holds document tokens, which any `seq_len` reuses.
+    renamed into place, so a crash never leaves half an entry (a later call
+    removes the dead process's folder and starts again). A later call with the
+    same key memory-maps it instead of tokenising; an entry whose metadata does
+    not match (another tokenizer, another source, corruption) is discarded with a
+    warning and rebuilt. Packing options are not part of the key: the cache holds
+    document tokens, which any `seq_len` reuses. Without `cache_dir` the arrays
+    are built in memory. `progress` shows a tqdm bar (documents, tokens/s, and an
+    ETA when the source knows its document count).
     """
     source = as_source(source)
+    meta = _entry_meta(source, tokenizer, add_bos)
+    if cache_dir is None:
+        return _corpus(*_encode_stream(source, tokenizer, meta, chunk_chars, progress, _MemoryArrays()),
+                       from_cache=False)
+    entry = Path(cache_dir) / meta["key"]
+    if entry.exists():
+        try:
+            return _load_entry(entry, meta)
+        except (OSError, ValueError, KeyError) as e:
+            warnings.warn(f"ignoring the token cache entry {entry}: {e}; re-tokenising.", stacklevel=2)
+            shutil.rmtree(entry, ignore_errors=True)
+    _write_entry(entry, source, tokenizer, meta, chunk_chars, progress)
+    return dataclasses.replace(_load_entry(entry, meta), from_cache=False)
+
+
+def prepare_corpus(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None", tokenizer: object,
+                   out_dir: "str | os.PathLike", *, add_bos: bool = False, chunk_chars: int = 1 << 20,
+                   progress: bool = False, overwrite: bool = False) -> TokenizedCorpus:
+    """Tokenises `source` once into `out_dir` (a token cache entry plus `tokenizer/`) for many runs.
+
+    Streams like `tokenize_source` and commits by renaming a temporary sibling
+    folder, so `out_dir` either does not exist or is complete. Load it with
+    `load_prepared(out_dir, tokenizer)` (or `scripts/train.py --data out_dir`).
+
+    Raises:
+        FileExistsError: `out_dir` exists and `overwrite` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out, or pass overwrite=True "
+                              "(--overwrite) to replace it.")
+    source = as_source(source)
+    meta = _entry_meta(source, tokenizer, add_bos)
+
+    def finish(tmp: Path) -> None:
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        if out.exists():
+            shutil.rmtree(out)
+
+    _write_entry(out, source, tokenizer, meta, chunk_chars, progress, before_commit=finish)
+    return dataclasses.replace(_load_entry(out, meta), from_cache=False)
+
+
+def is_prepared(path: "str | os.PathLike") -> bool:
+    """True when `path` is a directory written by `prepare_corpus`."""
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "tokens.npy").is_file()
+
+
+def load_prepared(directory: "str | os.PathLike", tokenizer: object | None = None) -> TokenizedCorpus:
+    """The corpus `prepare_corpus` wrote to `directory`, memory-mapped.
+
+    With `tokenizer`, its fingerprint must be the one the corpus was made with.
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory} is not a prepared corpus ({e}); make one with scripts/prepare_data.py.") from e
+    if tokenizer is not None and str(getattr(tokenizer, "fingerprint", None)) != meta.get("tokenizer"):
+        raise ValueError(f"{directory} was prepared with another tokenizer (fingerprint {meta.get('tokenizer')}); "
+                         f"train with its own ({directory / 'tokenizer'}) or prepare the data again.")
+    expected = {k: meta[k] for k in ("version", "key", "dtype", "eos_id", "pad_id", "vocab_size") if k in meta}
+    if expected.get("version") != _CACHE_VERSION:
+        raise ValueError(f"{directory}: prepared-corpus version {meta.get('version')}, this vishwam reads "
+                         f"{_CACHE_VERSION}; prepare the data again.")
+    return _load_entry(directory, expected)
+
+
+def _entry_meta(source: Source, tokenizer: object, add_bos: bool) -> dict[str, Any]:
     if not isinstance(tokenizer, TokenizerLike):
         missing = [a for a in ("batch_encode", "eos_id", "pad_id", "vocab_size", "fingerprint")
                    if not hasattr(tokenizer, a)]
@@ -100,39 +182,27 @@ def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.Path
         "pad_id": int(tokenizer.pad_id),
         "vocab_size": vocab_size,
     }
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    meta["key"] = key
+    meta["key"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return meta
 
-    if cache_dir is not None:
-        entry = Path(cache_dir) / key
-        if entry.exists():
-            try:
-                return _load_entry(entry, meta)
-            except (OSError, ValueError, KeyError) as e:
-                warnings.warn(f"ignoring the token cache entry {entry}: {e}; re-tokenising.", stacklevel=2)
-                shutil.rmtree(entry, ignore_errors=True)
 
-    text = source.read()
-    if not text.documents:
-        raise ValueError(f"{source!r} produced no documents (every file or value was empty); "
-                         "check the files or the query.")
-    tokens, offsets = _encode(text.documents, tokenizer, add_bos, dtype, vocab_size, chunk_chars)
-    doc_hashes = np.array([_doc_hash(d) for d in text.documents], dtype=np.uint64)
-    meta |= {"num_documents": len(text.documents), "num_tokens": int(len(tokens)),
-             "replaced": text.replaced, "source_repr": repr(source)}
-    if cache_dir is None:
-        return _corpus(tokens, offsets, doc_hashes, meta, from_cache=False)
-
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(cache_dir) / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _write_entry(entry: Path, source: Source, tokenizer: TokenizerLike, meta: dict[str, Any], chunk_chars: int,
+                 progress: bool, before_commit: Callable[[Path], None] | None = None) -> None:
+    """Streams `source` into a temporary folder beside `entry`, then renames it to `entry`
+    (`before_commit(folder)` runs just before)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(entry)
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        for name, array in (("tokens", tokens), ("offsets", offsets), ("doc_hashes", doc_hashes)):
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
+        with _NpyAppender(tmp / "tokens.npy", np.dtype(meta["dtype"])) as tokens, \
+                _NpyAppender(tmp / "offsets.npy", np.dtype(np.int64)) as offsets, \
+                _NpyAppender(tmp / "doc_hashes.npy", np.dtype(np.uint64)) as doc_hashes:
+            _, _, _, meta = _encode_stream(source, tokenizer, meta, chunk_chars, progress,
+                                           _FileArrays(tokens, offsets, doc_hashes))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if before_commit is not None:
+            before_commit(tmp)
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -141,32 +211,177 @@ def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.Path
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    corpus = _load_entry(entry, meta)
-    return dataclasses.replace(corpus, from_cache=False)
 
 
-def _encode(documents: list[str], tokenizer: TokenizerLike, add_bos: bool, dtype: np.dtype,
-            vocab_size: int, chunk_chars: int) -> tuple[np.ndarray, np.ndarray]:
-    eos, flat, lengths = int(tokenizer.eos_id), [], []
-    start = 0
-    while start < len(documents):
-        stop, size = start, 0
-        while stop < len(documents) and (stop == start or size + len(documents[stop]) <= chunk_chars):
-            size += len(documents[stop])
-            stop += 1
-        for ids in tokenizer.batch_encode(documents[start:stop], add_bos=add_bos, add_eos=False):
-            flat.extend(ids)
-            flat.append(eos)
-            lengths.append(len(ids) + 1)
-        start = stop
-    tokens = np.array(flat, dtype=np.int64)
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"the tokenizer produced ids in [{low}, {high}], outside its vocab_size="
-                         f"{vocab_size}; the tokenizer model and its vocab_size disagree.")
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return tokens.astype(dtype), offsets
+def _remove_dead_temporaries(entry: Path) -> None:
+    # `.<key>.tmp-<pid>-<random>` of a process that no longer runs (killed mid-write on this machine).
+    for tmp in entry.parent.glob(f".{entry.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except PermissionError:
+                pass  # alive, another user's
+
+
+class _NpyAppender:
+    """A 1-D `.npy` file written by appending chunks; the header gets the length at the end.
+
+    NumPy pads every header for the largest length it could hold, so rewriting it
+    in place keeps the data offset, and the file equals what `np.save` writes.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.count = path, dtype, 0
+        self._file = open(path, "wb")
+        self._header = self._header_bytes(0)
+        self._file.write(self._header)
+
+    def _header_bytes(self, count: int) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buffer, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (count,)})
+        return buffer.getvalue()
+
+    def append(self, values: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.count += len(values)
+
+    def __enter__(self) -> "_NpyAppender":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            header = self._header_bytes(self.count)
+            if len(header) != len(self._header):
+                raise AssertionError(f"npy header grew from {len(self._header)} to {len(header)} bytes")
+            self._file.seek(0)
+            self._file.write(header)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+
+class _MemoryArrays:
+    """Where `_encode_stream` puts chunks without a cache: lists, joined at the end."""
+
+    def __init__(self):
+        self.tokens: list[np.ndarray] = []
+        self.offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self.doc_hashes: list[np.ndarray] = []
+
+    def add(self, tokens: np.ndarray, ends: np.ndarray, hashes: np.ndarray) -> None:
+        self.tokens.append(tokens)
+        self.offsets.append(ends)
+        self.doc_hashes.append(hashes)
+
+    def result(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (np.concatenate(self.tokens).astype(dtype, copy=False), np.concatenate(self.offsets),
+                np.concatenate(self.doc_hashes))
+
+
+class _FileArrays:
+    """Where `_encode_stream` puts chunks for a cache entry: appended to the `.npy` files."""
+
+    def __init__(self, tokens: _NpyAppender, offsets: _NpyAppender, doc_hashes: _NpyAppender):
+        self.tokens, self.offsets, self.doc_hashes = tokens, offsets, doc_hashes
+        offsets.append(np.zeros(1, np.int64))
+
+    def add(self, tokens: np.ndarray, ends: np.ndarray, hashes: np.ndarray) -> None:
+        self.tokens.append(tokens)
+        self.offsets.append(ends)
+        self.doc_hashes.append(hashes)
+
+    def result(self, dtype: np.dtype) -> tuple[None, None, None]:
+        return None, None, None
+
+
+def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any], chunk_chars: int,
+                   progress: bool, sink) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Encodes `source.stream(chunk_chars)` piece by piece into `sink`; returns its arrays and
+    the finished metadata (counts). The next piece is read on a thread meanwhile."""
+    dtype, vocab_size, eos = np.dtype(meta["dtype"]), meta["vocab_size"], meta["eos_id"]
+    add_bos = meta["add_bos"]
+    num_docs, num_tokens, replaced = 0, 0, 0
+    bar = _progress_bar(source, progress)
+    started = time.perf_counter()
+    try:
+        for text in _read_ahead(source.stream(chunk_chars)):
+            replaced += text.replaced
+            if not text.documents:
+                continue
+            ids = tokenizer.batch_encode(text.documents, add_bos=add_bos, add_eos=False)
+            lengths = np.fromiter((len(row) + 1 for row in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(row + [eos] for row in ids), dtype=np.int64,
+                               count=int(lengths.sum()))
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"the tokenizer produced ids in [{low}, {high}], outside its vocab_size="
+                                 f"{vocab_size}; the tokenizer model and its vocab_size disagree.")
+            hashes = np.fromiter((_doc_hash(d) for d in text.documents), dtype=np.uint64, count=len(ids))
+            sink.add(flat.astype(dtype), num_tokens + np.cumsum(lengths), hashes)
+            num_docs, num_tokens = num_docs + len(ids), num_tokens + len(flat)
+            if bar is not None:
+                bar.update(len(ids))
+                bar.set_postfix({"tok/s": f"{num_tokens / max(time.perf_counter() - started, 1e-9):,.0f}"},
+                                refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if num_docs == 0:
+        raise ValueError(f"{source!r} produced no documents (every file or value was empty); "
+                         "check the files or the query.")
+    meta = meta | {"num_documents": num_docs, "num_tokens": num_tokens, "replaced": replaced,
+                   "source_repr": repr(source)}
+    return (*sink.result(dtype), meta)
+
+
+def _progress_bar(source: Source, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=source.num_documents(), unit="doc", desc="tokenising", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+
+
+def _read_ahead(pieces: Iterator[SourceText], depth: int = 1) -> Iterator[SourceText]:
+    """`pieces`, read `depth` ahead on a thread (reading overlaps encoding; order kept)."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        # Polls `stop`, so a consumer that gave up never leaves this thread blocked.
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for piece in pieces:
+                if not put(piece):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 -- re-raised by the consumer
+            put(e)
+
+    thread = threading.Thread(target=produce, name="vishwam-data-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _doc_hash(text: str) -> int:

@@ -127,14 +127,27 @@ def tree_shardings(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
 def shard_model(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
     """Place every array leaf of `tree` (a model, an optimiser state, a train state)
     on `mesh` by `rules`; non-array leaves pass through. Outside jit it is a
-    `jax.device_put` (no compile); inside, a sharding constraint."""
+    `jax.device_put` (no compile); inside, a sharding constraint. On a mesh
+    spanning several processes every process must pass the same values (e.g. made
+    from the same key): each one keeps the pieces its own devices hold."""
     arrays, static = eqx.partition(tree, eqx.is_array)
     shardings = tree_shardings(arrays, mesh, rules)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(arrays)):
         arrays = jax.lax.with_sharding_constraint(arrays, shardings)
-    else:
+    elif all(s.is_fully_addressable for s in jax.tree_util.tree_leaves(shardings)):
         arrays = jax.device_put(arrays, shardings)
+    else:
+        arrays = jax.tree_util.tree_map(_put_from_every_process, arrays, shardings)
     return eqx.combine(arrays, static)
+
+
+def _put_from_every_process(x, sharding: NamedSharding) -> jax.Array:
+    # `device_put` refuses devices of other processes; each process supplies its own shards.
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_from_every_process(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def batch_axes(mesh) -> tuple[str, ...]:

@@ -349,7 +349,9 @@ class Checkpointer:
         for path, leaf in leaves:
             i, entry = entries[path]
             shape = tuple(entry["shape"])
-            sharding = getattr(leaf, "sharding", None)
+            # Explicitly device 0: left None, orbax would rebuild the saved sharding, which
+            # fails for a checkpoint written on another topology (e.g. by several processes).
+            sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             if entry["key_impl"] is not None:
                 # The trailing key-data axis stays unsharded: a PartitionSpec
                 # shorter than the rank replicates the remaining axes.

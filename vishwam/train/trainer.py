@@ -261,6 +261,17 @@ class _StopSignals:
     def name(self) -> str | None:
         return None if self.signum is None else signal.Signals(self.signum).name
 
+    def agreed(self) -> str | None:
+        """The name of the signal to stop for, the same in every process: with several
+        processes, one that any of them received (a tiny all-gather per call), so that
+        all stop after the same step and save the checkpoint together."""
+        if jax.process_count() == 1:
+            return self.name
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.int32(self.signum or 0))))
+        return None if signum == 0 else signal.Signals(signum).name
+
 
 # ------------------------------------------------------------------------ trainer
 class VishwamAITrainer:
@@ -274,7 +285,9 @@ class VishwamAITrainer:
         train_loader: an iterator of batch dicts (`tokens`, `targets`, `loss_mask`,
             optional `segment_ids`, `positions`; this process's rows of the global
             batch). With `state()` / `restore(state)` (as `vishwam.data.DataIterator`)
-            its position is checkpointed and a resumed run continues exactly there.
+            or grain's `get_state()` / `set_state(state)` (the iterator of a
+            `grain.python.DataLoader`, or of a grain dataset) its position is
+            checkpointed and a resumed run continues exactly there.
         eval_loader: validation batches: an object with `reset()` that then iterates
             one pass (a `DataIterator` with `repeat=False`), or any re-iterable.
         run: a `RunConfig` (directories, intervals, mesh, resume mode).
@@ -605,9 +618,9 @@ class _Run:
         state = combine_arrays(restored, static)
         start = int(meta["step"])
         data_state = meta.get("data")
-        if data_state is not None and hasattr(t.train_loader, "restore"):
-            t.train_loader.restore(data_state)
-        elif hasattr(t.train_loader, "restore"):
+        if data_state is not None and _resumable(t.train_loader):
+            restore_loader(t.train_loader, data_state)
+        elif _resumable(t.train_loader):
             raise ValueError(f"checkpoint step {latest} in {t.checkpoint_dir} has no data position; the loader "
                              "would restart from its first batch. Start a new run directory.")
         self.initial_val_loss = meta.get("initial_val_loss")
@@ -650,8 +663,8 @@ class _Run:
             self._start_profile(start + 1)
         self.last_done = time.perf_counter()
         while step < t.max_steps:
-            if signals.signum is not None:
-                reason = signals.name
+            if (stop := signals.agreed()) is not None:
+                reason = stop
                 break
             try:
                 batch = next(iterator)
@@ -796,7 +809,7 @@ class _Run:
         t = self.t
         loader = t.train_loader
         meta = {"step": step, "config": t.compatibility_config(),
-                "data": loader.state() if hasattr(loader, "state") else None,
+                "data": loader_state(loader) if _resumable(loader) else None,
                 "initial_val_loss": self.initial_val_loss, "last_eval": self.last_eval,
                 "skipped": self.skipped, "tokenizer": str(t.run_dir / "tokenizer")}
         # Rows of every step this checkpoint covers must be on disk before it can exist.
@@ -867,6 +880,35 @@ def abstract_model(config: ModelConfig) -> VishwamAI:
 
 def is_abstract_model(model: VishwamAI) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(model))
+
+
+def _resumable(loader: Any) -> bool:
+    return (hasattr(loader, "state") and hasattr(loader, "restore")) or \
+        (hasattr(loader, "get_state") and hasattr(loader, "set_state"))
+
+
+def loader_state(loader: Any) -> Any:
+    """The loader's position as JSON: `state()` as it is (vishwam's `DataIterator`), or grain's
+    `get_state()` (bytes of JSON from a `DataLoader` iterator, a dict from a dataset iterator)
+    wrapped as `{"get_state": ...}`."""
+    if hasattr(loader, "state") and hasattr(loader, "restore"):
+        return loader.state()
+    value = loader.get_state()
+    if isinstance(value, bytes):
+        return {"get_state": {"bytes": value.decode("utf-8")}}
+    return {"get_state": {"value": value}}
+
+
+def restore_loader(loader: Any, state: Any) -> None:
+    """Puts the loader back at `state`, as returned by `loader_state`."""
+    if hasattr(loader, "state") and hasattr(loader, "restore"):
+        loader.restore(state)
+        return
+    if not (isinstance(state, Mapping) and isinstance(state.get("get_state"), Mapping)):
+        raise ValueError(f"the checkpoint's data position {str(state)[:200]} was not written by a loader with "
+                         "get_state()/set_state(); resume with the loader the run was started with.")
+    saved = state["get_state"]
+    loader.set_state(saved["bytes"].encode("utf-8") if "bytes" in saved else saved["value"])
 
 
 # ------------------------------------------------------------------ runs on disk
