@@ -210,9 +210,25 @@ def compile_train_step(
         return eqx.filter(new_state, eqx.is_array), metrics
 
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _no_persistent_cache_unless_runnable(mesh):
         compiled = jax.jit(run, donate_argnums=0).lower(arrays, abstract_batch(train_config, mesh)).compile()
     return compiled, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _no_persistent_cache_unless_runnable(mesh: jax.sharding.Mesh):
+    """An executable for a platform this process has no client for (TPU programs compiled
+    on a CPU host) cannot be read back from JAX's persistent compile cache (a warning and
+    a recompile every time): keep such compiles out of it."""
+    if mesh.devices.flat[0].platform == jax.default_backend():
+        yield
+        return
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
 def tpu_devices(topology: str) -> list[jax.Device]:
