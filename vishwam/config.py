@@ -8,7 +8,7 @@ from typing import Any, Literal
 NormType = Literal["rms", "layer"]
 RematPolicy = Literal["none", "full", "dots_saveable", "save_attention_output", "offload_dots"]
 AttentionImpl = Literal["auto", "pallas", "xla", "reference"]
-MoEDispatch = Literal["dense", "capacity", "ragged"]
+MoEDispatch = Literal["auto", "dense", "capacity", "ragged", "grouped"]
 RouterType = Literal["softmax", "sigmoid"]
 DType = Literal["float32", "bfloat16", "float16"]
 Fp8Target = Literal["none", "attention", "mlp", "all"]
@@ -99,9 +99,13 @@ class ModelConfig(_JsonConfig):
     capacity_factor: float | None = 1.25
     """Expert capacity = ceil(tokens * k / experts * factor) for the `capacity`
     dispatch during training. `None` means dropless (worst-case capacity)."""
-    moe_dispatch: str = "dense"
-    """How tokens reach experts: `dense` (oracle), `capacity` (buffers + einsum),
-    `ragged` (sort + `jax.lax.ragged_dot`)."""
+    moe_dispatch: str = "auto"
+    """How tokens reach experts: `dense` (every expert on every token: the oracle),
+    `capacity` (buffers + einsum), `ragged` (sort + `jax.lax.ragged_dot`), `grouped`
+    (sort into blocks + a scan of per-block GEMMs; the fast dropless one on CPU), or
+    `auto`: `capacity` when training with a `capacity_factor`; dropless otherwise
+    (`capacity_factor=None` and at inference): `grouped` on CPU, `ragged` on GPU/TPU,
+    `grouped` with fp8 experts. See `vishwam.nn.moe.resolve_dispatch`."""
     router_type: str = "softmax"
     """Router scores: softmax over experts, or independent sigmoids."""
     router_renormalize: bool = True

@@ -84,8 +84,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
             or a numpy/jax dtype); `None` keeps the checkpoint's `dtype`/`torch_dtype`
             (float32 if it names none).
 
-    Mixtral becomes `moe_dispatch="capacity"` with `capacity_factor=None` (dropless,
-    like Mixtral) and no router z-loss (Mixtral has none). A `sliding_window` caps
+    Mixtral becomes `moe_dispatch="auto"` with `capacity_factor=None` (dropless,
+    like Mixtral: `grouped` on CPU, `ragged` on GPU/TPU) and no router z-loss (Mixtral has none). A `sliding_window` caps
     `max_seq_len`, where sliding-window and full attention agree.
     """
     family = _family(hf)
@@ -131,7 +131,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
                              f"{hf.get('num_local_experts')!r}.")
         fields.update(
             num_experts=hf["num_local_experts"], experts_per_token=get("num_experts_per_tok"),
-            router_type="softmax", router_renormalize=True, moe_dispatch="capacity", capacity_factor=None,
+            router_type="softmax", router_renormalize=True, moe_dispatch="auto", capacity_factor=None,
             router_aux_loss_coef=float(get("router_aux_loss_coef")), router_z_loss_coef=0.0,
             router_jitter=float(get("router_jitter_noise")),
         )
