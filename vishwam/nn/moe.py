@@ -290,6 +290,45 @@ def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int)
     return Blocks(source, row.reshape(tokens, k), jnp.minimum(block_expert, num_experts - 1))
 
 
+@jax.custom_vjp
+def grouped_matmul(
+    x: Float[Array, "blocks block d_in"],
+    w: Float[Array, "experts d_in d_out"],
+    block_expert: Int[Array, " blocks"],
+) -> Float[Array, "blocks block d_out"]:
+    """`x[b] @ w[block_expert[b]]` for every block: a `jax.lax.scan` of 2-D GEMMs.
+
+    Its own backward (a second scan: `dx[b] = dy[b] @ w[e]^T`, `dw[e] += x[b]^T @ dy[b]`
+    in place) keeps only `x` and `w` for the backward pass; plain autodiff of the scan
+    would save every block's `[d_in, d_out]` weight slice (`blocks` weight copies).
+    """
+    def one_block(carry, inputs):
+        rows, e = inputs  # (block, d_in), its expert
+        return carry, rows @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+    return jax.lax.scan(one_block, None, (x, block_expert))[1]
+
+
+def _grouped_matmul_forward(x, w, block_expert):
+    return grouped_matmul(x, w, block_expert), (x, w, block_expert)
+
+
+def _grouped_matmul_backward(residuals, dy):
+    x, w, block_expert = residuals
+
+    def one_block(dw, inputs):
+        rows, grad, e = inputs  # (block, d_in), (block, d_out), its expert
+        dx = grad @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T
+        dw_e = jax.lax.dynamic_index_in_dim(dw, e) + (rows.T @ grad)[None]
+        return jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0), dx
+
+    dw, dx = jax.lax.scan(one_block, jnp.zeros_like(w), (x, dy.astype(x.dtype), block_expert))
+    return dx, dw, None
+
+
+grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
+
+
 def grouped_ffn(
     blocks: Float[Array, "blocks block hidden"],
     block_expert: Int[Array, " blocks"],
@@ -298,26 +337,27 @@ def grouped_ffn(
     down: Float[Array, "experts ffn hidden"],
     fp8: Fp8Spec | None = None,
 ) -> Float[Array, "blocks block hidden"]:
-    """Each block's rows through its expert's SwiGLU MLP: a `jax.lax.scan` over blocks,
-    three 2-D GEMMs each (XLA:CPU runs these faster than one batched einsum over
-    experts, and far faster than gathering a weight copy per block).
+    """Each block's rows through its expert's SwiGLU MLP: three `grouped_matmul`s
+    (XLA:CPU runs these 2-D GEMMs faster than one batched einsum over experts, and
+    far faster than gathering a weight copy per block).
 
-    With `fp8` set the GEMMs run in fp8 (`fp8_matmul`, scales per block).
+    With `fp8` set the GEMMs run in fp8 instead: one scan over blocks of `fp8_matmul`
+    (scales per block), differentiated through `fp8_matmul`'s own backward.
     """
     dt = blocks.dtype
     gate, up, down = gate.astype(dt), up.astype(dt), down.astype(dt)
-    if fp8 is None:
-        matmul = jnp.matmul
-    else:
+    with jax.named_scope("moe_experts"):
+        if fp8 is None:
+            h = jax.nn.silu(grouped_matmul(blocks, gate, block_expert)) * grouped_matmul(blocks, up, block_expert)
+            return grouped_matmul(h, down, block_expert)
         matmul = functools.partial(fp8_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
 
-    def one_block(carry, inputs):
-        rows, e = inputs  # (block, D), its expert
-        weight = functools.partial(jax.lax.dynamic_index_in_dim, index=e, keepdims=False)
-        h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
-        return carry, matmul(h, weight(down))  # (block, D)
+        def one_block(carry, inputs):
+            rows, e = inputs  # (block, D), its expert
+            weight = functools.partial(jax.lax.dynamic_index_in_dim, index=e, keepdims=False)
+            h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
+            return carry, matmul(h, weight(down))  # (block, D)
 
-    with jax.named_scope("moe_experts"):
         return jax.lax.scan(one_block, None, (blocks, block_expert))[1]
 
 
