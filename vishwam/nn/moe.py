@@ -19,13 +19,15 @@ Dispatches (all equal to `dense` in values and gradients whenever nothing is dro
   (grouped GEMM on GPU/TPU). Dropless. On CPU XLA lowers it to a masked dense dot
   (slow); it is here for accelerators.
 - `grouped`: assignments sorted by expert, each expert's run padded up to whole
-  blocks of `block` rows (`assign_blocks`), and a `jax.lax.scan` over the blocks
-  runs three plain 2-D GEMMs per block against that block's expert's weights
-  (`grouped_ffn`; indexed in place, no per-block weight copy). Dropless. It
-  computes `tokens * k` routed rows plus at most `block - 1` padding rows per used
-  expert (`grouped_num_blocks` blocks, a static count that fits every routing):
-  about `k / num_experts` of `dense`'s FLOPs. `block` is 128, or the smallest power
-  of two >= `tokens * k / experts` when that is smaller, so decoding one token
+  blocks of `block` rows (`assign_blocks`) in one `[blocks, block, hidden]`
+  buffer; each projection is a `jax.lax.scan` over the blocks of plain 2-D GEMMs
+  against that block's expert's weights (`grouped_matmul`: weights indexed in
+  place; its own backward keeps no per-block weight copy). Dropless. It computes
+  `tokens * k` routed rows plus at most `block - 1` padding rows per used expert
+  (`grouped_num_blocks` blocks, a static count that fits every routing; the
+  unused trailing blocks are zero rows and still computed): about
+  `k / num_experts` of `dense`'s FLOPs. `block` is 128, or the smallest power of
+  two >= `tokens * k / experts` when that is smaller, so decoding one token
   computes only its k experts' rows. On CPU it is the fast dropless dispatch.
 - `auto` (the config default): resolved per call by `resolve_dispatch`: `capacity`
   when training with a capacity factor; otherwise (dropless: `capacity_factor=None`
@@ -240,7 +242,8 @@ def dispatch_ragged(
 
 GROUPED_BLOCK_SIZE = 128
 """Default rows per block of the `grouped` dispatch (128 and 256 ran alike at the
-Mixtral shape on the 2-core CPU; the smaller pads less)."""
+Mixtral shape on the 2-core CPU, measured under load; 512 was slower; the smaller
+pads less)."""
 
 
 def grouped_block_size(assignments: int, num_experts: int, block_size: int = GROUPED_BLOCK_SIZE) -> int:
@@ -299,8 +302,9 @@ def grouped_matmul(
     """`x[b] @ w[block_expert[b]]` for every block: a `jax.lax.scan` of 2-D GEMMs.
 
     Its own backward (a second scan: `dx[b] = dy[b] @ w[e]^T`, `dw[e] += x[b]^T @ dy[b]`
-    in place) keeps only `x` and `w` for the backward pass; plain autodiff of the scan
-    would save every block's `[d_in, d_out]` weight slice (`blocks` weight copies).
+    in place, accumulated in fp32) keeps only `x` and `w` for the backward pass;
+    plain autodiff of the scan would save every block's `[d_in, d_out]` weight
+    slice (`blocks` weight copies).
     """
     def one_block(carry, inputs):
         rows, e = inputs  # (block, d_in), its expert
@@ -319,11 +323,13 @@ def _grouped_matmul_backward(residuals, dy):
     def one_block(dw, inputs):
         rows, grad, e = inputs  # (block, d_in), (block, d_out), its expert
         dx = grad @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T
-        dw_e = jax.lax.dynamic_index_in_dim(dw, e) + (rows.T @ grad)[None]
+        update = jnp.matmul(rows.T, grad, preferred_element_type=jnp.float32)  # (d_in, d_out)
+        dw_e = jax.lax.dynamic_index_in_dim(dw, e) + update[None]
         return jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0), dx
 
-    dw, dx = jax.lax.scan(one_block, jnp.zeros_like(w), (x, dy.astype(x.dtype), block_expert))
-    return dx, dw, None
+    # Every block of an expert adds to its gradient: sum in fp32, round once.
+    dw, dx = jax.lax.scan(one_block, jnp.zeros(w.shape, jnp.float32), (x, dy.astype(x.dtype), block_expert))
+    return dx, dw.astype(w.dtype), None
 
 
 grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
