@@ -31,9 +31,11 @@ Dispatches (all equal to `dense` in values and gradients whenever nothing is dro
   computes only its k experts' rows. On CPU it is the fast dropless dispatch.
 - `auto` (the config default): resolved per call by `resolve_dispatch`: `capacity`
   when training with a capacity factor; otherwise (dropless: `capacity_factor=None`
-  or `inference=True`) `grouped` on CPU, `ragged` on GPU/TPU (its grouped GEMM;
-  unmeasured here), and `grouped` on any backend when the experts run in fp8
-  (`ragged` has no fp8 path).
+  or `inference=True`) `grouped` on CPU, `ragged` on GPU/TPU, and `grouped` on
+  any backend when the experts run in fp8 (`ragged` has no fp8 path). The GPU/TPU
+  choice is not measured here: TPU lowers `ragged_dot` to a grouped GEMM; XLA:GPU
+  uses cuDNN's grouped GEMM where it supports the shape and otherwise the same
+  zero-padded dense dot as CPU (openxla/xla PRs 45995-46002 describe that default).
 
 Expert parallelism: when the layer is traced under `jax.set_mesh(mesh)` and the
 mesh has an `expert` axis larger than 1, the routed experts run through
