@@ -1,18 +1,25 @@
 """MoE dispatch speed: forward+backward of one MoE layer per dispatch, against `dense`.
 
     python benchmarks/moe_dispatch.py [--tokens 1024 4096] [--hidden 256] [--ffn 512] [--reps 5]
+    python benchmarks/moe_dispatch.py --tokens 4096 --hidden 512 --ffn 704 --reps 3 --no-expert-parallel
+
+(the second: issue 16's Mixtral shape, one device only).
 
 Part 1 (one device): `dense` (oracle), `capacity` with factor 1.25, `capacity`
-dropless (capacity = tokens) and `ragged` (`jax.lax.ragged_dot`), 8 experts,
-top-2; time of `value_and_grad` of the whole layer (router + dispatch), median
-over repetitions run round-robin (so load spikes on a shared machine hit every
-variant alike); ratio = time / dense time. Goal: capacity 1.25 <= 0.5x dense.
+dropless (capacity = tokens), `ragged` (`jax.lax.ragged_dot`) and `grouped`
+(dropless blocks + scan of GEMMs; what `auto` runs on CPU without a capacity
+factor), 8 experts, top-2; time of `value_and_grad` of the whole layer (router +
+dispatch), median over repetitions run round-robin (so load spikes on a shared
+machine hit every variant alike); ratio = time / dense time. Goals: capacity 1.25
+<= 0.5x dense; grouped (dropless) about capacity 1.25's time. The load average is
+printed before and after: timings under load are not results.
 
 Part 2 (8 simulated devices): the expert-parallel layer (shard_map +
 all_to_all) on meshes `expert=8` and `data=2, expert=4`: max difference from the
 single-device dense layer (dropless, values and gradients) and time against the
-single-device `capacity` layer. Simulated devices share the host's cores, so this
-measures overhead, not scaling.
+single-device `capacity` layer (the expert-parallel path is the same whatever the
+single-device dispatch, so `ragged` and `grouped` are not repeated there).
+Simulated devices share the host's cores, so this measures overhead, not scaling.
 """
 
 import os
@@ -42,6 +49,11 @@ def _grad_fn():
     return eqx.filter_jit(eqx.filter_value_and_grad(_loss))
 
 
+def load_average() -> str:
+    """Load averages over 1, 5 and 15 minutes, and the core count."""
+    return f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cores"
+
+
 def time_round_robin(calls: dict, reps: int) -> dict:
     """Median seconds of each zero-argument call; one warm-up (compile) each first."""
     for call in calls.values():
@@ -62,6 +74,7 @@ def layers(hidden: int, ffn: int) -> dict:
         "capacity 1.25": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="capacity", capacity_factor=1.25, **common),
         "capacity dropless": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="capacity", capacity_factor=None, **common),
         "ragged": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="ragged", **common),
+        "grouped": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="grouped", **common),
     }
 
 
@@ -117,10 +130,14 @@ def main():
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ep-tokens", type=int, default=2048)
+    parser.add_argument("--no-expert-parallel", action="store_true", help="skip part 2")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(jax.devices())} devices")
+    print(f"load before: {load_average()}")
     single_device(args.tokens, args.hidden, args.ffn, args.reps)
-    expert_parallel(args.ep_tokens, args.hidden, args.ffn, args.reps)
+    if not args.no_expert_parallel:
+        expert_parallel(args.ep_tokens, args.hidden, args.ffn, args.reps)
+    print(f"\nload after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import vishwam.nn.moe as moe_module
 from vishwam import ModelConfig, VishwamAI
 from vishwam.nn.moe import (
     MoE,
     Routing,
+    assign_blocks,
     dispatch_capacity,
     dispatch_dense,
+    dispatch_grouped,
     dispatch_ragged,
     expert_capacity,
+    grouped_block_size,
+    grouped_num_blocks,
     load_balancing_loss,
+    resolve_dispatch,
     route,
 )
 
@@ -67,7 +73,8 @@ def _values_and_grads(dispatch, x, experts, weights, indices):
 @pytest.fixture(scope="module")
 def all_dispatches():
     """One compiled function: every dispatch's output, dropped fraction and gradients."""
-    fns = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged}
+    fns = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged,
+           "grouped": dispatch_grouped}
     return jax.jit(lambda x, ex, w, i: {n: _values_and_grads(f, x, ex, w, i) for n, f in fns.items()})
 
 
@@ -82,11 +89,133 @@ def test_every_dispatch_equals_dense_values_and_grads(case, layer, x, all_dispat
     out = all_dispatches(x, layer.experts, routing.weights, routing.indices)
     y_ref, _, grads_ref = out["dense"]
     assert float(jnp.max(jnp.abs(y_ref))) > 1e-3  # a non-trivial comparison
-    for name in ("capacity", "ragged"):
+    for name in ("capacity", "ragged", "grouped"):
         y, dropped, grads = out[name]
         assert float(dropped) == 0.0
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6, err_msg=name)
         _assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ grouped dispatch
+def test_assign_blocks_on_a_hand_example():
+    # 3 experts, blocks of 2: expert 0 has 3 assignments (2 blocks, 1 padding row),
+    # expert 1 has 2 (1 block), expert 2 has 1 (1 block, 1 padding row).
+    indices = jnp.array([[0, 1], [0, 2], [1, 0]], jnp.int32)
+    assert grouped_num_blocks(6, 3, 2) == (6 + 3 * 1) // 2 == 4
+    blocks = jax.jit(assign_blocks, static_argnums=(1, 2))(indices, 3, 2)
+    pad = 3  # = tokens
+    np.testing.assert_array_equal(blocks.source, [0, 1, 2, pad, 0, 2, 1, pad])
+    np.testing.assert_array_equal(blocks.row, [[0, 4], [1, 6], [5, 2]])
+    np.testing.assert_array_equal(blocks.expert, [0, 0, 1, 2])
+
+
+def test_grouped_block_size_shrinks_for_few_tokens():
+    assert grouped_block_size(4096 * 2, 8) == 128  # the Mixtral training shape: the default
+    assert grouped_block_size(48 * 2, 8) == 16  # 12 per expert -> next power of two
+    assert grouped_block_size(1 * 2, 8) == 1  # decoding one token: only its k rows
+    assert grouped_num_blocks(2, 8, 1) == 2
+    assert grouped_block_size(4096 * 2, 8, block_size=32) == 32
+
+
+def _grouped_cases(rng):
+    """(name, x, routing, block_size): odd counts, top-1, one busy expert, empty experts, decode."""
+    def case(name, tokens, indices, block_size=128, seed=0):
+        x = jax.random.normal(jax.random.key(20 + seed), (tokens, D))
+        weights = jax.random.uniform(jax.random.key(40 + seed), indices.shape, minval=0.1, maxval=1.0)
+        return name, x, Routing(weights, jnp.asarray(indices, jnp.int32), jnp.zeros((tokens, E))), block_size
+
+    top1 = rng.integers(0, E, (7, 1))
+    one_expert = np.stack([np.full(33, 5), (5 + rng.integers(1, E, 33)) % E], axis=1)
+    empty = np.stack([rng.choice([2, 6], 33), np.full(33, 7)], axis=1)  # 5 experts unused
+    return [
+        case("top1_odd_tokens", 7, top1, seed=1),
+        case("all_on_expert_5_blocks_of_4", 33, one_expert, block_size=4, seed=2),
+        case("empty_experts_blocks_of_8", 33, empty, block_size=8, seed=3),
+        case("decode_one_token", 1, np.array([[3, 0]]), seed=4),
+    ]
+
+
+def test_grouped_equals_dense_values_and_grads_on_odd_shapes(layer):
+    cases = _grouped_cases(np.random.default_rng(3))
+
+    @jax.jit
+    def run(experts, inputs):
+        out = []
+        for (_, _, routing, block_size), (x, weights) in zip(cases, inputs, strict=True):
+            grouped = lambda x, ex, r, b=block_size: dispatch_grouped(x, ex, r, block_size=b)  # noqa: E731
+            out.append([_values_and_grads(f, x, experts, weights, routing.indices)
+                        for f in (dispatch_dense, grouped)])
+        return out
+
+    results = run(layer.experts, [(x, routing.weights) for _, x, routing, _ in cases])
+    for (name, *_), ((y_ref, _, grads_ref), (y, dropped, grads)) in zip(cases, results, strict=True):
+        assert float(jnp.max(jnp.abs(y_ref))) > 1e-4, name
+        assert float(dropped) == 0.0, name
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-7, err_msg=name)
+        _assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_in_bfloat16_matches_dense_in_bfloat16(layer, x):
+    routing = _routing(ROUTINGS["random"](np.random.default_rng(4)))
+    experts = jax.tree_util.tree_map(lambda w: w.astype(jnp.bfloat16), layer.experts)
+
+    @jax.jit
+    def both(x, experts, weights):
+        return [_values_and_grads(f, x, experts, weights, routing.indices) for f in (dispatch_dense, dispatch_grouped)]
+
+    (y_ref, _, grads_ref), (y, _, grads) = both(x.astype(jnp.bfloat16), experts, routing.weights)
+    assert y.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=2e-2 * scale)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
+
+
+# ------------------------------------------------------------------ auto dispatch
+@pytest.mark.parametrize(("factor", "inference", "backend", "use_fp8", "expected"), [
+    (1.25, False, "cpu", False, "capacity"),  # training with a factor: capacity everywhere
+    (1.25, False, "gpu", False, "capacity"),
+    (1.25, False, "tpu", True, "capacity"),
+    (None, False, "cpu", False, "grouped"),  # dropless
+    (1.25, True, "cpu", False, "grouped"),  # inference is always dropless
+    (None, False, "gpu", False, "ragged"),
+    (1.25, True, "tpu", False, "ragged"),
+    (None, False, "gpu", True, "grouped"),  # ragged has no fp8 path
+])
+def test_auto_dispatch_resolves_as_documented(factor, inference, backend, use_fp8, expected):
+    assert resolve_dispatch("auto", factor, inference=inference, backend=backend, use_fp8=use_fp8) == expected
+    for name in ("dense", "capacity", "ragged", "grouped"):  # asked for by name: kept
+        assert resolve_dispatch(name, factor, inference=inference, backend=backend, use_fp8=use_fp8) == name
+
+
+def test_config_default_dispatch_is_auto_and_tiny_runs_grouped_on_cpu():
+    assert ModelConfig().moe_dispatch == "auto"
+    tiny = ModelConfig.preset("tiny")
+    assert tiny.capacity_factor is None
+    assert resolve_dispatch(tiny.moe_dispatch, tiny.capacity_factor) == "grouped"  # tests run on CPU
+
+
+def test_auto_layer_drops_in_training_with_a_factor_and_is_dense_otherwise(x, monkeypatch):
+    common = dict(key=jax.random.key(13))
+    dense = MoE(D, F, E, K, dispatch="dense", **common)
+    capped = MoE(D, F, E, K, dispatch="auto", capacity_factor=0.5, **common)
+    dropless = MoE(D, F, E, K, dispatch="auto", capacity_factor=None, **common)
+    assert capped.dispatch == "auto"  # resolved per call, not at construction
+    grouped_calls = []
+
+    def counting(*args, **kwargs):
+        grouped_calls.append(1)
+        return dispatch_grouped(*args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "dispatch_grouped", counting)
+    (y_dense, _), (_, aux_train), (y_infer, aux_infer), (y_dropless, aux_dropless) = eqx.filter_jit(
+        lambda d, c, n, x: (d(x), c(x), c(x, inference=True), n(x)))(dense, capped, dropless, x)
+    assert len(grouped_calls) == 2  # inference and dropless; training with a factor used capacity
+    assert float(aux_train["dropped_fraction"]) >= 0.5 - 1e-6
+    for y, aux in ((y_infer, aux_infer), (y_dropless, aux_dropless)):
+        assert float(aux["dropped_fraction"]) == 0.0
+        np.testing.assert_allclose(y, y_dense, rtol=1e-5, atol=1e-6)
 
 
 def _expected_keep(indices, weights, capacity):
@@ -167,8 +296,9 @@ def test_moe_layer_capacity_drops_in_training_not_at_inference(x):
         np.testing.assert_allclose(aux_train[name], aux_dense[name], rtol=1e-6)
 
 
-def test_fp8_experts_are_close_to_full_precision(x):
-    common = dict(dispatch="capacity", key=jax.random.key(4))
+@pytest.mark.parametrize("dispatch", ["capacity", "grouped"])
+def test_fp8_experts_are_close_to_full_precision(x, dispatch):
+    common = dict(dispatch=dispatch, key=jax.random.key(4))
 
     @eqx.filter_jit
     def output_and_grads(m, x):

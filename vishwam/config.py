@@ -12,7 +12,7 @@ from typing import Any, Literal
 NormType = Literal["rms", "layer"]
 RematPolicy = Literal["none", "full", "dots_saveable", "save_attention_output", "offload_dots"]
 AttentionImpl = Literal["auto", "pallas", "pallas_tpu", "xla", "reference"]
-MoEDispatch = Literal["dense", "capacity", "ragged"]
+MoEDispatch = Literal["auto", "dense", "capacity", "ragged", "grouped"]
 RouterType = Literal["softmax", "sigmoid"]
 DType = Literal["float32", "bfloat16", "float16"]
 Fp8Target = Literal["none", "attention", "mlp", "all"]
@@ -215,9 +215,13 @@ class ModelConfig(_JsonConfig):
     capacity_factor: float | None = 1.25
     """Expert capacity = ceil(tokens * k / experts * factor) for the `capacity`
     dispatch during training. `None` means dropless (worst-case capacity)."""
-    moe_dispatch: str = "dense"
-    """How tokens reach experts: `dense` (oracle), `capacity` (buffers + einsum),
-    `ragged` (sort + `jax.lax.ragged_dot`)."""
+    moe_dispatch: str = "auto"
+    """How tokens reach experts: `dense` (every expert on every token: the oracle),
+    `capacity` (buffers + einsum), `ragged` (sort + `jax.lax.ragged_dot`), `grouped`
+    (sort into blocks + a scan of per-block GEMMs; the fast dropless one on CPU), or
+    `auto`: `capacity` when training with a `capacity_factor`; dropless otherwise
+    (`capacity_factor=None` and at inference): `grouped` on CPU, `ragged` on GPU/TPU,
+    `grouped` with fp8 experts. See `vishwam.nn.moe.resolve_dispatch`."""
     router_type: str = "softmax"
     """Router scores: softmax over experts, or independent sigmoids."""
     router_renormalize: bool = True
@@ -369,18 +373,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                  ffn_dim=64, num_experts=4, experts_per_token=2, max_seq_len=128,
                  attention_block_size=16, capacity_factor=None),
-    # Trains on a 2-core CPU in minutes (the default main job). MoE.
+    # Trains on a 2-core CPU in minutes (the default main job). MoE: `auto` dispatch trains
+    # with capacity 1.25 and generates dropless (`grouped` on CPU).
     "small": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                   ffn_dim=512, num_experts=4, experts_per_token=2, max_seq_len=256,
-                  attention_block_size=64, moe_dispatch="capacity", capacity_factor=1.25,
-                  tie_embeddings=True),
+                  attention_block_size=64, capacity_factor=1.25, tie_embeddings=True),
     # The VishwamAI seed sizes, set up to train on accelerators: fp32 master weights and
-    # moments with bf16 matmuls, capacity dispatch (expert-parallel under a mesh with an
-    # `expert` axis), every block rematerialised (see benchmarks/plan_seed.py).
+    # moments with bf16 matmuls, capacity 1.25 in training (`auto` dispatch; expert-parallel
+    # under a mesh with an `expert` axis), every block rematerialised (benchmarks/plan_seed.py).
     "seed": dict(vocab_size=131072, hidden_size=4096, num_layers=32, num_heads=32,
                  num_experts=8, experts_per_token=2, ffn_dim=16384, max_seq_len=4096,
-                 moe_dispatch="capacity", capacity_factor=1.25, param_dtype="float32",
-                 compute_dtype="bfloat16", remat_policy="full"),
+                 capacity_factor=1.25, param_dtype="float32", compute_dtype="bfloat16", remat_policy="full"),
 }
 
 

@@ -93,11 +93,11 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
             or a numpy/jax dtype); `None` keeps the checkpoint's `dtype`/`torch_dtype`
             (float32 if it names none).
 
-    Mixtral becomes `moe_dispatch="capacity"` with `capacity_factor=None` (dropless,
-    like Mixtral) and no router z-loss (Mixtral has none). Mistral's and Mixtral's
-    `sliding_window` becomes `ModelConfig.sliding_window` (`None` when it is at least
-    `max_position_embeddings`, where it hides nothing); Qwen2 gets `qkv_bias=True`, and
-    its per-layer windows (`use_sliding_window=true`) are refused.
+    Mixtral becomes `moe_dispatch="auto"` with `capacity_factor=None` (dropless, like
+    Mixtral: `grouped` on CPU, `ragged` on GPU/TPU) and no router z-loss (Mixtral has
+    none). Mistral's and Mixtral's `sliding_window` becomes `ModelConfig.sliding_window`
+    (`None` when it is at least `max_position_embeddings`, where it hides nothing); Qwen2
+    gets `qkv_bias=True`, and its per-layer windows (`use_sliding_window=true`) are refused.
     """
     family = _family(hf)
     defaults = _DEFAULTS[family]
@@ -148,7 +148,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
                              f"{hf.get('num_local_experts')!r}.")
         fields.update(
             num_experts=hf["num_local_experts"], experts_per_token=get("num_experts_per_tok"),
-            router_type="softmax", router_renormalize=True, moe_dispatch="capacity", capacity_factor=None,
+            router_type="softmax", router_renormalize=True, moe_dispatch="auto", capacity_factor=None,
             router_aux_loss_coef=float(get("router_aux_loss_coef")), router_z_loss_coef=0.0,
             router_jitter=float(get("router_jitter_noise")),
         )

@@ -18,6 +18,24 @@ Dispatches (all equal to `dense` in values and gradients whenever nothing is dro
 - `ragged`: assignments sorted by expert and run with `jax.lax.ragged_dot`
   (grouped GEMM on GPU/TPU). Dropless. On CPU XLA lowers it to a masked dense dot
   (slow); it is here for accelerators.
+- `grouped`: assignments sorted by expert, each expert's run padded up to whole
+  blocks of `block` rows (`assign_blocks`) in one `[blocks, block, hidden]`
+  buffer; each projection is a `jax.lax.scan` over the blocks of plain 2-D GEMMs
+  against that block's expert's weights (`grouped_matmul`: weights indexed in
+  place; its own backward keeps no per-block weight copy). Dropless. It computes
+  `tokens * k` routed rows plus at most `block - 1` padding rows per used expert
+  (`grouped_num_blocks` blocks, a static count that fits every routing; the
+  unused trailing blocks are zero rows and still computed): about
+  `k / num_experts` of `dense`'s FLOPs. `block` is 128, or the smallest power of
+  two >= `tokens * k / experts` when that is smaller, so decoding one token
+  computes only its k experts' rows. On CPU it is the fast dropless dispatch.
+- `auto` (the config default): resolved per call by `resolve_dispatch`: `capacity`
+  when training with a capacity factor; otherwise (dropless: `capacity_factor=None`
+  or `inference=True`) `grouped` on CPU, `ragged` on GPU/TPU, and `grouped` on
+  any backend when the experts run in fp8 (`ragged` has no fp8 path). The GPU/TPU
+  choice is not measured here: TPU lowers `ragged_dot` to a grouped GEMM; XLA:GPU
+  uses cuDNN's grouped GEMM where it supports the shape and otherwise the same
+  zero-padded dense dot as CPU (openxla/xla PRs 45995-46002 describe that default).
 
 Expert parallelism: when the layer is traced under `jax.set_mesh(mesh)` and the
 mesh has an `expert` axis larger than 1, the routed experts run through
@@ -41,7 +59,7 @@ from ..parallel.expert import (
     gather_buffers as gather_buffers,
     use_expert_parallel,
 )
-from .fp8 import fp8_batched_matmul
+from .fp8 import fp8_batched_matmul, fp8_matmul
 from .mlp import MLP
 
 
@@ -224,7 +242,191 @@ def dispatch_ragged(
     return y, jnp.zeros((), jnp.float32)
 
 
-DISPATCHES = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged}
+GROUPED_BLOCK_SIZE = 128
+"""Default rows per block of the `grouped` dispatch (128 and 256 ran alike at the
+Mixtral shape on the 2-core CPU, measured under load; 512 was slower; the smaller
+pads less)."""
+
+
+def grouped_block_size(assignments: int, num_experts: int, block_size: int = GROUPED_BLOCK_SIZE) -> int:
+    """Rows per block: `block_size`, or the smallest power of two >= `assignments / num_experts`
+    when that is smaller (few tokens: decoding one token gets blocks of one row)."""
+    per_expert = -(-assignments // num_experts)
+    return min(block_size, 1 << max(per_expert - 1, 0).bit_length())
+
+
+def grouped_num_blocks(assignments: int, num_experts: int, block: int) -> int:
+    """Blocks that hold any routing of `assignments` rows: each of the at most
+    `min(num_experts, assignments)` used experts pads its run by at most `block - 1` rows."""
+    return (assignments + min(num_experts, assignments) * (block - 1)) // block
+
+
+class Blocks(NamedTuple):
+    """Assignments sorted by expert into `[blocks * block]` rows, each expert's run
+    padded to whole blocks; every block belongs to one expert.
+
+    `source[r]` is the token that fills row `r` (`tokens` = padding row),
+    `row[t, j]` the row of token `t`'s j-th choice, `expert[b]` block `b`'s expert
+    (trailing unused blocks, all padding, get the last expert).
+    """
+
+    source: Int[Array, " rows"]
+    row: Int[Array, "tokens k"]
+    expert: Int[Array, " blocks"]
+
+
+def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int) -> Blocks:
+    """Place every assignment in its expert's run of blocks (one sort, no one-hots); drops nothing."""
+    tokens, k = indices.shape
+    n = tokens * k
+    num_blocks = grouped_num_blocks(n, num_experts, block)
+    expert = indices.reshape(n)
+    order = jnp.argsort(expert).astype(jnp.int32)  # any order within an expert will do
+    expert_sorted = expert[order]
+    counts = jnp.zeros((num_experts,), jnp.int32).at[expert].add(1)
+    padded = (counts + block - 1) // block * block
+    padded_ends = jnp.cumsum(padded)
+    rank = jnp.arange(n, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[expert_sorted]
+    row_sorted = (padded_ends - padded)[expert_sorted] + rank
+    row = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted)
+    source = jnp.full((num_blocks * block,), tokens, jnp.int32).at[row_sorted].set(order // k)
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+    block_expert = jnp.searchsorted(padded_ends, starts, side="right").astype(jnp.int32)
+    return Blocks(source, row.reshape(tokens, k), jnp.minimum(block_expert, num_experts - 1))
+
+
+@jax.custom_vjp
+def grouped_matmul(
+    x: Float[Array, "blocks block d_in"],
+    w: Float[Array, "experts d_in d_out"],
+    block_expert: Int[Array, " blocks"],
+) -> Float[Array, "blocks block d_out"]:
+    """`x[b] @ w[block_expert[b]]` for every block: a `jax.lax.scan` of 2-D GEMMs.
+
+    Its own backward (a second scan: `dx[b] = dy[b] @ w[e]^T`, `dw[e] += x[b]^T @ dy[b]`
+    in place, accumulated in fp32) keeps only `x` and `w` for the backward pass;
+    plain autodiff of the scan would save every block's `[d_in, d_out]` weight
+    slice (`blocks` weight copies).
+    """
+    def one_block(carry, inputs):
+        rows, e = inputs  # (block, d_in), its expert
+        return carry, rows @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+    return jax.lax.scan(one_block, None, (x, block_expert))[1]
+
+
+def _grouped_matmul_forward(x, w, block_expert):
+    return grouped_matmul(x, w, block_expert), (x, w, block_expert)
+
+
+def _grouped_matmul_backward(residuals, dy):
+    x, w, block_expert = residuals
+
+    def one_block(dw, inputs):
+        rows, grad, e = inputs  # (block, d_in), (block, d_out), its expert
+        dx = grad @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T
+        update = jnp.matmul(rows.T, grad, preferred_element_type=jnp.float32)  # (d_in, d_out)
+        dw_e = jax.lax.dynamic_index_in_dim(dw, e) + update[None]
+        return jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0), dx
+
+    # Every block of an expert adds to its gradient: sum in fp32, round once.
+    dw, dx = jax.lax.scan(one_block, jnp.zeros(w.shape, jnp.float32), (x, dy.astype(x.dtype), block_expert))
+    return dx, dw.astype(w.dtype), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
+
+
+def grouped_ffn(
+    blocks: Float[Array, "blocks block hidden"],
+    block_expert: Int[Array, " blocks"],
+    gate: Float[Array, "experts hidden ffn"],
+    up: Float[Array, "experts hidden ffn"],
+    down: Float[Array, "experts ffn hidden"],
+    fp8: Fp8Spec | None = None,
+) -> Float[Array, "blocks block hidden"]:
+    """Each block's rows through its expert's SwiGLU MLP: three `grouped_matmul`s
+    (XLA:CPU runs these 2-D GEMMs faster than one batched einsum over experts, and
+    far faster than gathering a weight copy per block).
+
+    With `fp8` set the GEMMs run in fp8 instead: one scan over blocks of `fp8_matmul`
+    (scales per block), differentiated through `fp8_matmul`'s own backward.
+    """
+    dt = blocks.dtype
+    gate, up, down = gate.astype(dt), up.astype(dt), down.astype(dt)
+    with jax.named_scope("moe_experts"):
+        if fp8 is None:
+            h = jax.nn.silu(grouped_matmul(blocks, gate, block_expert)) * grouped_matmul(blocks, up, block_expert)
+            return grouped_matmul(h, down, block_expert)
+        matmul = functools.partial(fp8_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
+
+        def one_block(carry, inputs):
+            rows, e = inputs  # (block, D), its expert
+            weight = functools.partial(jax.lax.dynamic_index_in_dim, index=e, keepdims=False)
+            h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
+            return carry, matmul(h, weight(down))  # (block, D)
+
+        return jax.lax.scan(one_block, None, (blocks, block_expert))[1]
+
+
+def dispatch_grouped(
+    x: Float[Array, "tokens hidden"],
+    experts: Experts,
+    routing: Routing,
+    *,
+    block_size: int = GROUPED_BLOCK_SIZE,
+    fp8: Fp8Spec | None = None,
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+    """Assignments sorted by expert into blocks, block-sparse grouped GEMM (`grouped_ffn`).
+
+    Arguments:
+        block_size: largest rows per block (see `grouped_block_size`).
+        fp8: run the expert GEMMs in fp8.
+
+    Dropless. Returns the output and the dropped fraction (always 0).
+    """
+    tokens, k = routing.indices.shape
+    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
+    layout = assign_blocks(routing.indices, experts.num_experts, block)
+    rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0)  # (blocks*block, D)
+    rows = rows.reshape(-1, block, x.shape[-1])  # (blocks, block, D)
+    out = grouped_ffn(rows, layout.expert, experts.gate, experts.up, experts.down, fp8)
+    picked = jnp.take(out.reshape(-1, x.shape[-1]), layout.row, axis=0)  # (T, k, D)
+    y = jnp.einsum("tkd,tk->td", picked, routing.weights.astype(x.dtype))
+    return y, jnp.zeros((), jnp.float32)
+
+
+DISPATCHES = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged,
+              "grouped": dispatch_grouped}
+DISPATCH_CHOICES = (*DISPATCHES, "auto")
+
+
+def resolve_dispatch(
+    dispatch: str,
+    capacity_factor: float | None,
+    *,
+    inference: bool = False,
+    use_fp8: bool = False,
+    backend: str | None = None,
+) -> str:
+    """The dispatch a layer runs: `dispatch` itself, or for `"auto"` the fastest correct one.
+
+    `auto`: `capacity` when training with a capacity factor (the factor is asked for:
+    bounded buffers, drops); dropless otherwise (`capacity_factor=None` or
+    `inference=True`): `grouped` on CPU, `ragged` on GPU/TPU, `grouped` on any
+    backend with `use_fp8` (`ragged` has no fp8 path).
+
+    Arguments:
+        backend: `"cpu"`, `"gpu"`, `"tpu"`, ...; default `jax.default_backend()`.
+    """
+    if dispatch != "auto":
+        return dispatch
+    if capacity_factor is not None and not inference:
+        return "capacity"
+    backend = jax.default_backend() if backend is None else backend
+    if use_fp8 or backend == "cpu":
+        return "grouped"
+    return "ragged"
 
 
 class MoE(eqx.Module):
@@ -235,11 +437,14 @@ class MoE(eqx.Module):
     `dropped_fraction`; the model averages them over layers and the training
     loss weights them with the config's coefficients.
 
-    `capacity_factor` applies to the `capacity` dispatch in training only;
-    `inference=True` always routes dropless. `use_fp8` runs the routed experts'
-    GEMMs in fp8 (`fp8_batched_matmul`) in the `capacity` dispatch and the
-    expert-parallel path, and the shared experts' linears in fp8; the `dense`
-    oracle and `ragged` (no fp8 grouped GEMM) stay in the compute dtype.
+    `dispatch` is one of `DISPATCH_CHOICES`; `"auto"` is resolved at trace time
+    by `resolve_dispatch` (so one layer can train with `capacity` and decode with
+    `grouped`). `capacity_factor` applies to the `capacity` dispatch in training
+    only; `inference=True` always routes dropless. `use_fp8` runs the routed
+    experts' GEMMs in fp8 (`fp8_batched_matmul`, `fp8_matmul`) in the `capacity`
+    and `grouped` dispatches and the expert-parallel path, and the shared experts'
+    linears in fp8; the `dense` oracle and `ragged` (no fp8 grouped GEMM) stay in
+    the compute dtype.
     """
 
     router: Float[Array, "hidden experts"]
@@ -258,7 +463,7 @@ class MoE(eqx.Module):
     fp8_block_size: int = eqx.field(static=True)
 
     def __init__(self, hidden_size: int, ffn_dim: int, num_experts: int, top_k: int, *,
-                 router_type: str = "softmax", renormalize: bool = True, dispatch: str = "dense",
+                 router_type: str = "softmax", renormalize: bool = True, dispatch: str = "auto",
                  capacity_factor: float | None = None, jitter: float = 0.0, num_shared_experts: int = 0,
                  aux_free_bias: bool = False, use_fp8: bool = False, fp8_scaling: str = "tensor",
                  fp8_block_size: int = 128, init_std: float = 0.02, out_init_std: float | None = None,
@@ -290,8 +495,8 @@ class MoE(eqx.Module):
     def __check_init__(self):
         if self.top_k > self.num_experts:
             raise ValueError(f"MoE: top_k={self.top_k} exceeds num_experts={self.num_experts}.")
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"MoE: unknown dispatch {self.dispatch!r}; choose one of {sorted(DISPATCHES)}.")
+        if self.dispatch not in DISPATCH_CHOICES:
+            raise ValueError(f"MoE: unknown dispatch {self.dispatch!r}; choose one of {sorted(DISPATCH_CHOICES)}.")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"MoE: capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}.")
 
@@ -314,18 +519,22 @@ class MoE(eqx.Module):
     ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
         """The routed experts' output and dropped fraction, by this layer's dispatch,
         or expert-parallel when the current mesh has an `expert` axis > 1."""
-        # `dense` and `ragged` promise no drops, so they never get a finite capacity.
-        factor = self.capacity_factor if self.dispatch == "capacity" and not inference else None
+        dispatch = resolve_dispatch(self.dispatch, self.capacity_factor, inference=inference,
+                                    use_fp8=self.use_fp8)
+        # `dense`, `ragged` and `grouped` promise no drops, so they never get a finite capacity.
+        factor = self.capacity_factor if dispatch == "capacity" and not inference else None
         if use_expert_parallel(x.shape[0]):
             e = self.experts
             return expert_parallel_dispatch(
                 x, routing.indices, routing.weights, e.gate, e.up, e.down,
                 ffn=functools.partial(expert_ffn, fp8=self.fp8), capacity_factor=factor,
             )
-        if self.dispatch == "capacity":
+        if dispatch == "capacity":
             capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, factor)
             return dispatch_capacity(x, self.experts, routing, capacity=capacity, fp8=self.fp8)
-        return DISPATCHES[self.dispatch](x, self.experts, routing)
+        if dispatch == "grouped":
+            return dispatch_grouped(x, self.experts, routing, fp8=self.fp8)
+        return DISPATCHES[dispatch](x, self.experts, routing)
 
     def __call__(
         self, x: Float[Array, "*batch hidden"], *, key: PRNGKeyArray | None = None, inference: bool = False

@@ -38,7 +38,7 @@ itself (correct; the expert weights are gathered, so slower).
 
 Dropless (`capacity_factor=None`) buffers hold `local_tokens` rows per expert:
 `num_experts` times the tokens cross the network. Training uses a capacity
-factor; inference and the dropless dispatches (`dense`, `ragged`) use None.
+factor; inference and the dropless dispatches (`dense`, `ragged`, `grouped`) use None.
 """
 
 import math
