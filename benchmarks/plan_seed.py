@@ -23,7 +23,7 @@ from vishwam.config import TrainConfig  # noqa: E402
 from vishwam.plan import plan, search_plans, tpu_devices  # noqa: E402
 
 GIB = 2**30
-# (topology, the mesh checked first, chips per row of batch)
+# (topology, the mesh compiled first); `--search` then ranks meshes x remat x accum.
 TOPOLOGIES = (("v5p:4x4x4", {"fsdp": 8, "expert": 8}), ("v5p:4x4x8", {"fsdp": 16, "expert": 8}),
               ("v6e:8x8", {"fsdp": 8, "expert": 8}))
 
@@ -62,7 +62,7 @@ def main():
         print(row(plans[0]), flush=True)
         if not args.no_search:
             for p in search_plans(config, train, topology, compile_top=args.compile_top, devices=devices):
-                if p.compiled:
+                if p.compiled or p.error:  # what was compiled, and what failed to
                     print(row(p), flush=True)
                     plans.append(p)
         if args.json:

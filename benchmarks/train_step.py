@@ -15,8 +15,8 @@ Variants (fp32, one device, random tokens, every token in the loss, no packing):
   batch 16) with one dense MLP per layer / with its 4 experts, top-2, capacity 1.25.
 - `ref-full-logits` / `small-moe-full-logits`: as `ref` / `small-moe` with
   `loss_chunk_size=None`: the LM head writes all `[batch, seq, vocab]` fp32 logits
-  before the loss, instead of the default fused head + cross-entropy over chunks
-  of 512 positions. `--memory` also prints the compiled step's temporaries of both.
+  before the loss, instead of the fused head + cross-entropy over chunks of
+  `--chunk` positions (default `TrainConfig.loss_chunk_size`). `--memory` also prints the compiled step's temporaries of both.
 
 MFU = model FLOPs per second / best fp32 matmul FLOP/s over two large shapes,
 measured in every repetition next to the steps (median over repetitions). Model
@@ -72,7 +72,11 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
 
 
 # --------------------------------------------------------------- vishwam step
-def vishwam_variant(model_config: ModelConfig, batch: int, seq: int, accum: int, chunk: int | None = 512):
+LOSS_CHUNK = {"size": TrainConfig().loss_chunk_size}  # --chunk sets it
+
+
+def vishwam_variant(model_config: ModelConfig, batch: int, seq: int, accum: int, chunk: int | None = -1):
+    chunk = LOSS_CHUNK["size"] if chunk == -1 else chunk
     train_config = TrainConfig(batch_size=batch, seq_len=seq, accum_steps=accum, warmup_steps=10,
                                total_steps=1000, loss_chunk_size=chunk)
     model = eqx.filter_jit(VishwamAI)(model_config, key=jax.random.key(0))
@@ -174,9 +178,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--chunk", type=int, default=LOSS_CHUNK["size"],
+                        help="positions per chunk of the fused head+CE (default: TrainConfig's)")
     parser.add_argument("--memory", action="store_true",
                         help="also print the compiled step's temporaries, fused-chunked vs full-logits loss")
     args = parser.parse_args()
+    LOSS_CHUNK["size"] = args.chunk
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -222,7 +229,7 @@ def main():
             print(f"{fused}: fused chunked head+CE is {median[full] / median[fused]:.2f}x the full-logits step")
     if args.memory:
         for label, config, batch, seq in (("ref", REF, 8, 512), ("small-moe", SMALL, 16, 256)):
-            fused, full = (step_temporaries(config, batch, seq, chunk) for chunk in (512, None))
+            fused, full = (step_temporaries(config, batch, seq, chunk) for chunk in (args.chunk, None))
             print(f"{label}: compiled step temporaries {fused / 2**20:.1f} MiB fused-chunked vs "
                   f"{full / 2**20:.1f} MiB full logits ({fused / full:.2f}x)")
 

@@ -233,8 +233,13 @@ def test_expert_weights_split_over_expert_axis(name, meshes, model_config, fresh
         assert set(per_device_bytes(weight).values()) == {weight.nbytes // (ep * tp)}
     total = sum(per_device_bytes(experts).values())
     assert total == sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(experts)) * 8 // (ep * tp)
-    if tp > 1:
-        assert state.model.stages[0].blocks[0].attn.q_proj.weight.sharding.spec == P(None, None, "tensor")
+    # Dense weights: hidden dim over fsdp and expert together (ZeRO-3 over every batch axis but
+    # data), heads over tensor; each device holds 1/(fsdp*ep*tp) of them.
+    q = state.model.stages[0].blocks[0].attn.q_proj.weight
+    zero = tuple(axis for axis in ("fsdp", "expert") if mesh.shape[axis] > 1)
+    hidden = None if not zero else zero[0] if len(zero) == 1 else zero
+    assert q.sharding.spec == P(None, hidden, *(("tensor",) if tp > 1 else ()))
+    assert set(per_device_bytes(q).values()) == {q.nbytes // (mesh.shape["fsdp"] * ep * tp)}
 
 
 @pytest.mark.parametrize("name", sorted(MESHES))

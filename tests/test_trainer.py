@@ -468,5 +468,7 @@ def test_profile_window_memory_tracking_and_report(workspace, tmp_path, capsys):
 def test_bad_profile_values_are_one_error_line(workspace, tmp_path, capsys, window, words):
     assert _script("train").main(_cli_args(workspace, tmp_path / "bad", "--profile", window)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[0]] and err[0].startswith(f"error: --profile {window!r}: ") and words in err[0], err
+    # one error line and the scripts' hint line (vishwam.cli), no traceback
+    assert len(err) == 2 and err[0].startswith(f"error: --profile {window!r}: ") and words in err[0], err
+    assert err[1].startswith("hint: "), err
     assert not (tmp_path / "bad" / "metrics.duckdb").exists()

@@ -207,6 +207,8 @@ class TextFiles(Source):
         decoder = codecs.getincrementaldecoder(self.encoding)("strict" if strict else "surrogateescape")
         carry, fed = "", 0
         with open(path, "rb") as f:
+            _refuse_binary(f.read(8192), path)  # the same check as `read()`, on the file's head
+            f.seek(0)
             while True:
                 block = f.read(max(block_bytes, 1 << 16))
                 pending = len(decoder.getstate()[0])

@@ -10,7 +10,9 @@ extra leading dims are left unsharded. Optax states mirror the parameters
 
 Per axis:
 - `fsdp`: the hidden (model) dim of every large weight (ZeRO-3 style: gathered
-  for use, gradients reduce-scattered, by the compiler).
+  for use, gradients reduce-scattered, by the compiler); for the weights every
+  token uses (attention, dense MLPs, embedding, head) together with `expert`,
+  which is one more data-parallel axis outside the MoE layers.
 - `tensor`: attention heads (q/k/v output dims, o input dim), the ffn dim of
   MLPs and experts, the vocabulary.
 - `expert`: the experts axis of the stacked expert weights (expert parallelism).
@@ -49,18 +51,23 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .mesh import axis_size, check_experts_divisible
 
-Rule = tuple[str, tuple[str | None, ...]]
+Rule = tuple[str, tuple[str | tuple[str, ...] | None, ...]]
+
+ZERO = ("fsdp", "expert")
+"""Axes the dense weights are split over (a logical entry may name several mesh axes)."""
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|\.)experts\.(gate|up)$", ("expert", "fsdp", "tensor")),  # [E, D, F]
     (r"(^|\.)experts\.down$", ("expert", "tensor", "fsdp")),  # [E, F, D]
     # The router ([D, E]) and the selection bias are tiny and read by every token.
     (r"(^|\.)(router|selection_bias)$", ()),
-    (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("fsdp", "tensor")),  # [D, H*hd] / [D, F]
+    # Weights every token uses are split over `fsdp` and `expert` together: outside the MoE
+    # layers the expert axis is data parallelism, so ZeRO-3 spans both.
+    (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", (ZERO, "tensor")),  # [D, H*hd] / [D, F]
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
-    (r"(^|\.)(o_proj|down_proj)\.weight$", ("tensor", "fsdp")),  # [H*hd, D] / [F, D]
-    (r"(^|\.)embed$", ("tensor", "fsdp")),  # [V, D]
-    (r"(^|\.)lm_head\.weight$", ("fsdp", "tensor")),  # [D, V]
+    (r"(^|\.)(o_proj|down_proj)\.weight$", ("tensor", ZERO)),  # [H*hd, D] / [F, D]
+    (r"(^|\.)embed$", ("tensor", ZERO)),  # [V, D]
+    (r"(^|\.)lm_head\.weight$", (ZERO, "tensor")),  # [D, V]
 )
 """Rules for `VishwamAI` (norm scales and biases not listed are replicated)."""
 
@@ -96,6 +103,9 @@ def partition_spec(path: str, shape: Sequence[int], mesh, rules: Sequence[Rule] 
     names = (None,) * (len(shape) - len(logical)) + tuple(logical)
     spec = []
     for dim, axis in zip(shape, names):
+        if isinstance(axis, tuple):
+            spec.append(_split_over(dim, axis, mesh))
+            continue
         size = axis_size(mesh, axis) if axis is not None else 1
         if axis == "expert" and size > 1:
             check_experts_divisible(dim, mesh)
@@ -103,6 +113,14 @@ def partition_spec(path: str, shape: Sequence[int], mesh, rules: Sequence[Rule] 
     while spec and spec[-1] is None:
         spec.pop()
     return P(*spec)
+
+
+def _split_over(dim: int, axes: tuple[str, ...], mesh) -> str | tuple[str, ...] | None:
+    """The spec entry splitting `dim` over as many of `axes` (in order, sizes > 1) as divide it."""
+    used = [axis for axis in axes if axis_size(mesh, axis) > 1]
+    while used and dim % math.prod(axis_size(mesh, axis) for axis in used):
+        used.pop()
+    return None if not used else used[0] if len(used) == 1 else tuple(used)
 
 
 def tree_specs(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
