@@ -19,6 +19,7 @@ The trainer takes its FLOPs, peak table and sharded init from here.
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -332,6 +333,7 @@ def _per_chip_state_bytes(state) -> int:
     return total
 
 
+@functools.cache  # a search asks once per candidate; the config is frozen (hashable)
 def _weight_counts(model_config: ModelConfig) -> tuple[int, int]:
     """(dense parameters, routed-expert parameters) of the model."""
     abstract = eqx.filter_eval_shape(VishwamAI, model_config, key=jax.random.key(0))

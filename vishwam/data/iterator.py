@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from vishwam.data.handoff import put_unless_stopped
 from vishwam.data.packing import Batch, PackedRows
 
 
@@ -223,14 +224,7 @@ class DataIterator:
 
 def _produce(schedule: _Schedule, position: int, stop: threading.Event, buffer: queue.Queue):
     def put(item) -> bool:
-        # Polls `stop` so close() never waits on a full queue.
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
+        return put_unless_stopped(buffer, item, stop)
 
     try:
         while not stop.is_set():

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from vishwam.data.handoff import put_unless_stopped
 from vishwam.data.sources import Source, SourceText, as_source
 
 
@@ -354,14 +355,7 @@ def _read_ahead(pieces: Iterator[SourceText], depth: int = 1) -> Iterator[Source
     done = object()
 
     def put(item) -> bool:
-        # Polls `stop`, so a consumer that gave up never leaves this thread blocked.
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
+        return put_unless_stopped(buffer, item, stop)
 
     def produce():
         try:
