@@ -108,7 +108,9 @@ def test_two_processes_train_like_one_and_survive_sigkill_and_sigterm(workspace)
         cwd=ws, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # 1. Process 1 is killed right after its step-4 checkpoint save starts.
     code, log = _finish(_launch(ws, "two", KILL_PROCESS=1, KILL_ON="checkpoint", KILL_AT=4, KILL_SIGNAL="SIGKILL"))
-    assert code == 128 + signal.SIGKILL, log
+    # The worst exit code: the killed process's 137, or 143 when the launcher's SIGTERM reached
+    # the survivor before its collective with the dead peer failed (a race; both seen here).
+    assert code in (128 + signal.SIGKILL, 128 + signal.SIGTERM), log
     assert "launch: process [1" in log, log  # process 1 failed first (or with process 0 in the same poll)
     ref_code, ref_log = _finish(reference)
     assert ref_code == 0, ref_log
