@@ -64,10 +64,9 @@ def _model_config(args):
     if args.config is not None:
         if not args.config.is_file():
             raise FileNotFoundError(f"--config {args.config}: no such file")
-        try:
-            data = json.loads(args.config.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--config {args.config} is not valid JSON ({error}).") from None
+        from vishwam.files import read_json_object
+
+        data = read_json_object(args.config, what="--config")
         return ModelConfig.from_dict(data.get("model", data))
     return ModelConfig.preset(args.preset or "seed")
 

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from vishwam.cli import add_debug_flag, run_script
+from vishwam.files import read_json_object
 
 DEFAULT_PRESET = "small"
 # The main job: sized for a few minutes on a 2-core CPU with the loss clearly falling.
@@ -206,7 +207,7 @@ def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
 
     saved = run_dir / "config.json"
     if args.config is not None:
-        data = _read_json(args.config, "--config")
+        data = read_json_object(args.config, what="--config")
         sectioned = "model" in data or "train" in data
         model = data.get("model", {}) if sectioned else data
         train = data.get("train", {}) if sectioned else {}
@@ -214,7 +215,7 @@ def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
             raise ValueError(f"--config {args.config}: the 'model' and 'train' sections must be JSON objects.")
         return dict(model), dict(train), str(args.config)
     if saved.exists() and not args.new and not args.preset:
-        data = _read_json(saved, "the run's")
+        data = read_json_object(saved, what="the run's")
         if not isinstance(data.get("model"), dict) or not isinstance(data.get("train"), dict):
             raise ValueError(f"{saved} has no 'model' and 'train' sections; it was not written by the trainer "
                              "(start over with --new, or choose another --run-dir).")
@@ -223,16 +224,6 @@ def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}.")
     return dict(PRESETS[preset]), {}, f"preset {preset!r}"
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} {path} is not valid JSON ({error}).") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}.")
-    return data
 
 
 def _saved_source(run_dir: Path):

@@ -1,4 +1,5 @@
-"""Crash-safe writes: a file or a whole directory appears complete or not at all.
+"""Crash-safe writes (a file or a whole directory appears complete or not at all), and
+the one reader of JSON-object files (configs) with errors that name the file.
 
 Every file and directory the library publishes (configs, tokenizers, safetensors,
 pipelines, HF exports) goes through these three functions:
@@ -21,6 +22,7 @@ under the destination's own name.
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import sys
@@ -140,3 +142,16 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def read_json_object(path: Path, *, what: str | None = None, fix: str | None = None) -> dict:
+    """The JSON object in the file at `path`; `ValueError` naming the file (after `what`, e.g.
+    "--config") and the `fix` when it is not valid UTF-8 JSON or holds something else."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{name} is not valid JSON ({error}){'; ' + fix if fix else ''}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must hold a JSON object, got {type(value).__name__}.")
+    return value

@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import ModelConfig
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, read_json_object
 from .model import VishwamAI
 from .parallel.sharding import path_string
 
@@ -443,13 +443,7 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"load_hf_checkpoint: {path} not found; an HF checkpoint directory has a config.json.")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}.") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(hf).__name__}.")
-    return hf
+    return read_json_object(path)
 
 
 # ------------------------------------------------------------------------- load
@@ -728,15 +722,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 def _generation_config(folder: Path) -> dict[str, Any]:
     path = folder / GENERATION_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}.")
-    return value
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _stop_ids(value: Any) -> list[int]:

@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import sentencepiece as spm
 
-from .files import atomic_directory, atomic_write_bytes
+from .files import atomic_directory, atomic_write_bytes, read_json_object
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _SPECIAL_NAMES = ("pad", "unk", "bos", "eos")  # index == fixed id
@@ -1036,12 +1036,5 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-save it with save_pretrained.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}.")
-    return value
+    """A tokenizer's optional JSON file: `{}` when absent."""
+    return read_json_object(path, fix="re-save it with save_pretrained") if path.is_file() else {}
