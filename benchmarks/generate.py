@@ -52,7 +52,7 @@ def interleaved_steps(model, prompt, new: int, early: int, late: int, pairs: int
     sampling = dict(greedy=True, top_k=None, use_top_p=False)
     token, cache = _stream_first(model, dynamic["prompt"], dynamic["lengths"], dynamic["temperature"],
                                  dynamic["top_p"], dynamic["key"], cache_len=prompt.shape[1] + new - 1, **sampling)
-    fixed = (model, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    fixed = (model, model.decode_layers(), dynamic["temperature"], dynamic["top_p"], dynamic["key"])
     times = {early: [], late: []}
     for _ in range(pairs + 2):  # the first pair compiles and warms up
         for position in (early, late):

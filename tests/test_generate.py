@@ -15,6 +15,10 @@ CONFIGS = {
     # Mistral's sliding window: the dense model's weights, each token sees the 8 before it and itself
     # (2 layers reach back 14 positions: the first-token check below still sees a change).
     "window": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1, sliding_window=8),
+    # Cached attention in blocks of 4 of the 13 cache slots (the last block moved back to end at
+    # slot 12) with a window of 5: decode steps start past block 0 and skip the blocks after a row.
+    "window_blocks": ModelConfig.preset("tiny", init_std=0.1, sliding_window=5,
+                                        attention_block_size=4),
 }
 NEW = 8
 LENGTHS = np.array([6, 3, 3], np.int32)  # rows 1 and 2 share a width alone: one compile less
@@ -65,8 +69,10 @@ def test_step_logits_equal_full_forward(models, greedy, prompts, name):
     full = forward(model, tokens)
     for i, n in enumerate(LENGTHS):
         np.testing.assert_allclose(logits[i], full[i, n - 1:n - 1 + NEW], atol=1e-5, rtol=0)
-        # The oracle is sensitive: changing the first token moves the last logits by far more than 1e-5.
-        changed = tokens.at[i, 0].set((tokens[i, 0] + 1) % 256)
+        # The oracle is sensitive: changing the first token (with a window of 5: one the last
+        # logits can still see) moves the last logits by far more than 1e-5.
+        probe = n + NEW - 6 if name == "window_blocks" else 0
+        changed = tokens.at[i, probe].set((tokens[i, probe] + 1) % 256)
         moved = jnp.abs(forward(model, changed)[i, n - 2 + NEW] - full[i, n - 2 + NEW]).max()
         assert moved > 1e-3
 
@@ -80,6 +86,28 @@ def test_greedy_with_cache_equals_recompute(models, greedy, prompts, name):
     np.testing.assert_array_equal(cached_tokens, ref_tokens)
     np.testing.assert_array_equal(cached_lengths, ref_lengths)
     np.testing.assert_allclose(cached_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_decode_over_split_layers_equals_the_scan_over_stacked_weights(models, prompts):
+    """`generate` decodes over `decode_layers()` on CPU; the scan path (other backends) must agree."""
+    tokens, lengths = prompts
+    for name in ("dense", "moe"):
+        model = models[name]
+        cache = model.init_cache(3, 10)
+        positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (3, 6))
+        _, cache = eqx.filter_jit(lambda m, t, p, c: m.decode(t, p, c))(model, jnp.asarray(tokens), positions, cache)
+        step = eqx.filter_jit(lambda m, t, p, c, layers: m.decode(t, p, c, layers))
+        args = (jnp.asarray(tokens[:, :1]), jnp.asarray(lengths)[:, None], cache)
+        scanned, split = step(model, *args, None), step(model, *args, model.decode_layers())
+        _assert_trees_close(split, scanned)
+        # The new keys went into each row's own slot and nowhere else.
+        changed = np.any(np.asarray(split[1].k != cache.k), axis=(0, 2, 4))  # (batch, slots)
+        np.testing.assert_array_equal(changed, np.arange(10)[None, :] == np.asarray(lengths)[:, None])
+
+
+def _assert_trees_close(a, b):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5, rtol=0)
 
 
 def test_window_changes_what_decoding_sees(greedy):

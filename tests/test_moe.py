@@ -16,12 +16,14 @@ from vishwam.nn.moe import (
     dispatch_dense,
     dispatch_grouped,
     dispatch_ragged,
+    dispatch_split,
     expert_capacity,
     grouped_block_size,
     grouped_num_blocks,
     load_balancing_loss,
     resolve_dispatch,
     route,
+    split_experts,
 )
 
 T, D, F, E, K = 48, 16, 24, 8, 2
@@ -153,6 +155,45 @@ def test_grouped_equals_dense_values_and_grads_on_odd_shapes(layer):
         assert float(dropped) == 0.0, name
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-7, err_msg=name)
         _assert_trees_close(grads, grads_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_split_experts_equal_dense_values_and_grads_and_skip_unused_experts(layer, x):
+    """The decode dispatch over per-expert arrays: dense's values and gradients (those of the
+    split weights are the stacked ones' rows), for 48 tokens, empty experts and one token."""
+    rng = np.random.default_rng(5)
+    cases = [_routing(ROUTINGS[name](rng), seed=i) for i, name in enumerate(sorted(ROUTINGS))]
+    cases.append(_routing(np.array([[3, 0]]), seed=9))
+    inputs = [x] * len(ROUTINGS) + [x[:1]]
+    split = split_experts(layer.experts)
+
+    @jax.jit
+    def run(experts, split, weights):
+        return [(_values_and_grads(dispatch_dense, xi, experts, w, r.indices),
+                 _values_and_grads(dispatch_split, xi, split, w, r.indices))
+                for xi, w, r in zip(inputs, weights, cases, strict=True)]
+
+    for (y_ref, _, grads_ref), (y, dropped, grads) in run(layer.experts, split, [r.weights for r in cases]):
+        assert float(jnp.max(jnp.abs(y_ref))) > 1e-4 and float(dropped) == 0.0
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        dx, d_split, dw = grads
+        d_experts = tuple(jnp.stack(w) for w in (d_split.gate, d_split.up, d_split.down))
+        _assert_trees_close((dx, d_experts, dw), (grads_ref[0], (grads_ref[1].gate, grads_ref[1].up,
+                                                                  grads_ref[1].down), grads_ref[2]),
+                            rtol=1e-5, atol=1e-6)
+    # An expert nobody chose is never run: its weights may be anything.
+    poisoned = eqx.tree_at(lambda s: s.gate[5], split, jnp.full_like(split.gate[5], jnp.nan))
+    one = cases[-1]  # experts 3 and 0
+    y, _ = jax.jit(dispatch_split)(x[:1], poisoned, one)
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_split_experts_refuse_training_and_large_token_counts(layer, x):
+    split_layer = eqx.tree_at(lambda m: m.experts, layer, split_experts(layer.experts))
+    np.testing.assert_allclose(split_layer(x, inference=True)[0], layer(x, inference=True)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="inference only"):
+        split_layer(x)
+    with pytest.raises(ValueError, match="SPLIT_MAX_TOKENS"):
+        dispatch_split(jnp.zeros((65, D)), split_layer.experts, _routing(np.zeros((65, K), np.int32)))
 
 
 def test_grouped_in_bfloat16_matches_dense_in_bfloat16(layer, x):

@@ -22,6 +22,7 @@ whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
 and of the `eos_id`s are traced, so changing them does not recompile (their number does).
 """
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import equinox as eqx
@@ -31,6 +32,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .model import KVCache, VishwamAI
+from .nn.moe import SPLIT_MAX_TOKENS
 
 _PromptLike = Int[Array, "batch prompt"] | Int[np.ndarray, "batch prompt"]
 _LengthsLike = Int[Array, " batch"] | Int[np.ndarray, " batch"]
@@ -158,6 +160,25 @@ def _is_eos(tokens, eos_ids):
     return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
 
 
+# ------------------------------------------------------------- per-layer weights
+_DECODE_LAYERS: list = []  # [(weakref to the model, its decode_layers())]: the last model only
+
+
+def _decode_layers(model: VishwamAI, batch: int):
+    """The model's `decode_layers()` for the decode steps on a single CPU device, or None
+    (other backends and sharded models scan over the stacked weights; so do batches
+    beyond `SPLIT_MAX_TOKENS`, where split experts would compute too many rows). Kept
+    for the last model seen, so repeated calls copy the weights once; released with it."""
+    if jax.default_backend() != "cpu" or batch > SPLIT_MAX_TOKENS or len(model.embed.devices()) > 1:
+        return None
+    if _DECODE_LAYERS and _DECODE_LAYERS[0][0]() is model:
+        return _DECODE_LAYERS[0][1]
+    _DECODE_LAYERS.clear()
+    layers = model.decode_layers()
+    _DECODE_LAYERS.append((weakref.ref(model, lambda _: _DECODE_LAYERS.clear()), layers))
+    return layers
+
+
 # ----------------------------------------------------------------------- the loop
 def _padded_buffer(prompt, lengths, total: int, pad_id: int):
     """`[batch, total]` output buffer: each prompt, then `pad_id` (over any padding of the input too)."""
@@ -212,14 +233,14 @@ def _loop(first_logits, next_logits, state, prompt, lengths, temperature, top_p,
 
 
 @eqx.filter_jit
-def _generate_cached(model: VishwamAI, prompt, lengths, temperature, top_p, eos_id, key, *, return_logits: bool,
-                     **static):
+def _generate_cached(model: VishwamAI, layers, prompt, lengths, temperature, top_p, eos_id, key, *,
+                     return_logits: bool, **static):
     total = prompt.shape[1] + static["max_new_tokens"]
     # The last generated token is never fed back, so the cache needs total - 1 slots.
     first_logits, cache = _prefill(model, prompt, lengths, total - 1)
 
     def next_logits(cache: KVCache, tokens, prev, positions):
-        logits, cache = model.decode(prev[:, None], positions[:, None], cache)
+        logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
         return logits[:, 0], cache
 
     return _loop(first_logits, next_logits, cache, prompt, lengths, temperature, top_p, eos_id, key,
@@ -283,7 +304,8 @@ def generate(
     """
     dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
                                eos_id, pad_id, "generate")
-    tokens, lengths, logits = _generate_cached(model, **dynamic, return_logits=return_logits, **static)
+    layers = _decode_layers(model, dynamic["prompt"].shape[0])
+    tokens, lengths, logits = _generate_cached(model, layers, **dynamic, return_logits=return_logits, **static)
     return (tokens, lengths, logits) if return_logits else (tokens, lengths)
 
 
@@ -324,8 +346,8 @@ def _stream_first(model: VishwamAI, prompt, lengths, temperature, top_p, key, *,
 # Everything after the first argument is donated: the cache is updated in place.
 @eqx.filter_jit(donate="all-except-first")
 def _stream_step(fixed, cache: KVCache, prev, positions, t, *, greedy: bool, top_k, use_top_p: bool):
-    model, temperature, top_p, key = fixed
-    logits, cache = model.decode(prev[:, None], positions[:, None], cache)
+    model, layers, temperature, top_p, key = fixed
+    logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
     tok = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p)
     return tok, cache
@@ -358,7 +380,7 @@ def generate_stream(
     cache_len = prompt.shape[1] + max_new_tokens - 1
     tok, cache = _stream_first(model, prompt, lengths, dynamic["temperature"], dynamic["top_p"], dynamic["key"],
                                cache_len=cache_len, **sampling)
-    fixed = (model, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    fixed = (model, _decode_layers(model, prompt.shape[0]), dynamic["temperature"], dynamic["top_p"], dynamic["key"])
     done = np.zeros(lengths.shape, bool)
     for t in range(max_new_tokens):
         if t > 0:

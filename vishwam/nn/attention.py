@@ -145,26 +145,90 @@ class TPUMultiHeadAttention(eqx.Module):
         self,
         x: Float[Array, "batch seq hidden"],
         positions: Int[Array, "batch seq"],
-        k_cache: Float[Array, "batch max_len kv_heads head_dim"],
-        v_cache: Float[Array, "batch max_len kv_heads head_dim"],
-    ) -> tuple[Float[Array, "batch seq hidden"], Float[Array, "batch max_len kv_heads head_dim"],
-               Float[Array, "batch max_len kv_heads head_dim"]]:
+        k_cache: Float[Array, "layers batch kv_heads max_len head_dim"],
+        v_cache: Float[Array, "layers batch kv_heads max_len head_dim"],
+        layer: Int[Array, ""] | int,
+    ) -> tuple[Float[Array, "batch seq hidden"], Float[Array, "layers batch kv_heads max_len head_dim"],
+               Float[Array, "layers batch kv_heads max_len head_dim"]]:
         """Attention with a KV cache (prefill when `seq > 1`, a decode step when `seq == 1`).
 
-        The new keys/values are written at `positions` (per row, so rows of a batch
-        may sit at different lengths), then each query attends to every cached slot
-        at or before its own position (and, with a sliding window, after its position
-        minus the window). Slots past a row's position hold stale or padding entries and
-        are masked out.
+        The caches hold every layer (this one is `layer`): the new keys/values are
+        written into them in place at `positions` (per row, so rows of a batch may sit
+        at different lengths), then each query attends to the cached slots at or
+        before its own position (and, with a sliding window, after its position minus
+        the window) through `cached_attention`, which reads only the blocks of the
+        cache that some row can see. Slots past a row's position hold stale or
+        padding entries and are masked out.
         """
         with jax.named_scope("attention"):
             q, k, v = self._project(x, positions)
             rows = jnp.arange(x.shape[0])[:, None]
-            k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-            slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-            visible = slots[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, L)
-            if self.sliding_window is not None:
-                visible = visible & (slots[None, None, None, :] > positions[:, None, :, None] - self.sliding_window)
-            out = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=visible)
+            # Advanced indices (layer, rows, positions) around the kv-heads slice: the
+            # update is laid out [batch, seq, kv_heads, head_dim], as k and v are.
+            k_cache = k_cache.at[layer, rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[layer, rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+            out = cached_attention(q, k_cache, v_cache, layer, positions, block=self.block_size,
+                                   window=self.sliding_window, sm_scale=1.0 / math.sqrt(self.head_dim))
+            b, t = q.shape[:2]
+            out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
             return out, k_cache, v_cache
+
+
+def cached_attention(
+    q: Float[Array, "batch seq heads head_dim"],
+    k_cache: Float[Array, "layers batch kv_heads max_len head_dim"],
+    v_cache: Float[Array, "layers batch kv_heads max_len head_dim"],
+    layer: Int[Array, ""] | int,
+    positions: Int[Array, "batch seq"],
+    *,
+    block: int,
+    sm_scale: float,
+    window: int | None = None,
+) -> Float[Array, "batch seq heads head_dim"]:
+    """Queries at `positions` against layer `layer` of a head-major KV cache, with an
+    online softmax over blocks of `block` cache slots.
+
+    The loop runs only over the blocks that hold a slot some query may see: from the
+    block of `min(positions) - window + 1` (or 0) to the block of `max(positions)`, a
+    bound computed at run time, so a decode step early in a long cache reads only the
+    filled part (the cost grows with the position, not with `max_len`). Each block is a
+    batched `[kv_heads] x (group * seq, block)` matmul read straight from the cache
+    (grouped-query heads share their key block). A block that would run past the end
+    is moved back to end at `max_len`, and its slots already counted are masked.
+    Every query sees at least its own slot, so no row is left empty.
+    """
+    b, t, h, d = q.shape
+    kv, max_len = k_cache.shape[2], k_cache.shape[3]
+    g = h // kv
+    block = min(block, max_len)
+    # Rows of a kv head's score matrix: its g query heads x the t queries.
+    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d).astype(k_cache.dtype)
+    query_pos = jnp.broadcast_to(positions[:, None, :], (b, g, t)).reshape(b, 1, g * t, 1)
+    lowest = 0 if window is None else jnp.maximum(jnp.min(positions) - window + 1, 0)
+    first, last = lowest // block, jnp.max(positions) // block + 1
+
+    def one_block(i, carry):
+        running_max, total, acc = carry
+        start = jnp.minimum(i * block, max_len - block)
+        key = jax.lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
+        value = jax.lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
+        scores = jnp.einsum("bkrd,bkld->bkrl", qg, key, preferred_element_type=jnp.float32) * sm_scale
+        slots = (start + jnp.arange(block, dtype=jnp.int32))[None, None, None, :]
+        visible = (slots >= i * block) & (slots <= query_pos)
+        if window is not None:
+            visible = visible & (slots > query_pos - window)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # a row with nothing visible yet
+        probs = jnp.exp(scores - safe_max[..., None])
+        rescale = jnp.exp(running_max - safe_max)
+        total = total * rescale + probs.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkrl,bkld->bkrd", probs.astype(value.dtype), value,
+                                                    preferred_element_type=jnp.float32)
+        return new_max, total, acc
+
+    init = (jnp.full((b, kv, g * t), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g * t), jnp.float32),
+            jnp.zeros((b, kv, g * t, d), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(first, last, one_block, init)
+    out = (acc / total[..., None]).reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, h, d).astype(q.dtype)

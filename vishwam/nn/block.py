@@ -92,9 +92,9 @@ class Block(eqx.Module):
         h, aux = self._feed_forward(x, key=k_route, inference=inference)
         return self._residual(x, h, k_mlp), aux
 
-    def decode(self, x, positions, k_cache, v_cache):
-        """One cached step (see `TPUMultiHeadAttention.decode`); inference mode, no aux."""
-        h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache)
+    def decode(self, x, positions, k_cache, v_cache, layer):
+        """One cached step of layer `layer` (see `TPUMultiHeadAttention.decode`); inference mode, no aux."""
+        h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, layer)
         x = x + h
         h, _ = self._feed_forward(x, key=None, inference=True)
         return x + h, k_cache, v_cache

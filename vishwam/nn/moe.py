@@ -147,6 +147,60 @@ class Experts(eqx.Module):
         return self.gate.shape[0]
 
 
+class SplitExperts(eqx.Module):
+    """The same experts, one array per expert and projection: for decoding on CPU.
+
+    XLA:CPU copies a slice `w[e]` of stacked weights before it can multiply by it, so
+    a decode step over `Experts` pays a weight copy per chosen expert and projection
+    (as costly as the matmul itself at a few rows). Separate arrays are read in place
+    by `dispatch_split`. Made by `split_experts`, outside any jit; inference only.
+    """
+
+    gate: tuple[Float[Array, "hidden ffn"], ...]
+    up: tuple[Float[Array, "hidden ffn"], ...]
+    down: tuple[Float[Array, "ffn hidden"], ...]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate)
+
+
+def split_experts(experts: Experts) -> SplitExperts:
+    """`experts` as `SplitExperts` (copies each expert's weights into arrays of their own)."""
+    split = lambda w: tuple(jnp.array(w[e]) for e in range(w.shape[0]))  # noqa: E731
+    return SplitExperts(split(experts.gate), split(experts.up), split(experts.down))
+
+
+SPLIT_MAX_TOKENS = 64
+"""Most tokens per call `dispatch_split` takes: it runs each used expert on every
+token (memory-bound, so nearly free, at decode batch sizes)."""
+
+
+def dispatch_split(
+    x: Float[Array, "tokens hidden"],
+    experts: SplitExperts,
+    routing: Routing,
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+    """Every expert that some token chose, on all tokens, weighted by each token's
+    combine weight for it (0 where it did not choose it); unchosen experts are
+    skipped at run time (`jax.lax.cond`), so decoding one token reads only its k
+    experts' weights. Dropless, equal to `dense`. For at most `SPLIT_MAX_TOKENS`
+    tokens (decode steps); returns the output and the dropped fraction (0)."""
+    tokens = x.shape[0]
+    if tokens > SPLIT_MAX_TOKENS:
+        raise ValueError(f"dispatch_split: {tokens} tokens exceed SPLIT_MAX_TOKENS={SPLIT_MAX_TOKENS}; it is "
+                         "meant for decode steps (use the stacked `Experts` and the grouped dispatch).")
+    combine = combine_matrix(routing, experts.num_experts).astype(x.dtype)  # (T, E), 0 where not chosen
+    y = jnp.zeros_like(x)
+    for e in range(experts.num_experts):
+        def run(y, e=e):
+            gate, up, down = (w[e].astype(x.dtype) for w in (experts.gate, experts.up, experts.down))
+            return y + combine[:, e:e + 1] * ((jax.nn.silu(x @ gate) * (x @ up)) @ down)
+
+        y = jax.lax.cond(jnp.any(combine[:, e] != 0), run, lambda y: y, y)
+    return y, jnp.zeros((), jnp.float32)
+
+
 class Fp8Spec(NamedTuple):
     """fp8 settings of the expert GEMMs (see `vishwam.nn.fp8`)."""
 
@@ -448,7 +502,7 @@ class MoE(eqx.Module):
     """
 
     router: Float[Array, "hidden experts"]
-    experts: Experts
+    experts: Experts | SplitExperts
     shared: MLP | None
     selection_bias: Float[Array, " experts"] | None
     num_experts: int = eqx.field(static=True)
@@ -521,6 +575,11 @@ class MoE(eqx.Module):
         or expert-parallel when the current mesh has an `expert` axis > 1."""
         dispatch = resolve_dispatch(self.dispatch, self.capacity_factor, inference=inference,
                                     use_fp8=self.use_fp8)
+        if isinstance(self.experts, SplitExperts):
+            if not inference:
+                raise ValueError("MoE: split experts (from `split_experts`) are for inference only; train the "
+                                 "model with its stacked `Experts`.")
+            return dispatch_split(x, self.experts, routing)
         # `dense`, `ragged` and `grouped` promise no drops, so they never get a finite capacity.
         factor = self.capacity_factor if dispatch == "capacity" and not inference else None
         if use_expert_parallel(x.shape[0]):
