@@ -128,8 +128,8 @@ def test_round_trip_random_mixed_script(tok):
 
 
 def test_plain_text_ids_equal_raw_sentencepiece(tok):
-    # What transformers' LlamaTokenizer (legacy=True) computes: sp's own ids. A literal
-    # U+2581 is the one exception (sp itself would decode it as a space).
+    # The default (prepend_scheme=None) is sp's own ids; a literal U+2581 is the one
+    # exception (sp itself would decode it as a space).
     sp = spm.SentencePieceProcessor(model_file=str(tok.model_path))
     texts = [t for t in MIXED + TRICKY + _random_texts(100) if "\u2581" not in t]
     assert tok.batch_encode(texts) == sp.encode(texts)
@@ -538,3 +538,9 @@ def test_prepend_scheme_files_and_round_trip(tok, llama_tok, tmp_path):
         assert load_hf_tokenizer(tmp_path / scheme).prepend_scheme == scheme
     with pytest.raises(ValueError, match=r"prepend_scheme must be None .* got 'sometimes'"):
         VishwamAITokenizer(llama_tok.model_path, prepend_scheme="sometimes")
+    config_path = tmp_path / "first" / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "vishwam_prepend_scheme": "both"}))
+    with pytest.raises(ValueError, match=r"vishwam_prepend_scheme is 'both', expected null or one of"):
+        VishwamAITokenizer.from_pretrained(tmp_path / "first")
+    with pytest.raises(ValueError, match=r"vishwam_prepend_scheme is 'both', expected null or one of"):
+        load_hf_tokenizer(tmp_path / "first")

@@ -5,8 +5,8 @@ UTF-8 bytes for characters outside the vocabulary, so ``decode(encode(s)) == s``
 text. Special ids are fixed: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, user symbols after.
 Other lossless SentencePiece models (Llama's ``tokenizer.model``) load with the special
 ids they define; with ``prepend_scheme`` set (as `vishwam.hf.load_hf_tokenizer` does) they
-encode and decode as transformers' ``LlamaTokenizer`` does instead. `TokenizerBase` holds what this backend shares with
-`vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
+encode and decode as transformers' ``LlamaTokenizer`` does instead. `TokenizerBase` holds
+what this backend shares with `vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
 the HF-style ``__call__``.
 
 Example:
@@ -823,8 +823,9 @@ class VishwamAITokenizer(TokenizerBase):
                 f"{model} not found: from_pretrained expects a directory written by save_pretrained "
                 "(tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
             )
-        config = _read_json(folder / "tokenizer_config.json")
-        saved = {"prepend_scheme": config[PREPEND_SCHEME_KEY]} if PREPEND_SCHEME_KEY in config else {}
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path)
+        saved = {"prepend_scheme": _saved_prepend_scheme(config, config_path)} if PREPEND_SCHEME_KEY in config else {}
         return cls(model, **{**pretrained_settings(folder), **saved, **kwargs})
 
 
@@ -859,20 +860,31 @@ def pretrained_settings(folder: Path) -> dict[str, Any]:
 
 
 def hf_prepend_scheme(folder: Path) -> str | None:
-    """The ``prepend_scheme`` that gives transformers' ids for the ``tokenizer.model`` of HF
-    directory `folder`: the one `VishwamAITokenizer.save_pretrained` recorded in its
-    ``tokenizer_config.json``, else the rule of transformers' (5.x) ``LlamaTokenizer``:
-    ``"never"`` where ``add_prefix_space`` is false (absent or null reads true), else
-    ``"always"`` where ``legacy`` is true, else ``"first"`` (absent or null reads false).
-    The two differ only on texts holding special-token text: ``"first"`` puts no space
-    after a special token."""
-    config = _read_json(folder / "tokenizer_config.json")
+    """The ``prepend_scheme`` `vishwam.hf.load_hf_tokenizer` reads the ``tokenizer.model`` of
+    HF directory `folder` with: the one `VishwamAITokenizer.save_pretrained` recorded in its
+    ``tokenizer_config.json`` (so such files load as the tokenizer that wrote them), else the
+    rule of transformers' (5.x) ``LlamaTokenizer``, which gives its ids: ``"never"`` where
+    ``add_prefix_space`` is false (absent or null reads true), else ``"always"`` where
+    ``legacy`` is true, else ``"first"`` (absent or null reads false). The last two differ
+    only on texts holding special-token text: ``"first"`` puts no space after a special token."""
+    path = folder / "tokenizer_config.json"
+    config = _read_json(path)
     if PREPEND_SCHEME_KEY in config:
-        return config[PREPEND_SCHEME_KEY]
+        return _saved_prepend_scheme(config, path)
     add_prefix_space = config.get("add_prefix_space")
     if add_prefix_space is not None and not add_prefix_space:
         return "never"
     return "always" if config.get("legacy") else "first"
+
+
+def _saved_prepend_scheme(config: dict[str, Any], path: Path) -> str | None:
+    scheme = config[PREPEND_SCHEME_KEY]
+    if scheme is not None and scheme not in PREPEND_SCHEMES:
+        raise ValueError(
+            f"{path}: {PREPEND_SCHEME_KEY} is {scheme!r}, expected null or one of {list(PREPEND_SCHEMES)}; "
+            "re-save the tokenizer with save_pretrained or remove the key."
+        )
+    return scheme
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:
