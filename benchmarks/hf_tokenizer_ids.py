@@ -5,17 +5,21 @@
     python benchmarks/hf_tokenizer_ids.py ~/models/TinyLlama-1.1B ~/models/Qwen2-0.5B   # real checkpoints
 
 For each HF directory (by default: a Llama-style SentencePiece `tokenizer.model` with
-unk 0, bos 1, eos 2, no pad and byte fallback, and a byte-level BPE `tokenizer.json`
-whose post-processor prepends BOS, both trained here), `vishwam.hf.load_hf_tokenizer`
-and `transformers.AutoTokenizer.from_pretrained` encode the same texts, and the script
-counts the texts whose ids differ:
+unk 0, bos 1, eos 2, no pad and byte fallback, under four tokenizer_config.json variants:
+`legacy` true, false or absent, and `add_prefix_space` false; the same kind of model
+trained as `VishwamAITokenizer.train` does, with whitespace-only pieces and a user-defined
+symbol; and a byte-level BPE `tokenizer.json` whose post-processor prepends BOS; all built
+here), `vishwam.hf.load_hf_tokenizer` and `transformers.AutoTokenizer.from_pretrained`
+encode the same texts (among them texts that begin with spaces, hold special-token text
+such as `<s>` or a literal U+2581), and the script counts the texts whose ids differ:
 
 - `encode`: ids of the text alone (`add_special_tokens=False` in transformers);
 - `call`: `tokenizer(text)["input_ids"]`, where transformers adds its special tokens
   (Llama's `add_bos_token`, a tokenizer.json's post-processor) and vishwam its BOS/EOS;
 - `decode`: `decode(ids, skip_special_tokens=True)` of those ids (transformers may
   clean up spaces before punctuation where `clean_up_tokenization_spaces` is set;
-  vishwam never does, so a difference here is reported, not counted as a failure);
+  vishwam never does, so a difference here is reported, not counted as a failure), and
+  with `skip_special_tokens=False` ("shown");
 - the special ids (`bos`, `eos`, `pad`; transformers' pad is `None` where the files name
   none, vishwam's is then documented in `VishwamAITokenizer` / `JsonTokenizer`).
 
@@ -46,6 +50,8 @@ TEXTS = [
     "def f(x):\n    return x ** 2  # code",
     "Numbers 1234567890 and 3.14159, don't stop: it's fine.",
     "",
+    "<s>a dialogue</s><s> next turn</s>",
+    "a\u2581literal marker, \u2581 and <unk> and <tool> text",
 ]
 
 
@@ -55,8 +61,17 @@ def _corpus() -> list[str]:
     return [topics[name] for name in sorted(topics)[:80]] + TEXTS * 10
 
 
-def build_sentencepiece(folder: Path) -> Path:
-    """A Llama-style tokenizer.model with Llama's tokenizer_config.json."""
+# tokenizer_config.json variants of the SentencePiece directory; None drops the key.
+SENTENCEPIECE_VARIANTS = {
+    "legacy_true": {},
+    "legacy_false": {"legacy": False},
+    "legacy_absent": {"legacy": None},
+    "no_prefix_space": {"add_prefix_space": False},
+}
+
+
+def build_sentencepiece(folder: Path, config: dict | None = None, **trainer_options) -> Path:
+    """A Llama-style tokenizer.model with Llama's tokenizer_config.json, changed by `config`."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,12 +80,13 @@ def build_sentencepiece(folder: Path) -> Path:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, vocab_size=2000,
                                    model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-                                   minloglevel=2)
+                                   minloglevel=2, **trainer_options)
     (folder / "tokenizer.model").write_bytes(buffer.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
+    settings = {
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-        "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}}))
+        "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}, **(config or {})}
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
     return folder
 
 
@@ -103,8 +119,10 @@ def compare(folder: Path, texts: list[str]) -> bool:
     theirs_call = [theirs(t)["input_ids"] for t in texts]
     call = sum(a != b for a, b in zip(ours_call, theirs_call))
     decode = sum(ours.decode(ids) != theirs.decode(ids, skip_special_tokens=True) for ids in theirs_call)
-    print(f"{folder}: {type(ours).__name__} vs {type(theirs).__name__}, {len(texts)} texts")
-    print(f"  ids differ: encode {encode}, call {call}; decoded text differs: {decode}")
+    shown = sum(ours.decode(ids, skip_special_tokens=False) != theirs.decode(ids) for ids in theirs_call)
+    scheme = f", prepend_scheme {ours.prepend_scheme!r}" if hasattr(ours, "prepend_scheme") else ""
+    print(f"{folder.name}: {type(ours).__name__} vs {type(theirs).__name__}, {len(texts)} texts{scheme}")
+    print(f"  ids differ: encode {encode}, call {call}; decoded text differs: {decode}, shown {shown}")
     print(f"  special ids (vishwam / transformers): bos {ours.bos_id} / {theirs.bos_token_id}, "
           f"eos {ours.eos_id} / {theirs.eos_token_id}, pad {ours.pad_id} / {theirs.pad_token_id}")
     if encode or call:
@@ -122,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"transformers {transformers.__version__}")
     texts = TEXTS + [line for doc in _corpus()[:40] for line in doc.split("\n")[:20]]
     with tempfile.TemporaryDirectory() as scratch:
-        folders = args.directories or [build_sentencepiece(Path(scratch) / "sentencepiece"),
-                                       build_byte_level_bpe(Path(scratch) / "byte_level_bpe")]
+        root = Path(scratch)
+        folders = args.directories or [
+            *(build_sentencepiece(root / f"sentencepiece_{name}", config)
+              for name, config in SENTENCEPIECE_VARIANTS.items()),
+            build_sentencepiece(root / "sentencepiece_vishwam_trainer", allow_whitespace_only_pieces=True,
+                                user_defined_symbols=["<tool>"]),
+            build_byte_level_bpe(root / "byte_level_bpe")]
         results = [compare(folder, texts) for folder in folders]
     return 0 if all(results) else 1
 

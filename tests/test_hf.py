@@ -570,10 +570,58 @@ def test_llama_sentencepiece_tokenizer_from_hf_files(sp_hf_dir):
     tok = load_hf_tokenizer(sp_hf_dir)
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)  # pad: generation_config's 0 (= unk)
     assert tok.add_bos_token and tok.max_length == 512  # model_max_length 1e30 means no limit: our default
+    assert tok.prepend_scheme == "always"  # legacy=True: transformers' Metaspace prepends to every part
     for text in TEXTS[:4] + ROUND_TRIP:
-        assert tok.encode(text) == sp.encode(text), text
-        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+        # transformers adds no space before a text that begins with one: " x" gets sp's ids of "x"
+        # (sp itself puts its dummy prefix before every text), and decoding drops one leading space.
+        stripped = text[1:] if text.startswith(" ") else text
+        assert tok.encode(text) == sp.encode(stripped), text
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == stripped
     assert tok("the lazy fox")["input_ids"] == [1, *sp.encode("the lazy fox")]
+    assert tok("<s>the</s>")["input_ids"] == [1, 1, *sp.encode("the"), 2]  # special-token text: its id
+
+
+def _transformers_llama(model_file: Path, scheme: str):
+    """A `tokenizers` Tokenizer built from `model_file` the way transformers' (5.x) LlamaTokenizer
+    builds its backend: a BPE over the pieces (merges ranked by the merged piece's id, byte
+    fallback), a Metaspace pre-tokenizer with `scheme` that does not split, the special pieces
+    as added tokens, and a decoder that strips one leading space unless `scheme` is "never"."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    merges = sorted(((piece[:k], piece[k:]) for piece in vocab for k in range(1, len(piece))
+                     if piece[:k] in vocab and piece[k:] in vocab),
+                    key=lambda m: (vocab[m[0] + m[1]], len(m[0]), len(m[1]), vocab[m[0]], vocab[m[1]]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    strip = [decoders.Strip(content=" ", left=1)] if scheme != "never" else []
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    tk.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in ("<unk>", "<s>", "</s>")])
+    return tk
+
+
+@pytest.mark.parametrize("settings, scheme", [
+    ({"legacy": True}, "always"), ({"legacy": False}, "first"), ({}, "first"),
+    ({"legacy": True, "add_prefix_space": False}, "never"), ({"add_prefix_space": None}, "first")])
+def test_sentencepiece_ids_are_transformers_ids(sp_hf_dir, tmp_path, settings, scheme):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(sp_hf_dir / "tokenizer.model", folder)
+    config = {k: v for k, v in json.loads((sp_hf_dir / "tokenizer_config.json").read_text()).items() if k != "legacy"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    tok, oracle = load_hf_tokenizer(folder), _transformers_llama(folder / "tokenizer.model", scheme)
+    assert tok.prepend_scheme == scheme
+    texts = TEXTS[:4] + ROUND_TRIP + [" x", "   three", "\tx", "\u2581lit\u2581eral", " \u2581 x", "<s>", "a<s>b c",
+                                      " <s> b", "<s>hello", "x</s>  y<unk>z", "<<s>>", "a <s>", "end</s>"]
+    expected = [e.ids for e in oracle.encode_batch(texts, add_special_tokens=False)]
+    assert tok.batch_encode(texts) == expected and [tok.encode(t) for t in texts] == expected
+    assert tok(texts, padding=False)["input_ids"] == [[1, *ids] for ids in expected]
+    for skip in (True, False):
+        assert tok.batch_decode(expected, skip) == oracle.decode_batch(expected, skip_special_tokens=skip)
+        assert [tok.decode([1, *ids, 2], skip) for ids in expected] == [
+            oracle.decode([1, *ids, 2], skip_special_tokens=skip) for ids in expected]
 
 
 def test_bpe_tokenizer_json_from_hf_files(json_hf_dir, tmp_path):

@@ -128,8 +128,8 @@ def test_round_trip_random_mixed_script(tok):
 
 
 def test_plain_text_ids_equal_raw_sentencepiece(tok):
-    # What transformers' LlamaTokenizer (legacy=True) computes: sp's own ids. A literal
-    # U+2581 is the one exception (sp itself would decode it as a space).
+    # The default (prepend_scheme=None) is sp's own ids; a literal U+2581 is the one
+    # exception (sp itself would decode it as a space).
     sp = spm.SentencePieceProcessor(model_file=str(tok.model_path))
     texts = [t for t in MIXED + TRICKY + _random_texts(100) if "\u2581" not in t]
     assert tok.batch_encode(texts) == sp.encode(texts)
@@ -505,3 +505,42 @@ def test_training_progress_bar_goes_to_stderr_and_changes_nothing(tmp_path, caps
     lines = sum(1 for d in documents for line in d.split("\n") if line.strip())
     assert "tokenizer: training on the lines read" in err and f"{lines} lines" in err
     assert shown.fingerprint == quiet.fingerprint
+
+
+def test_prepend_scheme_files_and_round_trip(tok, llama_tok, tmp_path):
+    from vishwam.hf import load_hf_tokenizer
+
+    # Our own tokenizer keeps SentencePiece's ids (lossless) through save_pretrained and both loaders.
+    assert tok.prepend_scheme is None and tok.decode(tok.encode("  two")) == "  two"
+    tok.save_pretrained(tmp_path / "own")
+    config = json.loads((tmp_path / "own" / "tokenizer_config.json").read_text())
+    assert config["vishwam_prepend_scheme"] is None and config["legacy"] is True
+    for again in (VishwamAITokenizer.from_pretrained(tmp_path / "own"), load_hf_tokenizer(tmp_path / "own")):
+        assert again.prepend_scheme is None and again.fingerprint == tok.fingerprint
+        assert again.batch_encode(MIXED + TRICKY) == tok.batch_encode(MIXED + TRICKY)
+    # transformers' rules: one leading space less on the round trip, another fingerprint.
+    sp = spm.SentencePieceProcessor(model_file=str(llama_tok.model_path))
+    hf = VishwamAITokenizer(llama_tok.model_path, prepend_scheme="first")
+    assert hf.encode("  two") == sp.encode(" two") and hf.decode(hf.encode("  two")) == " two"
+    assert hf.encode("hello") == sp.encode("hello") and hf.fingerprint != llama_tok.fingerprint
+    assert hf.encode("\u2581x") == sp.encode("x")  # a literal U+2581 reads as a space
+    never = VishwamAITokenizer(llama_tok.model_path, prepend_scheme="never")
+    always = VishwamAITokenizer(llama_tok.model_path, prepend_scheme="always")
+    assert never.encode("x y") == never.encode("x") + sp.encode("y") and never.decode(never.encode(" x")) == " x"
+    # Special-token text is the special id; "first" puts no space after it, "always" does.
+    assert hf.encode("<s>x") == [1, *never.encode("x")] and always.encode("<s>x") == [1, *sp.encode("x")]
+    assert hf.decode([1, *sp.encode("x"), 2], skip_special_tokens=False) == "<s> x</s>"
+    for scheme, files in (("first", {"legacy": False}), ("never", {"legacy": True, "add_prefix_space": False})):
+        VishwamAITokenizer(llama_tok.model_path, prepend_scheme=scheme).save_pretrained(tmp_path / scheme)
+        config = json.loads((tmp_path / scheme / "tokenizer_config.json").read_text())
+        assert {key: config.get(key) for key in files} == files and config["vishwam_prepend_scheme"] == scheme
+        assert VishwamAITokenizer.from_pretrained(tmp_path / scheme).prepend_scheme == scheme
+        assert load_hf_tokenizer(tmp_path / scheme).prepend_scheme == scheme
+    with pytest.raises(ValueError, match=r"prepend_scheme must be None .* got 'sometimes'"):
+        VishwamAITokenizer(llama_tok.model_path, prepend_scheme="sometimes")
+    config_path = tmp_path / "first" / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "vishwam_prepend_scheme": "both"}))
+    with pytest.raises(ValueError, match=r"vishwam_prepend_scheme is 'both', expected null or one of"):
+        VishwamAITokenizer.from_pretrained(tmp_path / "first")
+    with pytest.raises(ValueError, match=r"vishwam_prepend_scheme is 'both', expected null or one of"):
+        load_hf_tokenizer(tmp_path / "first")

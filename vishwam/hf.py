@@ -680,7 +680,12 @@ def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any):
     """The tokenizer of an HF directory: a `VishwamAITokenizer` over its SentencePiece
     `tokenizer.model` (Llama, Mistral, TinyLlama), or a `JsonTokenizer` over its
     `tokenizer.json` (Llama 3, Qwen, GPT-2 style BPE) when there is no usable
-    `tokenizer.model`.
+    `tokenizer.model`. Either gives the ids transformers' `AutoTokenizer` gives for the
+    same files: a `tokenizer.model` is read with the `prepend_scheme` of
+    `vishwam.tokenizer.hf_prepend_scheme` (transformers' `LlamaTokenizer` rules, from
+    `legacy` and `add_prefix_space`; a text that begins with a space gets no extra one,
+    and decoding drops one leading space), except for files `VishwamAITokenizer.save_pretrained`
+    wrote, which load as the tokenizer that wrote them.
 
     The special tokens, `add_bos_token`/`add_eos_token` and `model_max_length` come from
     `tokenizer_config.json` and `special_tokens_map.json`; a pad, BOS or EOS those files
@@ -688,7 +693,7 @@ def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any):
     `eos_token_id` list: the others are stop ids, see `load_hf_pipeline`). `kwargs`
     override all of them.
     """
-    from .tokenizer import VishwamAITokenizer, pretrained_settings
+    from .tokenizer import VishwamAITokenizer, hf_prepend_scheme, pretrained_settings
     from .tokenizer_json import JsonTokenizer
 
     folder = Path(directory)
@@ -704,6 +709,7 @@ def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any):
     if sp_file.is_file():
         try:
             settings = _with_generation_ids(pretrained_settings(folder), generation, lambda: _sp_piece(sp_file))
+            settings["prepend_scheme"] = hf_prepend_scheme(folder)
             return VishwamAITokenizer(sp_file, **{**settings, **kwargs})
         except ValueError as error:
             refusal = f"the tokenizer.model in {folder} is not usable by VishwamAITokenizer: {error}"

@@ -4,8 +4,9 @@ Models trained here use the identity normaliser, keep whitespace runs and fall b
 UTF-8 bytes for characters outside the vocabulary, so ``decode(encode(s)) == s`` for any
 text. Special ids are fixed: ``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3``, user symbols after.
 Other lossless SentencePiece models (Llama's ``tokenizer.model``) load with the special
-ids they define. `TokenizerBase` holds what this backend shares with
-`vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
+ids they define; with ``prepend_scheme`` set (as `vishwam.hf.load_hf_tokenizer` does) they
+encode and decode as transformers' ``LlamaTokenizer`` does instead. `TokenizerBase` holds
+what this backend shares with `vishwam.tokenizer_json.JsonTokenizer` (``tokenizer.json`` files): the encode cache and
 the HF-style ``__call__``.
 
 Example:
@@ -29,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from .files import atomic_directory, atomic_write_bytes, read_json_object
 
@@ -39,6 +41,11 @@ _DEFAULT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 # SentencePiece's whitespace marker. Text spaces become it, and sp renders it back as a
 # space, so a literal U+2581 in the input needs the byte-level escape in `_encode_meta`.
 _META = "\u2581"
+
+# transformers' Metaspace prepend schemes (`VishwamAITokenizer`'s ``prepend_scheme``), and the
+# tokenizer_config.json key in which `save_pretrained` records the one in use.
+PREPEND_SCHEMES = ("always", "first", "never")
+PREPEND_SCHEME_KEY = "vishwam_prepend_scheme"
 
 # Texts longer than this are encoded but not cached: the cache is for frequent short lines,
 # and a few long documents would otherwise hold most of its memory.
@@ -367,6 +374,20 @@ class VishwamAITokenizer(TokenizerBase):
         cache_size: entries of the encode cache; ``0`` turns the cache (and its counters) off.
             Texts longer than `CACHE_MAX_CHARS` characters are never cached.
         num_threads: SentencePiece threads for batch calls; ``None`` uses every core.
+        prepend_scheme: ``None`` (the default) encodes as SentencePiece does: the model's
+            dummy prefix (a space) before every text, a literal U+2581 kept; lossless.
+            ``"always"``, ``"first"`` or ``"never"`` give the ids of transformers' (5.x)
+            ``LlamaTokenizer`` over the same ``tokenizer.model`` (a Metaspace pre-tokenizer
+            with that prepend scheme; `vishwam.hf.load_hf_tokenizer` picks it from
+            ``legacy`` and ``add_prefix_space``, see `hf_prepend_scheme`). Then the text is
+            first split at the special, control and user-defined pieces (``"<s>"`` in a text
+            is the BOS id); each part is encoded without the dummy prefix, after a space is
+            put before it where it does not already begin with a space or U+2581 (which
+            reads as a space): ``"always"`` every part, ``"first"`` only a part that begins
+            the text, ``"never"`` none. Decoding drops one leading space (not with
+            ``"never"``). So the round trip loses one leading space,
+            ``decode(encode(" a")) == "a"``, and special-token text comes back as itself
+            only with ``skip_special_tokens=False``.
         add_bos_token, add_eos_token: whether `__call__` adds BOS/EOS (HF's ``add_bos_token``).
         padding_side: ``"right"`` or ``"left"``, where `__call__` pads.
 
@@ -388,7 +409,13 @@ class VishwamAITokenizer(TokenizerBase):
         add_bos_token: bool = False,
         add_eos_token: bool = False,
         padding_side: str = "right",
+        prepend_scheme: str | None = None,
     ):
+        if prepend_scheme is not None and prepend_scheme not in PREPEND_SCHEMES:
+            raise ValueError(
+                f"prepend_scheme must be None (SentencePiece's own dummy prefix) or one of {PREPEND_SCHEMES} "
+                f"(transformers' LlamaTokenizer), got {prepend_scheme!r}."
+            )
         path = Path(model_path)
         self._sp = _load_processor(path)
         self._model_path = path
@@ -403,12 +430,35 @@ class VishwamAITokenizer(TokenizerBase):
         self._special_tokens = tuple(piece for _, piece in specials.values())
         self._special_pieces = {i: piece for i, piece in specials.values()}
         self._num_threads = -1 if num_threads is None else num_threads
-        self._fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+        proto = self._sp.serialized_model_proto()
+        self._prepend_scheme = prepend_scheme
+        if prepend_scheme is not None:
+            self._init_hf_rules(proto)
+            proto += f"\0prepend_scheme={prepend_scheme}".encode()  # other ids, another fingerprint
+        self._fingerprint = hashlib.sha256(proto).hexdigest()
 
         self._meta_id = self._sp.piece_to_id(_META)
         self._byte_ids = tuple(self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256))
         # A character that falls back to bytes emits one lead byte and 0-3 continuation bytes.
         self._lead_byte_ids = frozenset(i for b, i in enumerate(self._byte_ids) if b & 0xC0 != 0x80)
+
+    def _init_hf_rules(self, proto: bytes) -> None:
+        """What ``prepend_scheme`` needs: a copy of the model without the dummy prefix, the
+        pieces transformers matches in raw text (its added tokens: the special tokens and the
+        model's control and user-defined pieces, longest first at each position), and the
+        ids its decode skips or shows as their piece."""
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(proto)
+        model.normalizer_spec.add_dummy_prefix = False
+        self._sp_plain = spm.SentencePieceProcessor()
+        self._sp_plain.LoadFromSerializedProto(model.SerializeToString())
+        kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+        control = {i: p.piece for i, p in enumerate(model.pieces) if p.type == kinds.CONTROL}
+        user = {i: p.piece for i, p in enumerate(model.pieces) if p.type == kinds.USER_DEFINED}
+        self._hf_specials = {**control, **self._special_pieces}
+        self._hf_added = {piece: i for i, piece in {**user, **self._hf_specials}.items()}
+        alternatives = sorted(self._hf_added, key=len, reverse=True)
+        self._hf_split = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
     # ------------------------------------------------------------------ training
 
@@ -494,15 +544,64 @@ class VishwamAITokenizer(TokenizerBase):
     # ------------------------------------------------------------------ encoding
 
     def _encode_text(self, text: str) -> list[int]:
+        if self._prepend_scheme is not None:
+            return self._encode_hf([text])[0]
         # sp's single-text call: its batch call costs a thread-pool round trip per call.
         return self._encode_meta(text) if _META in text else self._sp.encode(text)
 
     def _encode_uncached(self, texts: list[str]) -> list[list[int]]:
+        if self._prepend_scheme is not None:
+            return self._encode_hf(texts)
         ids = self._sp.encode(texts, num_threads=self._num_threads)
         for i, text in enumerate(texts):
             if _META in text:
                 ids[i] = self._encode_meta(text)
         return ids
+
+    def _encode_hf(self, texts: list[str]) -> list[list[int]]:
+        """transformers' ids of `texts` (``prepend_scheme``): added-token ids, and the parts
+        between them encoded by the no-dummy-prefix model, all parts in one sp call."""
+        split = [self._hf_parts(text) for text in texts]
+        strings = [part for parts in split for part in parts if type(part) is str]
+        if not strings:
+            encoded = iter(())
+        elif len(strings) == 1:  # sp's single-text call: no thread-pool round trip
+            encoded = iter([self._sp_plain.encode(strings[0])])
+        else:
+            encoded = iter(self._sp_plain.encode(strings, num_threads=self._num_threads))
+        out = []
+        for parts in split:
+            if len(parts) == 1 and type(parts[0]) is str:
+                out.append(next(encoded))
+                continue
+            ids: list[int] = []
+            for part in parts:
+                if type(part) is str:
+                    ids.extend(next(encoded))
+                else:
+                    ids.append(part)
+            out.append(ids)
+        return out
+
+    def _hf_parts(self, text: str) -> list[str | int]:
+        """`text` as transformers' pre-tokenizer sees it: the id of each added token, and
+        each non-empty text between them with the space its prepend scheme puts first."""
+        parts: list[str | int] = []
+        start = 0
+        for match in self._hf_split.finditer(text) if self._hf_split is not None else ():
+            self._hf_part(text[start : match.start()], start == 0, parts)
+            parts.append(self._hf_added[match.group()])
+            start = match.end()
+        self._hf_part(text[start:], start == 0, parts)
+        return parts
+
+    def _hf_part(self, part: str, begins_text: bool, parts: list[str | int]) -> None:
+        if not part:
+            return
+        scheme = self._prepend_scheme
+        if (scheme == "always" or (scheme == "first" and begins_text)) and not part.startswith((" ", _META)):
+            part = " " + part
+        parts.append(part)
 
     def _encode_meta(self, text: str) -> list[int]:
         """Encode a text containing a literal U+2581, which sp would decode as a space.
@@ -540,6 +639,8 @@ class VishwamAITokenizer(TokenizerBase):
         """
         if type(ids) is not list or (ids and type(ids[0]) is not int):  # the common case skips this
             ids = _as_id_list(ids, 1, "decode")
+        if self._prepend_scheme is not None:
+            return self._decode_hf(ids, skip_special_tokens)
         if skip_special_tokens:
             return self._sp_decode(_without(ids, self._unk_id), "decode")
         return self._decode_showing_specials(ids)
@@ -551,6 +652,8 @@ class VishwamAITokenizer(TokenizerBase):
         batch = _as_id_list(batch_ids, 2, "batch_decode")
         if not batch:  # sp would read [] as one empty sequence and return ""
             return []
+        if self._prepend_scheme is not None:
+            return [self._decode_hf(ids, skip_special_tokens) for ids in batch]
         if not skip_special_tokens:
             return [self._decode_showing_specials(ids) for ids in batch]
         return self._sp_decode([_without(ids, self._unk_id) for ids in batch], "batch_decode")
@@ -575,11 +678,33 @@ class VishwamAITokenizer(TokenizerBase):
                 parts.append(specials[i])
         return "".join(parts)
 
-    def _sp_decode(self, ids: list, method: str) -> Any:
+    def _decode_hf(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """transformers' decode (``prepend_scheme``): the special and control pieces skipped
+        or shown as their text, the rest as the no-dummy-prefix model spells it, then one
+        leading space dropped (its Strip decoder; none with ``"never"``)."""
+        specials = self._hf_specials
+        if skip_special_tokens or specials.keys().isdisjoint(ids):
+            kept = [i for i in ids if i not in specials] if skip_special_tokens else ids
+            text = self._sp_decode(kept, "decode", self._sp_plain)
+        else:
+            parts, run = [], []
+            for i in [*ids, None]:  # None flushes the last run
+                if i is not None and i not in specials:
+                    run.append(i)
+                    continue
+                if run:
+                    parts.append(self._sp_decode(run, "decode", self._sp_plain))
+                    run = []
+                if i is not None:
+                    parts.append(specials[i])
+            text = "".join(parts)
+        return text[1:] if self._prepend_scheme != "never" and text.startswith(" ") else text
+
+    def _sp_decode(self, ids: list, method: str, processor: spm.SentencePieceProcessor | None = None) -> Any:
         """sp's decode of one id list or a batch of them. Pad, BOS and EOS are control
         pieces that sp decodes to "", so only unk needs removing to skip special tokens."""
         try:
-            return self._sp.decode(ids, num_threads=self._num_threads)
+            return (processor or self._sp).decode(ids, num_threads=self._num_threads)
         except IndexError:
             rows = ids if method == "batch_decode" else [ids]
             for row in rows:
@@ -619,6 +744,11 @@ class VishwamAITokenizer(TokenizerBase):
     def model_path(self) -> Path:
         return self._model_path
 
+    @property
+    def prepend_scheme(self) -> str | None:
+        """``None`` (SentencePiece's own, lossless encoding) or transformers' scheme."""
+        return self._prepend_scheme
+
     def coverage(self, texts: Sequence[str]) -> float:
         """Fraction of the characters of ``texts`` that are encoded by vocabulary pieces
         rather than byte fallback or ``[UNK]`` (1.0 for empty input)."""
@@ -642,9 +772,13 @@ class VishwamAITokenizer(TokenizerBase):
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[Path, Path, Path]:
         """Write ``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
-        The layout is the one transformers' ``LlamaTokenizer`` reads (``legacy=True``: the
-        SentencePiece model's own dummy-prefix handling), so plain text gets the same ids
-        there. The three files are atomic as a set (`write_tokenizer_files`).
+        The layout is the one transformers' ``LlamaTokenizer`` reads. ``legacy`` and
+        ``add_prefix_space`` name this tokenizer's ``prepend_scheme`` (``None``: ``legacy=True``,
+        whose ids there equal SentencePiece's except for texts that begin with a space or
+        U+2581 or hold special-token text, see ``prepend_scheme``), and the scheme itself is
+        recorded under ``"vishwam_prepend_scheme"`` so that `from_pretrained` and
+        `vishwam.hf.load_hf_tokenizer` load this very tokenizer back. The three files are
+        atomic as a set (`write_tokenizer_files`).
         """
         folder = Path(directory)
         specials = self.special_tokens
@@ -652,7 +786,9 @@ class VishwamAITokenizer(TokenizerBase):
             "tokenizer_class": "LlamaTokenizer",
             "add_bos_token": self._add_bos_token,
             "add_eos_token": self._add_eos_token,
-            "legacy": True,
+            "legacy": self._prepend_scheme != "first",
+            **({"add_prefix_space": False} if self._prepend_scheme == "never" else {}),
+            PREPEND_SCHEME_KEY: self._prepend_scheme,
             "model_max_length": self._max_length,
             "padding_side": self._padding_side,
             "clean_up_tokenization_spaces": False,
@@ -677,7 +813,9 @@ class VishwamAITokenizer(TokenizerBase):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "VishwamAITokenizer":
         """Load a directory written by `save_pretrained`, or an HF directory with a SentencePiece
-        ``tokenizer.model`` (Llama, Mistral); ``kwargs`` override the saved settings."""
+        ``tokenizer.model`` (Llama, Mistral); ``kwargs`` override the saved settings. The
+        ``prepend_scheme`` is the one `save_pretrained` recorded, else ``None`` (SentencePiece's
+        own ids; `vishwam.hf.load_hf_tokenizer` gives transformers' instead)."""
         folder = Path(directory)
         model = folder / "tokenizer.model"
         if not model.is_file():
@@ -685,7 +823,10 @@ class VishwamAITokenizer(TokenizerBase):
                 f"{model} not found: from_pretrained expects a directory written by save_pretrained "
                 "(tokenizer.model, tokenizer_config.json, special_tokens_map.json)."
             )
-        return cls(model, **{**pretrained_settings(folder), **kwargs})
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path)
+        saved = {"prepend_scheme": _saved_prepend_scheme(config, config_path)} if PREPEND_SCHEME_KEY in config else {}
+        return cls(model, **{**pretrained_settings(folder), **saved, **kwargs})
 
 
 # ---------------------------------------------------------------------- helpers
@@ -716,6 +857,34 @@ def pretrained_settings(folder: Path) -> dict[str, Any]:
         if config.get(key) is not None and not (key == "model_max_length" and config[key] >= _NO_LIMIT):
             settings[name] = config[key]
     return settings
+
+
+def hf_prepend_scheme(folder: Path) -> str | None:
+    """The ``prepend_scheme`` `vishwam.hf.load_hf_tokenizer` reads the ``tokenizer.model`` of
+    HF directory `folder` with: the one `VishwamAITokenizer.save_pretrained` recorded in its
+    ``tokenizer_config.json`` (so such files load as the tokenizer that wrote them), else the
+    rule of transformers' (5.x) ``LlamaTokenizer``, which gives its ids: ``"never"`` where
+    ``add_prefix_space`` is false (absent or null reads true), else ``"always"`` where
+    ``legacy`` is true, else ``"first"`` (absent or null reads false). The last two differ
+    only on texts holding special-token text: ``"first"`` puts no space after a special token."""
+    path = folder / "tokenizer_config.json"
+    config = _read_json(path)
+    if PREPEND_SCHEME_KEY in config:
+        return _saved_prepend_scheme(config, path)
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is not None and not add_prefix_space:
+        return "never"
+    return "always" if config.get("legacy") else "first"
+
+
+def _saved_prepend_scheme(config: dict[str, Any], path: Path) -> str | None:
+    scheme = config[PREPEND_SCHEME_KEY]
+    if scheme is not None and scheme not in PREPEND_SCHEMES:
+        raise ValueError(
+            f"{path}: {PREPEND_SCHEME_KEY} is {scheme!r}, expected null or one of {list(PREPEND_SCHEMES)}; "
+            "re-save the tokenizer with save_pretrained or remove the key."
+        )
+    return scheme
 
 
 def _load_processor(path: Path) -> spm.SentencePieceProcessor:
