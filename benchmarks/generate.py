@@ -32,7 +32,7 @@ import numpy as np
 from vishwam import ModelConfig, VishwamAI
 from vishwam.generate import generate, generate_stream, generate_without_cache
 # The jitted pieces of `generate_stream`, to time single steps at chosen positions.
-from vishwam.generate import _prepare, _stream_first, _stream_step
+from vishwam.generate import _prepare, _stream_first, _stream_fixed, _stream_step
 
 
 def timed(fn, repeats: int) -> float:
@@ -52,13 +52,15 @@ def interleaved_steps(model, prompt, new: int, early: int, late: int, pairs: int
     sampling = dict(greedy=True, top_k=None, use_top_p=False)
     token, cache = _stream_first(model, dynamic["prompt"], dynamic["lengths"], dynamic["temperature"],
                                  dynamic["top_p"], dynamic["key"], cache_len=prompt.shape[1] + new - 1, **sampling)
-    fixed = (model, model.decode_layers(), dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    leaves, treedef = _stream_fixed(model, model.decode_layers(), dynamic["temperature"], dynamic["top_p"],
+                                    dynamic["key"])
     times = {early: [], late: []}
     for _ in range(pairs + 2):  # the first pair compiles and warms up
         for position in (early, late):
             start = time.perf_counter()
             positions = jnp.full((prompt.shape[0],), position, jnp.int32)
-            token, cache = _stream_step(fixed, cache, token, positions, jnp.int32(position), **sampling)
+            token, cache = _stream_step(leaves, cache, token, positions, jnp.int32(position), treedef=treedef,
+                                        **sampling)
             jax.block_until_ready(token)
             times[position].append(time.perf_counter() - start)
     return statistics.median(times[early][2:]), statistics.median(times[late][2:])

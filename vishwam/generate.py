@@ -343,14 +343,27 @@ def _stream_first(model: VishwamAI, prompt, lengths, temperature, top_p, key, *,
     return tok, cache
 
 
-# Everything after the first argument is donated: the cache is updated in place.
-@eqx.filter_jit(donate="all-except-first")
-def _stream_step(fixed, cache: KVCache, prev, positions, t, *, greedy: bool, top_k, use_top_p: bool):
-    model, layers, temperature, top_p, key = fixed
+def _stream_step_leaves(leaves, cache: KVCache, prev, positions, t, *, treedef, greedy: bool, top_k,
+                        use_top_p: bool):
+    """One decode step and its sample. The fixed inputs (model, decode layers, sampling
+    values) come as the flat leaves of `treedef`, flattened once per stream: the pytree of
+    a whole model takes milliseconds to flatten in Python, as long as a small model's step."""
+    model, layers, temperature, top_p, key = jax.tree_util.tree_unflatten(treedef, leaves)
     logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
     tok = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p)
     return tok, cache
+
+
+# The cache is donated: updated in place.
+_stream_step = jax.jit(_stream_step_leaves, static_argnames=("treedef", "greedy", "top_k", "use_top_p"),
+                       donate_argnums=(1,))
+
+
+def _stream_fixed(model: VishwamAI, layers, temperature, top_p, key):
+    """`(leaves, treedef)` of a stream's fixed inputs, for `_stream_step`."""
+    leaves, treedef = jax.tree_util.tree_flatten((model, layers, temperature, top_p, key))
+    return leaves, treedef
 
 
 def generate_stream(
@@ -380,11 +393,13 @@ def generate_stream(
     cache_len = prompt.shape[1] + max_new_tokens - 1
     tok, cache = _stream_first(model, prompt, lengths, dynamic["temperature"], dynamic["top_p"], dynamic["key"],
                                cache_len=cache_len, **sampling)
-    fixed = (model, _decode_layers(model, prompt.shape[0]), dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    leaves, treedef = _stream_fixed(model, _decode_layers(model, prompt.shape[0]), dynamic["temperature"],
+                                    dynamic["top_p"], dynamic["key"])
     done = np.zeros(lengths.shape, bool)
     for t in range(max_new_tokens):
         if t > 0:
-            tok, cache = _stream_step(fixed, cache, jnp.asarray(tok), lengths + (t - 1), jnp.int32(t), **sampling)
+            tok, cache = _stream_step(leaves, cache, jnp.asarray(tok), lengths + (t - 1), jnp.int32(t),
+                                      treedef=treedef, **sampling)
         out = np.where(done, pad_id, np.asarray(tok))
         yield out, ~done
         if stop_ids:
