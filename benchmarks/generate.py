@@ -18,6 +18,8 @@ Every timing is the median of `--repeats` runs after a compile-and-warm-up call,
 except the recompute baseline: one run after its warm-up (at 512 new tokens one
 run takes about a minute on a 2-core CPU).
 Run: `python benchmarks/generate.py [--batch 1] [--prompt 16] [--repeats 3]`.
+Against transformers' `model.generate` (same weights, alternated processes):
+`python benchmarks/vs_transformers.py --skip-numerics --skip-train --generate` (its own venv).
 """
 
 import argparse

@@ -18,6 +18,14 @@ For a tiny Llama (GQA) and a tiny Mixtral (8 experts, top-2) with random weights
    process, the processes alternate (transformers, vishwam, ...) for `--pairs` pairs,
    the load average is printed before each, and a ratio is printed only on a quiet
    machine (load <= 0.5 x cores). Goal: vishwam >= 1.2x transformers.
+4. generation tokens/s (`--generate`): `vishwam.generate.generate` (KV cache, one
+   compiled loop) against `model.generate` (KV cache) on the same weights, greedy and
+   sampled (temperature 0.8, top-k 50, top-p 0.9), batch 1 and 8, every row generating
+   all its tokens (no EOS), alternated whole processes as above (`GENERATE_CASES`);
+   time to first token (`max_new_tokens=1`) and, for vishwam, `generate_stream`'s
+   per-token time against the loop's. Goal: vishwam >= 1.2x transformers.
+
+    python benchmarks/vs_transformers.py --skip-numerics --skip-train --generate
 """
 
 import argparse
@@ -251,6 +259,108 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
     return ok
 
 
+# --------------------------------------------------------------------- generation
+# (shape, batch, prompt, new tokens, sampled): the issue-20 table (prompt 32 + 256 new,
+# greedy, batch 1 and 8), sampling at batch 8, and prompt 512 + 512 new.
+GENERATE_CASES = [
+    ("dense", 1, 32, 256, False), ("dense", 8, 32, 256, False),
+    ("mixtral", 1, 32, 256, False), ("mixtral", 8, 32, 256, False),
+    ("dense", 8, 32, 256, True), ("mixtral", 8, 32, 256, True),
+    ("dense", 1, 512, 512, False), ("dense", 8, 512, 512, False),
+    ("mixtral", 1, 512, 512, False), ("mixtral", 8, 512, 512, False),
+]
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.9)
+
+
+def generate_one(framework: str, case: int, repeats: int) -> dict:
+    """One framework alone in this process: time `repeats` whole generations after a
+    warm-up one (vishwam: its compile), then the first token alone."""
+    shape, batch, prompt_len, new, sampled = GENERATE_CASES[case]
+    family, dims, _ = TRAIN_SHAPES[shape]
+    dims = dict(dims, max_position_embeddings=prompt_len + new)
+    hf_model = build_hf(tiny_config(family, **dims), seed=2)
+    prompt = np.random.default_rng(0).integers(0, dims["vocab_size"], (batch, prompt_len))
+    extra = {}
+    if framework == "vishwam":
+        from vishwam.generate import generate, generate_stream
+
+        with tempfile.TemporaryDirectory() as folder:
+            model, _ = import_into_vishwam(hf_model, folder)
+        del hf_model
+        prompt = jnp.asarray(prompt, jnp.int32)
+        options = dict(SAMPLING, key=jax.random.key(0)) if sampled else dict(temperature=0.0)
+
+        def run(n):
+            return jax.block_until_ready(generate(model, prompt, n, **options)[0])
+
+        def stream():
+            for _ in generate_stream(model, prompt, new, **options):
+                pass
+    else:
+        inputs = torch.tensor(prompt)
+        mask = torch.ones(inputs.shape, dtype=torch.long)
+        options = dict(do_sample=True, **SAMPLING) if sampled else dict(do_sample=False)
+
+        def run(n):
+            torch.manual_seed(0)
+            return hf_model.generate(inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     eos_token_id=None, pad_token_id=0, **options)
+
+    def timed(fn, count):
+        fn()  # warm-up (compile)
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    seconds = timed(lambda: run(new), repeats)
+    if framework == "vishwam" and not sampled and prompt_len + new <= 288:
+        extra["stream_per_token_ratio"] = timed(stream, repeats) / seconds
+    return {"tokens_per_s": batch * new / seconds, "first_token_s": timed(lambda: run(1), 3), **extra}
+
+
+def generate_alternating(cases: list[int], pairs: int, repeats: int) -> bool:
+    """`train_alternating` for generation: whole processes alternated per case."""
+    import json
+    import os
+    import subprocess
+
+    cores = os.cpu_count() or 1
+    ok = True
+    for case in cases:
+        shape, batch, prompt_len, new, sampled = GENERATE_CASES[case]
+        label = f"{shape} batch {batch}, prompt {prompt_len} + {new} new, {'sampled' if sampled else 'greedy'}"
+        runs, loads = {"transformers": [], "vishwam": []}, []
+        for pair in range(pairs):
+            for framework in ("transformers", "vishwam"):
+                load, others = os.getloadavg()[0], background_load()
+                loads.append(others)
+                out = subprocess.run([sys.executable, __file__, "--generate-one", framework, str(case), "--repeats",
+                                      str(repeats)], capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[framework].append(result)
+                stream = (f", stream/loop per token {result['stream_per_token_ratio']:.2f}"
+                          if "stream_per_token_ratio" in result else "")
+                print(f"  {label} pair {pair + 1} {framework:>12}: {result['tokens_per_s']:7.1f} tok/s, first token "
+                      f"{result['first_token_s'] * 1e3:.0f} ms{stream} (before: load average {load:.2f}, other "
+                      f"runnable tasks {others:.2f})", flush=True)
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+        first = {k: statistics.median(r["first_token_s"] for r in v) for k, v in runs.items()}
+        spread = {k: f"{min(r['tokens_per_s'] for r in v):.1f}-{max(r['tokens_per_s'] for r in v):.1f}"
+                  for k, v in runs.items()}
+        quiet = max(loads) <= 0.5 * cores
+        ratio = med["vishwam"] / med["transformers"]
+        verdict = (f"ratio {ratio:.2f}x ({'met' if ratio >= 1.2 else 'NOT met'}: goal 1.2x)" if quiet else
+                   f"ratio not reported: {max(loads):.2f} other runnable tasks > 0.5 x {cores} cores (unreliable)")
+        print(f"{label}: transformers {med['transformers']:.1f} tok/s [{spread['transformers']}], first token "
+              f"{first['transformers'] * 1e3:.0f} ms; vishwam {med['vishwam']:.1f} tok/s [{spread['vishwam']}], "
+              f"first token {first['vishwam'] * 1e3:.0f} ms; {verdict}", flush=True)
+        ok &= quiet and ratio >= 1.2
+    return ok
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -259,13 +369,19 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train shapes: {', '.join(TRAIN_SHAPES)}")
     parser.add_argument("--skip-numerics", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--generate", action="store_true", help="also compare generation (GENERATE_CASES)")
+    parser.add_argument("--cases", default=None, help="comma-separated GENERATE_CASES indices (default: all)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations per process")
     parser.add_argument("--train-one", nargs=2, metavar=("FRAMEWORK", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--generate-one", nargs=2, metavar=("FRAMEWORK", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    if args.train_one:
+    if args.train_one or args.generate_one:
         import json
 
-        print(json.dumps(train_one(*args.train_one, args.steps)))
+        result = (train_one(*args.train_one, args.steps) if args.train_one else
+                  generate_one(args.generate_one[0], int(args.generate_one[1]), args.repeats))
+        print(json.dumps(result))
         return 0
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
@@ -292,6 +408,13 @@ def main(argv=None) -> int:
               "alternated):", flush=True)
         goal = train_alternating([s for s in args.shapes.split(",") if s], args.pairs, args.steps)
         print(f"speed goal (vishwam >= 1.2x transformers on every shape, quiet machine): "
+              f"{'met' if goal else 'NOT met'}")
+    if args.generate:
+        print("generation, tokens/s (fp32, same weights, KV cache on both sides, no EOS; whole processes "
+              "alternated):", flush=True)
+        cases = range(len(GENERATE_CASES)) if args.cases is None else [int(c) for c in args.cases.split(",")]
+        goal = generate_alternating(list(cases), args.pairs, args.repeats)
+        print(f"generation goal (vishwam >= 1.2x transformers in every case, quiet machine): "
               f"{'met' if goal else 'NOT met'}")
     return 0 if ok else 1
 

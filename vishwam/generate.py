@@ -17,6 +17,13 @@ draws the same tokens from the same key. Note the draw for a row depends on the
 whole batch's shape: the same prompt in another batch samples differently
 (greedy decoding does not).
 
+Speed on CPU: the decode steps run on `VishwamAI.decode_layers()` (each layer's
+weights, and each expert's, as arrays of their own: XLA:CPU would otherwise copy
+them out of the stacked arrays at every token), kept for the last model used, so
+generation holds a second copy of the layer weights while that model lives; the
+KV cache is updated in place and attention reads only its filled blocks
+(`vishwam.nn.attention.cached_attention`). Other backends scan over the stacked weights.
+
 A new compile happens per prompt width `P`, `max_new_tokens`, `top_k`, and
 whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
 and of the `eos_id`s are traced, so changing them does not recompile (their number does).
