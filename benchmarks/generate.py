@@ -52,10 +52,10 @@ def interleaved_steps(model, prompt, new: int, early: int, late: int, pairs: int
     on one cache of `prompt + new - 1` slots, so that load drift hits both alike."""
     dynamic, _ = _prepare(model, prompt, new, None, 0.0, None, None, None, None, 0, "benchmark")
     sampling = dict(greedy=True, top_k=None, use_top_p=False)
-    token, cache = _stream_first(model, dynamic["prompt"], dynamic["lengths"], dynamic["temperature"],
+    layers = model.decode_layers()
+    token, cache = _stream_first(model, layers, dynamic["prompt"], dynamic["lengths"], dynamic["temperature"],
                                  dynamic["top_p"], dynamic["key"], cache_len=prompt.shape[1] + new - 1, **sampling)
-    leaves, treedef = _stream_fixed(model, model.decode_layers(), dynamic["temperature"], dynamic["top_p"],
-                                    dynamic["key"])
+    leaves, treedef = _stream_fixed(model, layers, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
     times = {early: [], late: []}
     for _ in range(pairs + 2):  # the first pair compiles and warms up
         for position in (early, late):

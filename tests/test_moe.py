@@ -187,13 +187,34 @@ def test_split_experts_equal_dense_values_and_grads_and_skip_unused_experts(laye
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
-def test_split_experts_refuse_training_and_large_token_counts(layer, x):
+def test_split_experts_over_many_tokens_equal_dense(layer):
+    """Above `SPLIT_ALL_ROWS_TOKENS` (prefill) each expert loops over its own blocks: values
+    equal dense (this path is inference-only: its loops have run-time bounds, so no gradients)."""
+    split = split_experts(layer.experts)
+    cases = [(name, x, routing, block) for name, x, routing, block in _grouped_cases(np.random.default_rng(6))
+             if x.shape[0] > 1]
+    tokens = moe_module.SPLIT_ALL_ROWS_TOKENS + 11
+    x = jax.random.normal(jax.random.key(7), (tokens, D))
+    rng = np.random.default_rng(7)
+    for name in sorted(ROUTINGS):
+        indices = np.concatenate([ROUTINGS[name](rng), ROUTINGS[name](rng)])[:tokens]
+        cases.append((name, x, _routing(indices), 16))
+    run = jax.jit(lambda x, ex, sp, r, b: (dispatch_dense(x, ex, r)[0], dispatch_split(x, sp, r, block_size=b)[0]),
+                  static_argnums=4)
+    for name, xs, routing, block in cases:
+        if xs.shape[0] <= moe_module.SPLIT_ALL_ROWS_TOKENS:
+            xs = jnp.concatenate([xs] * 3)[:moe_module.SPLIT_ALL_ROWS_TOKENS + 1]
+            routing = Routing(*(jnp.concatenate([a] * 3)[:xs.shape[0]] for a in routing))
+        ref, y = run(xs, layer.experts, split, routing, block)
+        assert float(jnp.max(jnp.abs(ref))) > 1e-4, name
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_split_experts_refuse_training(layer, x):
     split_layer = eqx.tree_at(lambda m: m.experts, layer, split_experts(layer.experts))
     np.testing.assert_allclose(split_layer(x, inference=True)[0], layer(x, inference=True)[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="inference only"):
         split_layer(x)
-    with pytest.raises(ValueError, match="SPLIT_MAX_TOKENS"):
-        dispatch_split(jnp.zeros((65, D)), split_layer.experts, _routing(np.zeros((65, K), np.int32)))
 
 
 def test_grouped_in_bfloat16_matches_dense_in_bfloat16(layer, x):

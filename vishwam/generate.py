@@ -39,7 +39,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .model import KVCache, VishwamAI
-from .nn.moe import SPLIT_MAX_TOKENS
 
 _PromptLike = Int[Array, "batch prompt"] | Int[np.ndarray, "batch prompt"]
 _LengthsLike = Int[Array, " batch"] | Int[np.ndarray, " batch"]
@@ -171,12 +170,11 @@ def _is_eos(tokens, eos_ids):
 _DECODE_LAYERS: list = []  # [(weakref to the model, its decode_layers())]: the last model only
 
 
-def _decode_layers(model: VishwamAI, batch: int):
-    """The model's `decode_layers()` for the decode steps on a single CPU device, or None
-    (other backends and sharded models scan over the stacked weights; so do batches
-    beyond `SPLIT_MAX_TOKENS`, where split experts would compute too many rows). Kept
-    for the last model seen, so repeated calls copy the weights once; released with it."""
-    if jax.default_backend() != "cpu" or batch > SPLIT_MAX_TOKENS or len(model.embed.devices()) > 1:
+def _decode_layers(model: VishwamAI):
+    """The model's `decode_layers()` for prefill and decode on a single CPU device, or None
+    (other backends and sharded models scan over the stacked weights). Kept for the last
+    model seen, so repeated calls copy the weights once; released with it."""
+    if jax.default_backend() != "cpu" or len(model.embed.devices()) > 1:
         return None
     if _DECODE_LAYERS and _DECODE_LAYERS[0][0]() is model:
         return _DECODE_LAYERS[0][1]
@@ -194,13 +192,14 @@ def _padded_buffer(prompt, lengths, total: int, pad_id: int):
     return jnp.full((prompt.shape[0], total), pad_id, jnp.int32).at[:, :width].set(prompt)
 
 
-def _prefill(model: VishwamAI, prompt, lengths, cache_len: int):
-    """Run the padded prompts through the model, filling a fresh cache; logits at each row's last token."""
+def _prefill(model: VishwamAI, layers, prompt, lengths, cache_len: int):
+    """Run the padded prompts through the model (over `layers` if given, see
+    `VishwamAI.decode`), filling a fresh cache; logits at each row's last token."""
     batch, width = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
     # Padding writes junk at slots >= length; a row's decode step overwrites its slot before
     # reading it, and slots past a row's position are masked.
-    logits, cache = model.decode(prompt, positions, model.init_cache(batch, cache_len))
+    logits, cache = model.decode(prompt, positions, model.init_cache(batch, cache_len), layers)
     return logits[jnp.arange(batch), lengths - 1], cache
 
 
@@ -244,7 +243,7 @@ def _generate_cached(model: VishwamAI, layers, prompt, lengths, temperature, top
                      return_logits: bool, **static):
     total = prompt.shape[1] + static["max_new_tokens"]
     # The last generated token is never fed back, so the cache needs total - 1 slots.
-    first_logits, cache = _prefill(model, prompt, lengths, total - 1)
+    first_logits, cache = _prefill(model, layers, prompt, lengths, total - 1)
 
     def next_logits(cache: KVCache, tokens, prev, positions):
         logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
@@ -311,7 +310,7 @@ def generate(
     """
     dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
                                eos_id, pad_id, "generate")
-    layers = _decode_layers(model, dynamic["prompt"].shape[0])
+    layers = _decode_layers(model)
     tokens, lengths, logits = _generate_cached(model, layers, **dynamic, return_logits=return_logits, **static)
     return (tokens, lengths, logits) if return_logits else (tokens, lengths)
 
@@ -342,9 +341,9 @@ def generate_without_cache(
 
 # --------------------------------------------------------------------- streaming
 @eqx.filter_jit
-def _stream_first(model: VishwamAI, prompt, lengths, temperature, top_p, key, *, cache_len: int, greedy: bool,
-                  top_k, use_top_p: bool):
-    logits, cache = _prefill(model, prompt, lengths, cache_len)
+def _stream_first(model: VishwamAI, layers, prompt, lengths, temperature, top_p, key, *, cache_len: int,
+                  greedy: bool, top_k, use_top_p: bool):
+    logits, cache = _prefill(model, layers, prompt, lengths, cache_len)
     tok = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p)
     return tok, cache
@@ -398,10 +397,10 @@ def generate_stream(
     lengths = dynamic["lengths"]
     prompt = _padded_buffer(dynamic["prompt"], lengths, dynamic["prompt"].shape[1], pad_id)
     cache_len = prompt.shape[1] + max_new_tokens - 1
-    tok, cache = _stream_first(model, prompt, lengths, dynamic["temperature"], dynamic["top_p"], dynamic["key"],
-                               cache_len=cache_len, **sampling)
-    leaves, treedef = _stream_fixed(model, _decode_layers(model, prompt.shape[0]), dynamic["temperature"],
-                                    dynamic["top_p"], dynamic["key"])
+    layers = _decode_layers(model)
+    tok, cache = _stream_first(model, layers, prompt, lengths, dynamic["temperature"], dynamic["top_p"],
+                               dynamic["key"], cache_len=cache_len, **sampling)
+    leaves, treedef = _stream_fixed(model, layers, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
     done = np.zeros(lengths.shape, bool)
     for t in range(max_new_tokens):
         if t > 0:

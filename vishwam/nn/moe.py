@@ -171,34 +171,55 @@ def split_experts(experts: Experts) -> SplitExperts:
     return SplitExperts(split(experts.gate), split(experts.up), split(experts.down))
 
 
-SPLIT_MAX_TOKENS = 64
-"""Most tokens per call `dispatch_split` takes: it runs each used expert on every
-token (memory-bound, so nearly free, at decode batch sizes)."""
+SPLIT_ALL_ROWS_TOKENS = 64
+"""Up to this many tokens `dispatch_split` runs each used expert on every token
+(memory-bound, so nearly free, at decode batch sizes); above it, on its own rows only."""
 
 
 def dispatch_split(
     x: Float[Array, "tokens hidden"],
     experts: SplitExperts,
     routing: Routing,
+    *,
+    block_size: int = 128,
 ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
-    """Every expert that some token chose, on all tokens, weighted by each token's
-    combine weight for it (0 where it did not choose it); unchosen experts are
-    skipped at run time (`jax.lax.cond`), so decoding one token reads only its k
-    experts' weights. Dropless, equal to `dense`. For at most `SPLIT_MAX_TOKENS`
-    tokens (decode steps); returns the output and the dropped fraction (0)."""
-    tokens = x.shape[0]
-    if tokens > SPLIT_MAX_TOKENS:
-        raise ValueError(f"dispatch_split: {tokens} tokens exceed SPLIT_MAX_TOKENS={SPLIT_MAX_TOKENS}; it is "
-                         "meant for decode steps (use the stacked `Experts` and the grouped dispatch).")
-    combine = combine_matrix(routing, experts.num_experts).astype(x.dtype)  # (T, E), 0 where not chosen
-    y = jnp.zeros_like(x)
-    for e in range(experts.num_experts):
-        def run(y, e=e):
-            gate, up, down = (w[e].astype(x.dtype) for w in (experts.gate, experts.up, experts.down))
-            return y + combine[:, e:e + 1] * ((jax.nn.silu(x @ gate) * (x @ up)) @ down)
+    """The routed experts over per-expert arrays (inference). Dropless, equal to `dense`.
 
-        y = jax.lax.cond(jnp.any(combine[:, e] != 0), run, lambda y: y, y)
-    return y, jnp.zeros((), jnp.float32)
+    Up to `SPLIT_ALL_ROWS_TOKENS` tokens (decode steps): every expert that some token
+    chose runs on all tokens, weighted by each token's combine weight for it (0 where
+    it did not choose it); unchosen experts are skipped at run time (`jax.lax.cond`),
+    so decoding one token reads only its k experts' weights. More tokens (prefill):
+    the assignments are sorted into blocks as in `dispatch_grouped`, and each expert
+    loops over its own blocks only (a `fori_loop` with run-time bounds: no padding
+    blocks, no weight copies). The second path is not reverse-differentiable.
+
+    Returns the output and the dropped fraction (always 0).
+    """
+    tokens, k = routing.indices.shape
+    dt = x.dtype
+    mlp = lambda rows, e: (jax.nn.silu(rows @ experts.gate[e].astype(dt)) * (rows @ experts.up[e].astype(dt))  # noqa: E731
+                           ) @ experts.down[e].astype(dt)
+    if tokens <= SPLIT_ALL_ROWS_TOKENS:
+        combine = combine_matrix(routing, experts.num_experts).astype(dt)  # (T, E), 0 where not chosen
+        y = jnp.zeros_like(x)
+        for e in range(experts.num_experts):
+            y = jax.lax.cond(jnp.any(combine[:, e] != 0), lambda y, e=e: y + combine[:, e:e + 1] * mlp(x, e),
+                             lambda y: y, y)
+        return y, jnp.zeros((), jnp.float32)
+    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
+    layout = assign_blocks(routing.indices, experts.num_experts, block)
+    counts = jnp.zeros((experts.num_experts,), jnp.int32).at[routing.indices.reshape(-1)].add(1)
+    blocks_per_expert = (counts + block - 1) // block
+    ends = jnp.cumsum(blocks_per_expert)
+    rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0).reshape(-1, block, x.shape[-1])
+    out = jnp.zeros_like(rows)
+    for e in range(experts.num_experts):
+        def one_block(b, out, e=e):
+            return jax.lax.dynamic_update_index_in_dim(out, mlp(rows[b], e), b, 0)
+
+        out = jax.lax.fori_loop(ends[e] - blocks_per_expert[e], ends[e], one_block, out)
+    picked = jnp.take(out.reshape(-1, x.shape[-1]), layout.row, axis=0)  # (T, k, D)
+    return jnp.einsum("tkd,tk->td", picked, routing.weights.astype(dt)), jnp.zeros((), jnp.float32)
 
 
 class Fp8Spec(NamedTuple):
