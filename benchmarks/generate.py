@@ -56,13 +56,13 @@ def interleaved_steps(model, prompt, new: int, early: int, late: int, pairs: int
     token, cache = _stream_first(model, layers, dynamic["prompt"], dynamic["lengths"], dynamic["temperature"],
                                  dynamic["top_p"], dynamic["key"], cache_len=prompt.shape[1] + new - 1, **sampling)
     leaves, treedef = _stream_fixed(model, layers, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    step = _stream_step(treedef, **sampling)
     times = {early: [], late: []}
     for _ in range(pairs + 2):  # the first pair compiles and warms up
         for position in (early, late):
             start = time.perf_counter()
-            positions = jnp.full((prompt.shape[0],), position, jnp.int32)
-            token, cache = _stream_step(leaves, cache, token, positions, jnp.int32(position), treedef=treedef,
-                                        **sampling)
+            # Step t feeds its token at `lengths + t - 1`; every row's length is the prompt width.
+            token, cache = step(leaves, cache, token, dynamic["lengths"], np.int32(position - prompt.shape[1] + 1))
             jax.block_until_ready(token)
             times[position].append(time.perf_counter() - start)
     return statistics.median(times[early][2:]), statistics.median(times[late][2:])

@@ -261,13 +261,14 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
 
 # --------------------------------------------------------------------- generation
 # (shape, batch, prompt, new tokens, sampled): the issue-20 table (prompt 32 + 256 new,
-# greedy, batch 1 and 8), sampling at batch 8, and prompt 512 + 512 new.
+# greedy, batch 1 and 8), sampling at batch 8, prompt 512 + 512 new, sampling at batch 1.
 GENERATE_CASES = [
     ("dense", 1, 32, 256, False), ("dense", 8, 32, 256, False),
     ("mixtral", 1, 32, 256, False), ("mixtral", 8, 32, 256, False),
     ("dense", 8, 32, 256, True), ("mixtral", 8, 32, 256, True),
     ("dense", 1, 512, 512, False), ("dense", 8, 512, 512, False),
     ("mixtral", 1, 512, 512, False), ("mixtral", 8, 512, 512, False),
+    ("dense", 1, 32, 256, True), ("mixtral", 1, 32, 256, True),
 ]
 SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.9)
 

@@ -32,6 +32,8 @@ FLAG_SETS = {
     "ynn dot,eltwise,reduce": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "xnn individual_dot": "--xla_cpu_experimental_xnn_fusion_type=individual_dot",
     "onednn individual_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=individual_dot",
+    "onednn dot + ynn eltwise,reduce": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type="
+                                        "individual_dot --xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"),
     # Numerics-changing (not safe to set from a library): recorded to see what it is worth.
     "fast math": "--xla_cpu_enable_fast_math=true",
     "512-bit vectors": "--xla_cpu_prefer_vector_width=512",

@@ -29,6 +29,7 @@ whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
 and of the `eos_id`s are traced, so changing them does not recompile (their number does).
 """
 
+import functools
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -349,21 +350,32 @@ def _stream_first(model: VishwamAI, layers, prompt, lengths, temperature, top_p,
     return tok, cache
 
 
-def _stream_step_leaves(leaves, cache: KVCache, prev, positions, t, *, treedef, greedy: bool, top_k,
+def _stream_step_leaves(leaves, cache: KVCache, prev, lengths, t, *, treedef, greedy: bool, top_k,
                         use_top_p: bool):
-    """One decode step and its sample. The fixed inputs (model, decode layers, sampling
-    values) come as the flat leaves of `treedef`, flattened once per stream: the pytree of
-    a whole model takes milliseconds to flatten in Python, as long as a small model's step."""
+    """Token `t` of every row: feed `prev` (token `t - 1`) at `lengths + t - 1`, sample.
+    The fixed inputs (model, decode layers, sampling values) come as the flat leaves of
+    `treedef`, flattened once per stream: the pytree of a whole model takes milliseconds
+    to flatten in Python, as long as a small model's step."""
     model, layers, temperature, top_p, key = jax.tree_util.tree_unflatten(treedef, leaves)
+    positions = lengths + t - 1
     logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
     tok = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p)
     return tok, cache
 
 
-# The cache is donated: updated in place.
-_stream_step = jax.jit(_stream_step_leaves, static_argnames=("treedef", "greedy", "top_k", "use_top_p"),
-                       donate_argnums=(1,))
+_STREAM_STEPS: dict = {}  # (treedef, sampling flags) -> jitted step: no static arguments to hash per token
+
+
+def _stream_step(treedef, *, greedy: bool, top_k, use_top_p: bool):
+    """The jitted step for these fixed inputs (cache donated: updated in place)."""
+    key = (treedef, greedy, top_k, use_top_p)
+    if key not in _STREAM_STEPS:
+        if len(_STREAM_STEPS) >= 8:
+            _STREAM_STEPS.clear()
+        _STREAM_STEPS[key] = jax.jit(functools.partial(_stream_step_leaves, treedef=treedef, greedy=greedy,
+                                                       top_k=top_k, use_top_p=use_top_p), donate_argnums=(1,))
+    return _STREAM_STEPS[key]
 
 
 def _stream_fixed(model: VishwamAI, layers, temperature, top_p, key):
@@ -401,15 +413,17 @@ def generate_stream(
     tok, cache = _stream_first(model, layers, prompt, lengths, dynamic["temperature"], dynamic["top_p"],
                                dynamic["key"], cache_len=cache_len, **sampling)
     leaves, treedef = _stream_fixed(model, layers, dynamic["temperature"], dynamic["top_p"], dynamic["key"])
+    step = _stream_step(treedef, **sampling)
     done = np.zeros(lengths.shape, bool)
     for t in range(max_new_tokens):
-        if t > 0:
-            tok, cache = _stream_step(leaves, cache, jnp.asarray(tok), lengths + (t - 1), jnp.int32(t),
-                                      treedef=treedef, **sampling)
+        # Token t+1 is dispatched before token t is read back, so the device computes it while
+        # Python hands token t over (rows that stopped are fed junk: their output is replaced).
+        following = step(leaves, cache, tok, lengths, np.int32(t + 1)) if t + 1 < max_new_tokens else None
         out = np.where(done, pad_id, np.asarray(tok))
         yield out, ~done
         if stop_ids:
             done = done | np.isin(out, stop_ids)
             if done.all():
                 return
-        tok = out
+        if following is not None:
+            tok, cache = following
