@@ -109,6 +109,7 @@ def test_assign_blocks_on_a_hand_example():
     np.testing.assert_array_equal(blocks.source, [0, 1, 2, pad, 0, 2, 1, pad])
     np.testing.assert_array_equal(blocks.row, [[0, 4], [1, 6], [5, 2]])
     np.testing.assert_array_equal(blocks.expert, [0, 0, 1, 2])
+    np.testing.assert_array_equal(blocks.ends, [2, 3, 4])  # expert e's blocks: ends[e-1] .. ends[e]-1
 
 
 def test_grouped_block_size_shrinks_for_few_tokens():

@@ -113,7 +113,11 @@ class TPUMultiHeadAttention(eqx.Module):
         impl = self.implementation if self.use_flash_attn else "reference"
         out = flash_attention(q, k, v, block_size=self.block_size, implementation=impl,
                               sm_scale=1.0 / math.sqrt(self.head_dim), **kwargs)
-        b, t = q.shape[:2]
+        return self._output(out)
+
+    def _output(self, out):
+        """`[batch, seq, heads, head_dim]` attention output -> the output projection."""
+        b, t = out.shape[:2]
         out = checkpoint_name(out, "attention_output")
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -169,9 +173,7 @@ class TPUMultiHeadAttention(eqx.Module):
             v_cache = v_cache.at[layer, rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
             out = cached_attention(q, k_cache, v_cache, layer, positions, block=self.block_size,
                                    window=self.sliding_window, sm_scale=1.0 / math.sqrt(self.head_dim))
-            b, t = q.shape[:2]
-            out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-            return out, k_cache, v_cache
+            return self._output(out), k_cache, v_cache
 
 
 def cached_attention(

@@ -195,7 +195,7 @@ def dispatch_split(
 
     Returns the output and the dropped fraction (always 0).
     """
-    tokens, k = routing.indices.shape
+    tokens = routing.indices.shape[0]
     dt = x.dtype
     mlp = lambda rows, e: (jax.nn.silu(rows @ experts.gate[e].astype(dt)) * (rows @ experts.up[e].astype(dt))  # noqa: E731
                            ) @ experts.down[e].astype(dt)
@@ -206,20 +206,17 @@ def dispatch_split(
             y = jax.lax.cond(jnp.any(combine[:, e] != 0), lambda y, e=e: y + combine[:, e:e + 1] * mlp(x, e),
                              lambda y: y, y)
         return y, jnp.zeros((), jnp.float32)
-    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
-    layout = assign_blocks(routing.indices, experts.num_experts, block)
-    counts = jnp.zeros((experts.num_experts,), jnp.int32).at[routing.indices.reshape(-1)].add(1)
-    blocks_per_expert = (counts + block - 1) // block
-    ends = jnp.cumsum(blocks_per_expert)
-    rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0).reshape(-1, block, x.shape[-1])
-    out = jnp.zeros_like(rows)
-    for e in range(experts.num_experts):
-        def one_block(b, out, e=e):
-            return jax.lax.dynamic_update_index_in_dim(out, mlp(rows[b], e), b, 0)
 
-        out = jax.lax.fori_loop(ends[e] - blocks_per_expert[e], ends[e], one_block, out)
-    picked = jnp.take(out.reshape(-1, x.shape[-1]), layout.row, axis=0)  # (T, k, D)
-    return jnp.einsum("tkd,tk->td", picked, routing.weights.astype(dt)), jnp.zeros((), jnp.float32)
+    def run(rows, layout):
+        out = jnp.zeros_like(rows)
+        for e in range(experts.num_experts):
+            def one_block(b, out, e=e):
+                return jax.lax.dynamic_update_index_in_dim(out, mlp(rows[b], e), b, 0)
+
+            out = jax.lax.fori_loop(layout.ends[e - 1] if e else 0, layout.ends[e], one_block, out)
+        return out
+
+    return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
 
 
 class Fp8Spec(NamedTuple):
@@ -342,12 +339,14 @@ class Blocks(NamedTuple):
 
     `source[r]` is the token that fills row `r` (`tokens` = padding row),
     `row[t, j]` the row of token `t`'s j-th choice, `expert[b]` block `b`'s expert
-    (trailing unused blocks, all padding, get the last expert).
+    (trailing unused blocks, all padding, get the last expert), `ends[e]` the block
+    after expert `e`'s run (its run is the blocks `ends[e - 1]` to `ends[e] - 1`).
     """
 
     source: Int[Array, " rows"]
     row: Int[Array, "tokens k"]
     expert: Int[Array, " blocks"]
+    ends: Int[Array, " experts"]
 
 
 def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int) -> Blocks:
@@ -367,7 +366,8 @@ def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int)
     source = jnp.full((num_blocks * block,), tokens, jnp.int32).at[row_sorted].set(order // k)
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
     block_expert = jnp.searchsorted(padded_ends, starts, side="right").astype(jnp.int32)
-    return Blocks(source, row.reshape(tokens, k), jnp.minimum(block_expert, num_experts - 1))
+    return Blocks(source, row.reshape(tokens, k), jnp.minimum(block_expert, num_experts - 1),
+                  (padded_ends // block).astype(jnp.int32))
 
 
 @jax.custom_vjp
@@ -460,15 +460,20 @@ def dispatch_grouped(
 
     Dropless. Returns the output and the dropped fraction (always 0).
     """
+    run = lambda rows, layout: grouped_ffn(rows, layout.expert, experts.gate, experts.up, experts.down, fp8)  # noqa: E731
+    return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
+
+
+def _through_blocks(x, routing: Routing, num_experts: int, block_size: int, run):
+    """Assignments sorted into expert blocks (`assign_blocks`), `run(rows [blocks, block, D],
+    layout) -> [blocks, block, D]` over them, and each token's k outputs combined."""
     tokens, k = routing.indices.shape
-    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
-    layout = assign_blocks(routing.indices, experts.num_experts, block)
+    block = grouped_block_size(tokens * k, num_experts, block_size)
+    layout = assign_blocks(routing.indices, num_experts, block)
     rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0)  # (blocks*block, D)
-    rows = rows.reshape(-1, block, x.shape[-1])  # (blocks, block, D)
-    out = grouped_ffn(rows, layout.expert, experts.gate, experts.up, experts.down, fp8)
+    out = run(rows.reshape(-1, block, x.shape[-1]), layout)  # (blocks, block, D)
     picked = jnp.take(out.reshape(-1, x.shape[-1]), layout.row, axis=0)  # (T, k, D)
-    y = jnp.einsum("tkd,tk->td", picked, routing.weights.astype(x.dtype))
-    return y, jnp.zeros((), jnp.float32)
+    return jnp.einsum("tkd,tk->td", picked, routing.weights.astype(x.dtype))
 
 
 DISPATCHES = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged,
