@@ -18,7 +18,7 @@ per copy (so the tokenizer's encode cache cannot answer from memory).
 Streaming preparation (issue 17), with `--prepare-mb SIZE [SIZE ...]`: for each size, a
 generated JSONL corpus of about SIZE MB of text (and the same rows as parquet) is
 prepared by `scripts/prepare_data.py`-equivalent code (`vishwam.data.prepare_corpus`) in
-a fresh subprocess each, reporting its peak RSS (goal <= 1.5 GB whatever the size) and
+a fresh subprocess each, reporting its peak RSS and its encoding workers' (goal <= 1.5 GB whatever the size) and
 tokens/s, against single-threaded raw SentencePiece (`encode(list, num_threads=1)` over
 the same JSONL, also in a subprocess) in the same run; then the time from a new process's
 `load_prepared` to its first training batch (imports and tokenizer loading excluded
@@ -153,9 +153,12 @@ def _child(argv: list[str]) -> None:
         from vishwam.tokenizer import VishwamAITokenizer
 
         tokenizer = VishwamAITokenizer.from_pretrained(tokenizer_dir)
+        watcher = _WorkerMemory()
         start = time.perf_counter()
-        result = prepare_corpus(corpus, tokenizer, out, chunk_chars=int(float(argv[4]) * 2**20))
+        result = prepare_corpus(corpus, tokenizer, out, chunk_chars=int(float(argv[4]) * 2**20),
+                                workers=None if argv[5] == "auto" else int(argv[5]))
         tokens = result.num_tokens
+        workers_rss = watcher.stop()
     elif kind == "raw":
         import sentencepiece as spm
 
@@ -183,7 +186,42 @@ def _child(argv: list[str]) -> None:
     # VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec.
     with open("/proc/self/status") as f:
         peak_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_rss": peak_rss}))
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_rss": peak_rss,
+                      "workers_rss": workers_rss if kind == "prepare" else 0}))
+
+
+class _WorkerMemory:
+    """Peak resident memory of this process's child processes (the encoding workers): each
+    child's VmHWM as last read (every 20 ms while it lives), summed over the children. The
+    last reading, not the largest: read between fork and exec, a child shows the parent's."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+        while not self._stop.wait(0.02):
+            try:
+                pids = open(children).read().split()
+            except OSError:
+                return
+            for pid in pids:
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+                except (OSError, StopIteration):
+                    continue
+                self.peaks[int(pid)] = hwm
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.peaks.values())
 
 
 def _measure(*argv: str) -> dict:
@@ -223,13 +261,14 @@ def prepare_benchmark(args) -> None:
                       f"load {os.getloadavg()[0]:.1f})", flush=True)
             for kind, path in (("jsonl", jsonl), ("parquet", parquet)):
                 out = tmp / f"prepared-{size}-{kind}"
-                m = _measure("prepare", str(path), str(tmp / "tokenizer"), str(out), str(args.chunk_mb))
+                m = _measure("prepare", str(path), str(tmp / "tokenizer"), str(out), str(args.chunk_mb), args.workers)
                 first = _measure("first", "-", "-", str(out))
                 rate = m["tokens"] / m["seconds"]
                 rows.append((size, kind, m["tokens"], m["seconds"], rate, rate / raw_rate, m["peak_rss"],
-                             first["seconds"], os.getloadavg()[0]))
+                             m["workers_rss"], first["seconds"], os.getloadavg()[0]))
                 print(f"  prepare {kind:>7}: {m['tokens']:,} tokens in {m['seconds']:.1f} s = {rate:,.0f} tok/s "
-                      f"({rate / raw_rate:.2f}x raw 1-thread SP), peak RSS {m['peak_rss'] / 2**20:,.0f} MiB; "
+                      f"({rate / raw_rate:.2f}x raw 1-thread SP), peak RSS {m['peak_rss'] / 2**20:,.0f} MiB "
+                      f"+ workers {m['workers_rss'] / 2**20:,.0f} MiB; "
                       f"first batch {first['seconds']:.2f} s (peak RSS {first['peak_rss'] / 2**20:,.0f} MiB); "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
                 import shutil
@@ -237,11 +276,12 @@ def prepare_benchmark(args) -> None:
                 shutil.rmtree(out)
             jsonl.unlink()
             parquet.unlink()
-    print("\n| corpus | format | tokens | prepare (s) | tok/s | vs raw 1-thread SP | peak RSS | first batch | load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for size, kind, tokens, seconds, rate, ratio, rss, first, load in rows:
+    print("\n| corpus | format | tokens | prepare (s) | tok/s | vs raw 1-thread SP | peak RSS | + workers | "
+          "first batch | load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, kind, tokens, seconds, rate, ratio, rss, workers_rss, first, load in rows:
         print(f"| {size} MB | {kind} | {tokens:,} | {seconds:.1f} | {rate:,.0f} | {ratio:.2f}x | "
-              f"{rss / 2**20:,.0f} MiB | {first:.2f} s | {load:.1f} |")
+              f"{rss / 2**20:,.0f} MiB | {workers_rss / 2**20:,.0f} MiB | {first:.2f} s | {load:.1f} |")
 
 
 def main():
@@ -257,6 +297,8 @@ def main():
     parser.add_argument("--prepare-mb", type=float, nargs="+", metavar="SIZE",
                         help="streaming-preparation benchmark at these corpus sizes (MB of text) instead")
     parser.add_argument("--chunk-mb", type=float, default=1.0, help="preparation chunk (MB of text)")
+    parser.add_argument("--workers", default="auto",
+                        help="encoding processes for the preparation (default auto: one per core)")
     parser.add_argument("--workdir", help="where the generated corpora go (default: the system temp dir)")
     args = parser.parse_args()
     if args.prepare_mb:

@@ -7,7 +7,8 @@
 SOURCE is one or more text/.jsonl/.parquet/.csv files or globs (all tables, or all
 text), as for `scripts/train.py --data`. The corpus is read and encoded in chunks of
 about --chunk-mb MB of text, so memory stays near two chunks whatever the corpus
-size; the token arrays are appended to files in a temporary folder that is renamed
+size; from the second chunk on, --workers processes (default: one per core) encode
+whole chunks in turn, so every core encodes all the time; the token arrays are appended to files in a temporary folder that is renamed
 to --out at the end, so an interrupted run leaves no --out (run it again). --out
 gets `tokens.npy`, `offsets.npy`, `doc_hashes.npy`, `meta.json` and `tokenizer/`.
 Exit codes: 0 done, 2 bad input (the message says what to fix).
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(e.g. '\\n\\n'; default: one document per file)")
     p.add_argument("--add-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--chunk-mb", type=float, default=1.0, help="MB of text read and encoded at a time")
+    p.add_argument("--workers", type=int, help="encoding processes (default: one per usable core; 1: this "
+                   "process only, with SentencePiece's threads)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.chunk_mb <= 0:
             raise ValueError(f"--chunk-mb must be > 0, got {args.chunk_mb}.")
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}.")
         tokenizer = VishwamAITokenizer.from_pretrained(args.tokenizer)
         source = as_source(args.sources)
         if isinstance(source, TableFiles):
@@ -48,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             source = TextFiles(source.patterns, separator=args.separator.encode().decode("unicode_escape"))
         corpus = prepare_corpus(source, tokenizer, args.out, add_bos=args.add_bos,
                                 chunk_chars=int(args.chunk_mb * 2**20), progress=not args.no_progress,
-                                overwrite=args.overwrite)
-    except (ValueError, TypeError, OSError) as error:
+                                overwrite=args.overwrite, workers=args.workers)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - began

@@ -191,3 +191,83 @@ def test_prepare_data_script_writes_a_directory_that_loads_and_refuses_to_overwr
     assert trained.returncode == 0, trained.stderr
     assert f"tokenizer: {tmp_path / 'prepared' / 'tokenizer'}" in trained.stdout
     assert f"{train.rows.num_tokens:,} train tokens" in trained.stdout
+
+
+class _CountingPool(data.token_cache.EncodePool):
+    """The real pool, counting the chunks its workers encoded (proof that they ran);
+    `kill_after` kills worker 0 once that many chunks came back."""
+
+    chunks, kill_after = 0, None
+
+    def _receive(self, i):
+        result = super()._receive(i)
+        type(self).chunks += 1
+        if type(self).chunks == type(self).kill_after:
+            self._procs[0].kill()
+        return result
+
+
+@pytest.fixture
+def counting_pool(monkeypatch):
+    _CountingPool.chunks, _CountingPool.kill_after = 0, None
+    monkeypatch.setattr(data.token_cache, "EncodePool", _CountingPool)
+    return _CountingPool
+
+
+def _tricky_documents(n: int) -> list[str]:
+    rng = np.random.default_rng(7)
+    words = ["the", "expert", "▁literal", "<s>", "</s>", "é", "→ß", "  two  spaces", "\n", "tab\t", "1234", "😀"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scheme", [None, "first"])
+def test_encoding_workers_write_the_same_bytes_as_one_process(tmp_path, tokenizer_dir, counting_pool, scheme):
+    from vishwam.tokenizer import VishwamAITokenizer
+
+    tok = VishwamAITokenizer.from_pretrained(tokenizer_dir, prepend_scheme=scheme)
+    documents = _tricky_documents(600)  # with literal U+2581 and special-token text: the slow paths
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    for add_bos in (False, True):
+        one = data.tokenize_source(jsonl, tok, cache_dir=tmp_path / "one", chunk_chars=2048, add_bos=add_bos,
+                                   workers=1)
+        assert counting_pool.chunks == 0
+        two = data.tokenize_source(jsonl, tok, cache_dir=tmp_path / "two", chunk_chars=2048, add_bos=add_bos,
+                                   workers=2)
+        assert counting_pool.chunks > 20  # every chunk went through a worker process
+        counting_pool.chunks = 0
+        assert one.key == two.key
+        for name in ("tokens.npy", "offsets.npy", "doc_hashes.npy", "meta.json"):
+            assert (tmp_path / "one" / one.key / name).read_bytes() == (tmp_path / "two" / two.key / name).read_bytes()
+        ids = tok.batch_encode(documents, add_bos=add_bos)
+        expected = np.concatenate([row + [tok.eos_id] for row in ids])
+        np.testing.assert_array_equal(two.tokens, expected)
+        hashes = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little") for d in documents]
+        np.testing.assert_array_equal(two.doc_hashes, np.array(hashes, dtype=np.uint64))
+    # More workers than chunks, and the in-memory path.
+    few = data.tokenize_source(data.Texts(documents[:30]), tok, chunk_chars=300, workers=8)
+    np.testing.assert_array_equal(few.tokens, np.concatenate([r + [tok.eos_id] for r in tok.batch_encode(documents[:30])]))
+
+
+def test_a_dead_or_mismatched_worker_is_one_clear_error_and_no_cache(tmp_path, tokenizer_dir, counting_pool):
+    import shutil
+
+    from vishwam.tokenizer import VishwamAITokenizer
+
+    jsonl, _ = write_corpus(tmp_path / "src", 0.1)
+    tok = VishwamAITokenizer.from_pretrained(tokenizer_dir)
+    counting_pool.kill_after = 3
+    with pytest.raises(RuntimeError, match=r"encoding worker 0 failed \(exit code -9\)"):
+        data.tokenize_source(jsonl, tok, cache_dir=tmp_path / "cache", chunk_chars=2048, workers=2)
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary entry was removed, nothing committed
+    # The model file replaced after the tokenizer was loaded: the workers would encode differently.
+    counting_pool.kill_after = None
+    copy = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, copy)
+    moved = VishwamAITokenizer.from_pretrained(copy)
+    VishwamAITokenizer.train(data.default_corpus()[30:40], copy / "tokenizer.model", vocab_size=420,
+                             hard_vocab_limit=False, input_kind="documents")
+    with pytest.raises(RuntimeError, match="rebuilt another tokenizer"):
+        data.tokenize_source(jsonl, moved, chunk_chars=2048, workers=2)
+    with pytest.raises(ValueError, match="workers must be"):
+        data.tokenize_source(jsonl, tok, chunk_chars=2048, workers=0)

@@ -541,6 +541,14 @@ class VishwamAITokenizer(TokenizerBase):
         atomic_write_bytes(output, model.getvalue())
         return cls(output, max_length=max_length)
 
+    def _worker_spec(self) -> dict[str, Any]:
+        """JSON constructor arguments that rebuild this tokenizer's encoding in another
+        process (`vishwam.data.encode_pool`; the worker checks the fingerprint)."""
+        pad, unk, bos, eos = self._special_tokens
+        return {"class": "VishwamAITokenizer",
+                "arguments": {"model_path": str(self._model_path.resolve()), "pad_token": pad, "unk_token": unk,
+                              "bos_token": bos, "eos_token": eos, "prepend_scheme": self._prepend_scheme}}
+
     # ------------------------------------------------------------------ encoding
 
     def _encode_text(self, text: str) -> list[int]:

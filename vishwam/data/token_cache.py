@@ -1,5 +1,6 @@
 """Tokenisation and the on-disk token cache: a source's documents as one EOS-separated token array."""
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -19,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from vishwam.data.encode_pool import EncodePool, encode_chunk, usable_cores, worker_spec
 from vishwam.data.handoff import put_unless_stopped
 from vishwam.data.sources import Source, SourceText, as_source
 
@@ -74,15 +76,18 @@ _CACHE_VERSION = 1
 
 def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None",
                     tokenizer: object, *, cache_dir: "str | os.PathLike | None" = None,
-                    add_bos: bool = False, chunk_chars: int = 1 << 20, progress: bool = False) -> TokenizedCorpus:
+                    add_bos: bool = False, chunk_chars: int = 1 << 20, progress: bool = False,
+                    workers: int | None = None) -> TokenizedCorpus:
     """Tokenises every document of `source` (see `as_source`), appending EOS to each.
 
     `tokenizer` is a `TokenizerLike` (checked here, with a message naming what
     is missing). The source is streamed (`Source.stream`): pieces of about
     `chunk_chars` characters are read, encoded with one `tokenizer.batch_encode`
-    call each (SentencePiece spreads a call over every core) while the next piece
-    is read on a thread, and appended to the output, so memory holds about two
-    pieces, not the corpus. With `cache_dir`, the output is the cache entry
+    call each while the next piece is read on a thread, and appended to the output,
+    so memory holds a few pieces, not the corpus. A source of more than one piece is
+    encoded by `workers` processes (None: one per usable core; 1: in this process
+    with SentencePiece's threads), each taking whole pieces in turn, the order kept;
+    the output does not depend on `workers`. With `cache_dir`, the output is the cache entry
     `cache_dir/<key>/` (`tokens.npy`, `offsets.npy`, `doc_hashes.npy`,
     `meta.json`), where `key` hashes the source fingerprint, the tokenizer
     fingerprint and `add_bos`; the entry is written in a temporary folder and
@@ -98,7 +103,7 @@ def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.Path
     source = as_source(source)
     meta = _entry_meta(source, tokenizer, add_bos)
     if cache_dir is None:
-        return _corpus(*_encode_stream(source, tokenizer, meta, chunk_chars, progress, _MemoryArrays()),
+        return _corpus(*_encode_stream(source, tokenizer, meta, chunk_chars, progress, _MemoryArrays(), workers),
                        from_cache=False)
     entry = Path(cache_dir) / meta["key"]
     if entry.exists():
@@ -107,16 +112,16 @@ def tokenize_source(source: "Source | str | os.PathLike | Sequence[str | os.Path
         except (OSError, ValueError, KeyError) as e:
             warnings.warn(f"ignoring the token cache entry {entry}: {e}; re-tokenising.", stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
-    _write_entry(entry, source, tokenizer, meta, chunk_chars, progress)
+    _write_entry(entry, source, tokenizer, meta, chunk_chars, progress, workers=workers)
     return dataclasses.replace(_load_entry(entry, meta), from_cache=False)
 
 
 def prepare_corpus(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None", tokenizer: object,
                    out_dir: "str | os.PathLike", *, add_bos: bool = False, chunk_chars: int = 1 << 20,
-                   progress: bool = False, overwrite: bool = False) -> TokenizedCorpus:
+                   progress: bool = False, overwrite: bool = False, workers: int | None = None) -> TokenizedCorpus:
     """Tokenises `source` once into `out_dir` (a token cache entry plus `tokenizer/`) for many runs.
 
-    Streams like `tokenize_source` and commits by renaming a temporary sibling
+    Streams like `tokenize_source` (`workers` as there) and commits by renaming a temporary sibling
     folder, so `out_dir` either does not exist or is complete. Load it with
     `load_prepared(out_dir, tokenizer)` (or `scripts/train.py --data out_dir`).
 
@@ -136,7 +141,7 @@ def prepare_corpus(source: "Source | str | os.PathLike | Sequence[str | os.PathL
         if out.exists():
             shutil.rmtree(out)
 
-    _write_entry(out, source, tokenizer, meta, chunk_chars, progress, before_commit=finish)
+    _write_entry(out, source, tokenizer, meta, chunk_chars, progress, before_commit=finish, workers=workers)
     return dataclasses.replace(_load_entry(out, meta), from_cache=False)
 
 
@@ -188,7 +193,8 @@ def _entry_meta(source: Source, tokenizer: object, add_bos: bool) -> dict[str, A
 
 
 def _write_entry(entry: Path, source: Source, tokenizer: TokenizerLike, meta: dict[str, Any], chunk_chars: int,
-                 progress: bool, before_commit: Callable[[Path], None] | None = None) -> None:
+                 progress: bool, before_commit: Callable[[Path], None] | None = None,
+                 workers: int | None = None) -> None:
     """Streams `source` into a temporary folder beside `entry`, then renames it to `entry`
     (`before_commit(folder)` runs just before)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +206,7 @@ def _write_entry(entry: Path, source: Source, tokenizer: TokenizerLike, meta: di
                 _NpyAppender(tmp / "offsets.npy", np.dtype(np.int64)) as offsets, \
                 _NpyAppender(tmp / "doc_hashes.npy", np.dtype(np.uint64)) as doc_hashes:
             _, _, _, meta = _encode_stream(source, tokenizer, meta, chunk_chars, progress,
-                                           _FileArrays(tokens, offsets, doc_hashes))
+                                           _FileArrays(tokens, offsets, doc_hashes), workers)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if before_commit is not None:
             before_commit(tmp)
@@ -300,32 +306,28 @@ class _FileArrays:
 
 
 def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any], chunk_chars: int,
-                   progress: bool, sink) -> tuple[Any, Any, Any, dict[str, Any]]:
+                   progress: bool, sink, workers: int | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Encodes `source.stream(chunk_chars)` piece by piece into `sink`; returns its arrays and
-    the finished metadata (counts). The next piece is read on a thread meanwhile."""
-    dtype, vocab_size, eos = np.dtype(meta["dtype"]), meta["vocab_size"], meta["eos_id"]
-    add_bos = meta["add_bos"]
+    the finished metadata (counts). The next piece is read on a thread meanwhile; see
+    `_encoded` for where the encoding runs."""
+    dtype, vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
     num_docs, num_tokens, replaced = 0, 0, 0
     bar = _progress_bar(source, progress)
     started = time.perf_counter()
     try:
-        for text in _read_ahead(source.stream(chunk_chars)):
+        for text, (flat, lengths, hashes) in _encoded(_read_ahead(source.stream(chunk_chars)), tokenizer, meta,
+                                                      workers):
             replaced += text.replaced
             if not text.documents:
                 continue
-            ids = tokenizer.batch_encode(text.documents, add_bos=add_bos, add_eos=False)
-            lengths = np.fromiter((len(row) + 1 for row in ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter(itertools.chain.from_iterable(row + [eos] for row in ids), dtype=np.int64,
-                               count=int(lengths.sum()))
             low, high = int(flat.min()), int(flat.max())
             if low < 0 or high >= vocab_size:
                 raise ValueError(f"the tokenizer produced ids in [{low}, {high}], outside its vocab_size="
                                  f"{vocab_size}; the tokenizer model and its vocab_size disagree.")
-            hashes = np.fromiter((_doc_hash(d) for d in text.documents), dtype=np.uint64, count=len(ids))
-            sink.add(flat.astype(dtype), num_tokens + np.cumsum(lengths), hashes)
-            num_docs, num_tokens = num_docs + len(ids), num_tokens + len(flat)
+            sink.add(flat, num_tokens + np.cumsum(lengths), hashes)
+            num_docs, num_tokens = num_docs + len(lengths), num_tokens + len(flat)
             if bar is not None:
-                bar.update(len(ids))
+                bar.update(len(lengths))
                 bar.set_postfix({"tok/s": f"{num_tokens / max(time.perf_counter() - started, 1e-9):,.0f}"},
                                 refresh=False)
     finally:
@@ -337,6 +339,37 @@ def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any
     meta = meta | {"num_documents": num_docs, "num_tokens": num_tokens, "replaced": replaced,
                    "source_repr": repr(source)}
     return (*sink.result(dtype), meta)
+
+
+def _encoded(pieces: Iterator[SourceText], tokenizer: TokenizerLike, meta: dict[str, Any],
+             workers: int | None) -> Iterator[tuple[SourceText, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Each piece with its `encode_chunk` result, in order.
+
+    A source of one piece is encoded here (SentencePiece's threads use every core).
+    From the second piece on, with `workers` > 1 (None: one per usable core) and a
+    tokenizer a worker can rebuild (`VishwamAITokenizer`), the pieces go to an
+    `EncodePool`: each worker encodes a whole piece on its own core.
+    """
+    dtype, eos, add_bos = np.dtype(meta["dtype"]), meta["eos_id"], meta["add_bos"]
+    workers = usable_cores() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be None (one per core) or >= 1, got {workers}.")
+    first = next(pieces, None)
+    second = next(pieces, None) if first is not None else None
+    if second is None or workers == 1 or worker_spec(tokenizer) is None:
+        for text in itertools.chain(filter(None, [first, second]), pieces):
+            yield text, encode_chunk(tokenizer, text.documents, add_bos, eos, dtype)
+        return
+    with EncodePool(tokenizer, workers, add_bos=add_bos, dtype=dtype) as pool:
+        order: collections.deque[SourceText] = collections.deque()
+
+        def chunks() -> Iterator[list[str]]:
+            for text in itertools.chain([first, second], pieces):
+                order.append(text)
+                yield text.documents
+
+        for result in pool.imap(chunks()):
+            yield order.popleft(), result
 
 
 def _progress_bar(source: Source, enabled: bool):
@@ -376,11 +409,6 @@ def _read_ahead(pieces: Iterator[SourceText], depth: int = 1) -> Iterator[Source
     finally:
         stop.set()
         thread.join()
-
-
-def _doc_hash(text: str) -> int:
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _load_entry(entry: Path, expected: dict[str, Any]) -> TokenizedCorpus:
