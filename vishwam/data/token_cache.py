@@ -348,7 +348,10 @@ def _encoded(pieces: Iterator[SourceText], tokenizer: TokenizerLike, meta: dict[
     A source of one piece is encoded here (SentencePiece's threads use every core).
     From the second piece on, with `workers` > 1 (None: one per usable core) and a
     tokenizer a worker can rebuild (`VishwamAITokenizer`), the pieces go to an
-    `EncodePool`: each worker encodes a whole piece on its own core.
+    `EncodePool`: each worker encodes a whole piece on its own core. Workers that do
+    not start (no usable Python executable, a model file replaced since the tokenizer
+    was loaded) are a warning and this process encodes; a worker that dies mid-stream
+    is an error (RuntimeError naming it).
     """
     dtype, eos, add_bos = np.dtype(meta["dtype"]), meta["eos_id"], meta["add_bos"]
     workers = usable_cores() if workers is None else workers
@@ -356,11 +359,19 @@ def _encoded(pieces: Iterator[SourceText], tokenizer: TokenizerLike, meta: dict[
         raise ValueError(f"workers must be None (one per core) or >= 1, got {workers}.")
     first = next(pieces, None)
     second = next(pieces, None) if first is not None else None
-    if second is None or workers == 1 or worker_spec(tokenizer) is None:
+    pool = None
+    if second is not None and workers > 1 and worker_spec(tokenizer) is not None:
+        try:
+            pool = EncodePool(tokenizer, workers, add_bos=add_bos, dtype=dtype)
+        except (RuntimeError, OSError) as e:
+            # This process encodes the same ids, only slower.
+            warnings.warn(f"data preparation: encoding worker processes did not start ({e}); "
+                          "encoding in this process instead.", stacklevel=4)
+    if pool is None:
         for text in itertools.chain(filter(None, [first, second]), pieces):
             yield text, encode_chunk(tokenizer, text.documents, add_bos, eos, dtype)
         return
-    with EncodePool(tokenizer, workers, add_bos=add_bos, dtype=dtype) as pool:
+    with pool:
         order: collections.deque[SourceText] = collections.deque()
 
         def chunks() -> Iterator[list[str]]:
