@@ -299,6 +299,12 @@ class Checkpointer:
             cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _META, _MANIFEST))
+        # orbax 0.12 removes the left-over tmp folders in a background future that only its
+        # next save awaits; wait here, so that a constructed Checkpointer has removed them
+        # (a restore or a listing right after no longer races the deletion).
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if callable(await_cleanup):
+            await_cleanup()
         self._closed = False
         _OPEN.add(self)
 
