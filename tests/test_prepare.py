@@ -274,3 +274,14 @@ def test_a_dead_worker_is_one_clear_error_and_a_mismatched_one_a_fallback(tmp_pa
     np.testing.assert_array_equal(fallback.tokens, data.tokenize_source(jsonl, tok, workers=1).tokens)
     with pytest.raises(ValueError, match="workers must be"):
         data.tokenize_source(jsonl, tok, chunk_chars=2048, workers=0)
+
+
+def test_ids_outside_the_vocabulary_are_refused_before_the_narrow_cast():
+    class Broken(FastBytes):
+        vocab_size = 300  # uint16 cache: 65536 + 10 would wrap to 10 after the cast
+
+        def batch_encode(self, texts, add_bos=False, add_eos=False):
+            return [[5, 65536 + 10] for _ in texts]
+
+    with pytest.raises(ValueError, match=r"ids in \[3, 65546\], outside its vocab_size=300"):
+        data.tokenize_source(data.Texts(["a", "b"]), Broken())

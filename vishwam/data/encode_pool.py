@@ -65,11 +65,19 @@ def doc_hash(text: str) -> int:
 def encode_chunk(tokenizer: Any, documents: list[str], add_bos: bool, eos_id: int,
                  dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One chunk's `(tokens, lengths, hashes)`: every document's ids then EOS, back to back,
-    each document's length (EOS included) and its `doc_hash`."""
+    each document's length (EOS included) and its `doc_hash`.
+
+    Raises:
+        ValueError: an id outside `[0, tokenizer.vocab_size)` (checked before the cast to `dtype`).
+    """
     ids = tokenizer.batch_encode(documents, add_bos=add_bos, add_eos=False)
     lengths = np.fromiter((len(row) + 1 for row in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(row + [eos_id] for row in ids), dtype=np.int64,
                        count=int(lengths.sum()))
+    vocab_size = int(tokenizer.vocab_size)
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise ValueError(f"the tokenizer produced ids in [{int(flat.min())}, {int(flat.max())}], outside its "
+                         f"vocab_size={vocab_size}; the tokenizer model and its vocab_size disagree.")
     hashes = np.fromiter((doc_hash(d) for d in documents), dtype=np.uint64, count=len(ids))
     return flat.astype(dtype), lengths, hashes
 

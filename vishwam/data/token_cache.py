@@ -310,7 +310,7 @@ def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any
     """Encodes `source.stream(chunk_chars)` piece by piece into `sink`; returns its arrays and
     the finished metadata (counts). The next piece is read on a thread meanwhile; see
     `_encoded` for where the encoding runs."""
-    dtype, vocab_size = np.dtype(meta["dtype"]), meta["vocab_size"]
+    dtype = np.dtype(meta["dtype"])
     num_docs, num_tokens, replaced = 0, 0, 0
     bar = _progress_bar(source, progress)
     started = time.perf_counter()
@@ -320,10 +320,6 @@ def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any
             replaced += text.replaced
             if not text.documents:
                 continue
-            low, high = int(flat.min()), int(flat.max())
-            if low < 0 or high >= vocab_size:
-                raise ValueError(f"the tokenizer produced ids in [{low}, {high}], outside its vocab_size="
-                                 f"{vocab_size}; the tokenizer model and its vocab_size disagree.")
             sink.add(flat, num_tokens + np.cumsum(lengths), hashes)
             num_docs, num_tokens = num_docs + len(lengths), num_tokens + len(flat)
             if bar is not None:
