@@ -14,7 +14,7 @@ length-prefixed frames of raw bytes over the worker's stdin/stdout (no pickle):
 - spec:     u64 length, UTF-8 JSON (`VishwamAITokenizer._worker_spec()` plus dtype/add_bos);
 - ready:    u64 length, UTF-8 fingerprint;
 - request:  u64 documents n, u64 bytes b; int64[n] byte lengths; b bytes of UTF-8 text;
-- response: u64 n, u64 tokens t; int64[n] document ends (cumulative, EOS included);
+- response: u64 n, u64 tokens t; int64[n] document lengths (EOS included);
   uint64[n] document hashes; t token ids in the agreed dtype.
 
 A worker exits when its stdin closes (the parent finished, failed or died); it ignores
@@ -162,17 +162,6 @@ class EncodePool:
             log.close()
         self._procs, self._logs, self._outboxes, self._writers = [], [], [], []
 
-    def peak_rss(self) -> int:
-        """Sum of the live workers' peak resident memory (VmHWM), bytes; 0 where /proc is absent."""
-        total = 0
-        for proc in self._procs:
-            try:
-                with open(f"/proc/{proc.pid}/status") as f:
-                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-            except (OSError, StopIteration):
-                pass
-        return total
-
     def imap(self, chunks: Iterable[list[str]], depth: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """`encode_chunk` of each chunk, in order. Chunks go to the workers in turn, `depth`
         in flight per worker (one encoding, the next waiting in its pipe); a worker whose
@@ -204,10 +193,10 @@ class EncodePool:
 
     def _receive(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, t = _PAIR.unpack(self._read(i, _PAIR.size))
-        ends = np.frombuffer(self._read(i, 8 * n), dtype=np.int64)
+        lengths = np.frombuffer(self._read(i, 8 * n), dtype=np.int64)
         hashes = np.frombuffer(self._read(i, 8 * n), dtype=np.uint64)
         tokens = np.frombuffer(self._read(i, t * self.dtype.itemsize), dtype=self.dtype)
-        return tokens, np.diff(ends, prepend=0), hashes
+        return tokens, lengths, hashes
 
     def _read(self, i: int, size: int) -> bytes:
         data = self._procs[i].stdout.read(size)
@@ -282,7 +271,7 @@ def _worker_main() -> None:
         documents = [body[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:])]
         tokens, counts, hashes = encode_chunk(tokenizer, documents, add_bos, eos_id, dtype)
         stdout.write(_PAIR.pack(n, len(tokens)))
-        stdout.write(np.cumsum(counts).tobytes())
+        stdout.write(counts.tobytes())
         stdout.write(hashes.tobytes())
         stdout.write(tokens.tobytes())
         stdout.flush()
