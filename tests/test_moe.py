@@ -113,7 +113,7 @@ def test_assign_blocks_on_a_hand_example():
 
 
 def test_grouped_block_size_shrinks_for_few_tokens():
-    assert grouped_block_size(4096 * 2, 8) == 128  # the Mixtral training shape: the default
+    assert grouped_block_size(4096 * 2, 8) == 256  # the Mixtral training shape: the default
     assert grouped_block_size(48 * 2, 8) == 16  # 12 per expert -> next power of two
     assert grouped_block_size(1 * 2, 8) == 1  # decoding one token: only its k rows
     assert grouped_num_blocks(2, 8, 1) == 2

@@ -20,15 +20,15 @@ Dispatches (all equal to `dense` in values and gradients whenever nothing is dro
   (slow); it is here for accelerators.
 - `grouped`: assignments sorted by expert, each expert's run padded up to whole
   blocks of `block` rows (`assign_blocks`) in one `[blocks, block, hidden]`
-  buffer; each projection is a `jax.lax.scan` over the blocks of plain 2-D GEMMs
-  against that block's expert's weights (`grouped_matmul`: weights indexed in
-  place; its own backward keeps no per-block weight copy). Dropless. It computes
-  `tokens * k` routed rows plus at most `block - 1` padding rows per used expert
-  (`grouped_num_blocks` blocks, a static count that fits every routing; the
-  unused trailing blocks are zero rows and still computed): about
-  `k / num_experts` of `dense`'s FLOPs. `block` is 128, or the smallest power of
-  two >= `tokens * k / experts` when that is smaller, so decoding one token
-  computes only its k experts' rows. On CPU it is the fast dropless dispatch.
+  buffer; one loop per expert over its own blocks, each step the block's three
+  2-D GEMMs and the SwiGLU (`grouped_swiglu`: the expert's weights a static
+  slice, no per-block weight copy; its own backward in the same loops). Dropless.
+  It computes `tokens * k` routed rows plus at most `block - 1` padding rows per
+  used expert (the loops have run-time bounds: unused blocks of the static
+  `grouped_num_blocks` buffer are never visited): about `k / num_experts` of
+  `dense`'s FLOPs. `block` is `GROUPED_BLOCK_SIZE`, or the smallest power of two
+  >= `tokens * k / experts` when that is smaller, so decoding one token computes
+  only its k experts' rows. On CPU it is the fast dropless dispatch.
 - `auto` (the config default): resolved per call by `resolve_dispatch`: `capacity`
   when training with a capacity factor; otherwise (dropless: `capacity_factor=None`
   or `inference=True`) `grouped` on CPU, `ragged` on GPU/TPU, and `grouped` on
@@ -314,10 +314,11 @@ def dispatch_ragged(
     return y, jnp.zeros((), jnp.float32)
 
 
-GROUPED_BLOCK_SIZE = 128
-"""Default rows per block of the `grouped` dispatch (128 and 256 ran alike at the
-Mixtral shape on the 2-core CPU, measured under load; 512 was slower; the smaller
-pads less)."""
+GROUPED_BLOCK_SIZE = 256
+"""Default rows per block of the `grouped` dispatch. At the issue-16 Mixtral training shape
+(8 experts, 8192 assignments) on the 2-core CPU one traced step took 6.7 s with 128, 6.2 s
+with 256 and 6.4 s with 512 (quiet; fewer loop steps and fp32 weight-gradient adds
+against more padding rows)."""
 
 
 def grouped_block_size(assignments: int, num_experts: int, block_size: int = GROUPED_BLOCK_SIZE) -> int:
@@ -370,69 +371,118 @@ def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int)
                   (padded_ends // block).astype(jnp.int32))
 
 
+def _expert_runs(ends: Int[Array, " experts"], e: int):
+    """Expert `e`'s blocks: `[ends[e - 1], ends[e])` (run-time bounds, so empty and unused
+    trailing blocks are never visited)."""
+    return (ends[e - 1] if e else 0), ends[e]
+
+
+def _grouped_swiglu_forward(x, ends, gate, up, down, *, save: bool):
+    """Expert-major loops over the blocks: one `fori_loop` per expert, whose weights are a
+    static slice (no per-block weight copy), each block's three GEMMs and the SwiGLU in
+    one loop body (the `[block, ffn]` intermediates stay in cache). With `save`, each
+    block's gate and up projections are kept for the backward."""
+    dt = x.dtype
+    num_blocks, block, _ = x.shape
+    ffn = gate.shape[-1]
+    out = jnp.zeros_like(x)
+    saved = (jnp.zeros((num_blocks, block, ffn), dt),) * 2 if save else ()
+    for e in range(gate.shape[0]):
+        w_gate, w_up, w_down = gate[e], up[e], down[e]
+
+        def one_block(b, carry, w_gate=w_gate, w_up=w_up, w_down=w_down):
+            out, *saved = carry
+            rows = x[b]
+            g, u = rows @ w_gate, rows @ w_up  # (block, F)
+            out = jax.lax.dynamic_update_index_in_dim(out, (jax.nn.silu(g) * u) @ w_down, b, 0)
+            if saved:
+                saved = [jax.lax.dynamic_update_index_in_dim(a, v, b, 0) for a, v in zip(saved, (g, u))]
+            return (out, *saved)
+
+        out, *saved = jax.lax.fori_loop(*_expert_runs(ends, e), one_block, (out, *saved))
+    return out, saved
+
+
 @jax.custom_vjp
-def grouped_matmul(
-    x: Float[Array, "blocks block d_in"],
-    w: Float[Array, "experts d_in d_out"],
-    block_expert: Int[Array, " blocks"],
-) -> Float[Array, "blocks block d_out"]:
-    """`x[b] @ w[block_expert[b]]` for every block: a `jax.lax.scan` of 2-D GEMMs.
+def grouped_swiglu(
+    x: Float[Array, "blocks block hidden"],
+    ends: Int[Array, " experts"],
+    gate: Float[Array, "experts hidden ffn"],
+    up: Float[Array, "experts hidden ffn"],
+    down: Float[Array, "experts ffn hidden"],
+) -> Float[Array, "blocks block hidden"]:
+    """`down_e(silu(gate_e(x[b])) * up_e(x[b]))` for every block `b` of expert `e`'s run
+    (`Blocks.ends`); blocks after the last run stay zero.
 
-    Its own backward (a second scan: `dx[b] = dy[b] @ w[e]^T`, `dw[e] += x[b]^T @ dy[b]`
-    in place, accumulated in fp32) keeps only `x` and `w` for the backward pass;
-    plain autodiff of the scan would save every block's `[d_in, d_out]` weight
-    slice (`blocks` weight copies).
+    On XLA:CPU this runs faster than a scan over all blocks with the block's expert's
+    weights indexed per block: no weight copies, no padding blocks, three GEMMs and the
+    SwiGLU per loop step. Its own backward (the same loops: `dx`, and every expert's
+    three weight gradients accumulated in fp32 in the loop carry) keeps `x` and each
+    block's gate and up projections (as plain autodiff of the SwiGLU would).
     """
-    def one_block(carry, inputs):
-        rows, e = inputs  # (block, d_in), its expert
-        return carry, rows @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
-
-    return jax.lax.scan(one_block, None, (x, block_expert))[1]
+    return _grouped_swiglu_forward(x, ends, gate, up, down, save=False)[0]
 
 
-def _grouped_matmul_forward(x, w, block_expert):
-    return grouped_matmul(x, w, block_expert), (x, w, block_expert)
+def _grouped_swiglu_fwd(x, ends, gate, up, down):
+    out, (g, u) = _grouped_swiglu_forward(x, ends, gate, up, down, save=True)
+    return out, (x, ends, gate, up, down, g, u)
 
 
-def _grouped_matmul_backward(residuals, dy):
-    x, w, block_expert = residuals
+def _grouped_swiglu_bwd(residuals, dy):
+    x, ends, gate, up, down, g_all, u_all = residuals
+    dt = x.dtype
+    f32 = jnp.float32
+    dy = dy.astype(dt)
+    dx = jnp.zeros_like(x)
+    grads = []
+    for e in range(gate.shape[0]):
+        w_gate, w_up, w_down = gate[e], up[e], down[e]
 
-    def one_block(dw, inputs):
-        rows, grad, e = inputs  # (block, d_in), (block, d_out), its expert
-        dx = grad @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T
-        update = jnp.matmul(rows.T, grad, preferred_element_type=jnp.float32)  # (d_in, d_out)
-        dw_e = jax.lax.dynamic_index_in_dim(dw, e) + update[None]
-        return jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0), dx
+        def one_block(b, carry, w_gate=w_gate, w_up=w_up, w_down=w_down):
+            dx, d_gate, d_up, d_down = carry
+            rows, d_out = x[b], dy[b]
+            g, u = g_all[b].astype(f32), u_all[b].astype(f32)
+            sig = jax.nn.sigmoid(g)
+            silu = g * sig
+            d_down = d_down + jnp.matmul((silu * u).astype(dt).T, d_out, preferred_element_type=f32)
+            dh = jnp.matmul(d_out, w_down.T, preferred_element_type=f32)  # (block, F)
+            du = (dh * silu).astype(dt)
+            dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).astype(dt)
+            d_gate = d_gate + jnp.matmul(rows.T, dg, preferred_element_type=f32)
+            d_up = d_up + jnp.matmul(rows.T, du, preferred_element_type=f32)
+            d_rows = jnp.matmul(dg, w_gate.T, preferred_element_type=f32) + jnp.matmul(
+                du, w_up.T, preferred_element_type=f32)
+            return jax.lax.dynamic_update_index_in_dim(dx, d_rows.astype(dt), b, 0), d_gate, d_up, d_down
 
-    # Every block of an expert adds to its gradient: sum in fp32, round once.
-    dw, dx = jax.lax.scan(one_block, jnp.zeros(w.shape, jnp.float32), (x, dy.astype(x.dtype), block_expert))
-    return dx, dw.astype(w.dtype), None
+        zeros = (jnp.zeros(w_gate.shape, f32), jnp.zeros(w_up.shape, f32), jnp.zeros(w_down.shape, f32))
+        dx, *expert_grads = jax.lax.fori_loop(*_expert_runs(ends, e), one_block, (dx, *zeros))
+        grads.append(expert_grads)
+    d_gate, d_up, d_down = (jnp.stack(gs).astype(w.dtype) for gs, w in zip(zip(*grads), (gate, up, down)))
+    return dx, None, d_gate, d_up, d_down
 
 
-grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def grouped_ffn(
     blocks: Float[Array, "blocks block hidden"],
-    block_expert: Int[Array, " blocks"],
+    layout: "Blocks",
     gate: Float[Array, "experts hidden ffn"],
     up: Float[Array, "experts hidden ffn"],
     down: Float[Array, "experts ffn hidden"],
     fp8: Fp8Spec | None = None,
 ) -> Float[Array, "blocks block hidden"]:
-    """Each block's rows through its expert's SwiGLU MLP: three `grouped_matmul`s
-    (XLA:CPU runs these 2-D GEMMs faster than one batched einsum over experts, and
-    far faster than gathering a weight copy per block).
+    """Each block's rows through its expert's SwiGLU MLP (`grouped_swiglu`).
 
-    With `fp8` set the GEMMs run in fp8 instead: one scan over blocks of `fp8_matmul`
-    (scales per block), differentiated through `fp8_matmul`'s own backward.
+    With `fp8` set the GEMMs run in fp8 instead: one scan over all blocks of `fp8_matmul`
+    (scales per block, the block's expert's weights indexed per block), differentiated
+    through `fp8_matmul`'s own backward.
     """
     dt = blocks.dtype
     gate, up, down = gate.astype(dt), up.astype(dt), down.astype(dt)
     with jax.named_scope("moe_experts"):
         if fp8 is None:
-            h = jax.nn.silu(grouped_matmul(blocks, gate, block_expert)) * grouped_matmul(blocks, up, block_expert)
-            return grouped_matmul(h, down, block_expert)
+            return grouped_swiglu(blocks, layout.ends, gate, up, down)
         matmul = functools.partial(fp8_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
 
         def one_block(carry, inputs):
@@ -441,7 +491,7 @@ def grouped_ffn(
             h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
             return carry, matmul(h, weight(down))  # (block, D)
 
-        return jax.lax.scan(one_block, None, (blocks, block_expert))[1]
+        return jax.lax.scan(one_block, None, (blocks, layout.expert))[1]
 
 
 def dispatch_grouped(
@@ -460,7 +510,7 @@ def dispatch_grouped(
 
     Dropless. Returns the output and the dropped fraction (always 0).
     """
-    run = lambda rows, layout: grouped_ffn(rows, layout.expert, experts.gate, experts.up, experts.down, fp8)  # noqa: E731
+    run = lambda rows, layout: grouped_ffn(rows, layout, experts.gate, experts.up, experts.down, fp8)  # noqa: E731
     return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
 
 
