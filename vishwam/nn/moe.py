@@ -190,8 +190,8 @@ def dispatch_split(
     it did not choose it); unchosen experts are skipped at run time (`jax.lax.cond`),
     so decoding one token reads only its k experts' weights. More tokens (prefill):
     the assignments are sorted into blocks as in `dispatch_grouped`, and each expert
-    loops over its own blocks only (a `fori_loop` with run-time bounds: no padding
-    blocks, no weight copies). The second path is not reverse-differentiable.
+    loops over its own blocks only (`grouped_swiglu`'s forward loops, run-time bounds:
+    no padding blocks, no weight copies). The second path is not reverse-differentiable.
 
     Returns the output and the dropped fraction (always 0).
     """
@@ -208,13 +208,7 @@ def dispatch_split(
         return y, jnp.zeros((), jnp.float32)
 
     def run(rows, layout):
-        out = jnp.zeros_like(rows)
-        for e in range(experts.num_experts):
-            def one_block(b, out, e=e):
-                return jax.lax.dynamic_update_index_in_dim(out, mlp(rows[b], e), b, 0)
-
-            out = jax.lax.fori_loop(layout.ends[e - 1] if e else 0, layout.ends[e], one_block, out)
-        return out
+        return _grouped_swiglu_forward(rows, layout.ends, experts.gate, experts.up, experts.down, save=False)[0]
 
     return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
 
@@ -381,14 +375,15 @@ def _grouped_swiglu_forward(x, ends, gate, up, down, *, save: bool):
     """Expert-major loops over the blocks: one `fori_loop` per expert, whose weights are a
     static slice (no per-block weight copy), each block's three GEMMs and the SwiGLU in
     one loop body (the `[block, ffn]` intermediates stay in cache). With `save`, each
-    block's gate and up projections are kept for the backward."""
+    block's gate and up projections are kept for the backward. The weights are stacked
+    `[experts, ...]` arrays or (`SplitExperts`) one array per expert, cast to `x`'s dtype."""
     dt = x.dtype
     num_blocks, block, _ = x.shape
-    ffn = gate.shape[-1]
+    ffn = gate[0].shape[-1]
     out = jnp.zeros_like(x)
     saved = (jnp.zeros((num_blocks, block, ffn), dt),) * 2 if save else ()
-    for e in range(gate.shape[0]):
-        w_gate, w_up, w_down = gate[e], up[e], down[e]
+    for e in range(len(gate)):
+        w_gate, w_up, w_down = gate[e].astype(dt), up[e].astype(dt), down[e].astype(dt)
 
         def one_block(b, carry, w_gate=w_gate, w_up=w_up, w_down=w_down):
             out, *saved = carry
