@@ -30,10 +30,19 @@ For a tiny Llama (GQA) and a tiny Mixtral (8 experts, top-2) with random weights
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
+
+# The timed child processes (both frameworks alike) start with malloc set to keep freed memory
+# (`vishwam.memory.keep_host_memory`) unless `--malloc default`; it must happen before torch's
+# and XLA's threads take their arenas, so here, before either is imported.
+if os.environ.get("VISHWAM_BENCH_MALLOC") == "keep":
+    from vishwam.memory import keep_host_memory
+
+    keep_host_memory()
 
 import numpy as np
 
@@ -222,13 +231,20 @@ def background_load(samples: int = 20, interval: float = 0.05) -> float:
     return total / samples
 
 
+_MALLOC = {"mode": "keep"}
+
+
+def _child_env() -> dict:
+    """The environment of a timed child process: `--malloc` passed on (both frameworks alike)."""
+    return dict(os.environ, VISHWAM_BENCH_MALLOC=_MALLOC["mode"])
+
+
 def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
     """Whole processes, alternating (torch, vishwam, torch, vishwam, ...), each after its own
     warm-up; the load average and the other runnable tasks (`background_load`) are printed
     before each. Medians and spreads over the pairs; a ratio is printed only when no process
     started with more than 0.5 x cores of other runnable tasks."""
     import json
-    import os
     import subprocess
 
     cores = os.cpu_count() or 1
@@ -240,7 +256,7 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
                 load, others = os.getloadavg()[0], background_load()
                 loads.append(others)
                 out = subprocess.run([sys.executable, __file__, "--train-one", framework, shape, "--steps",
-                                      str(steps)], capture_output=True, text=True, check=True)
+                                      str(steps)], capture_output=True, text=True, check=True, env=_child_env())
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[framework].append(result["tokens_per_s"])
                 print(f"  {shape} pair {pair + 1} {framework:>12}: {result['tokens_per_s']:7.0f} tok/s "
@@ -339,7 +355,8 @@ def generate_alternating(cases: list[int], pairs: int, repeats: int) -> bool:
                 load, others = os.getloadavg()[0], background_load()
                 loads.append(others)
                 out = subprocess.run([sys.executable, __file__, "--generate-one", framework, str(case), "--repeats",
-                                      str(repeats)], capture_output=True, text=True, check=True)
+                                      str(repeats)], capture_output=True, text=True, check=True,
+                                     env=_child_env())
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[framework].append(result)
                 stream = (f", stream/loop per token {result['stream_per_token_ratio']:.2f}"
@@ -373,6 +390,9 @@ def main(argv=None) -> int:
     parser.add_argument("--generate", action="store_true", help="also compare generation (GENERATE_CASES)")
     parser.add_argument("--cases", default=None, help="comma-separated GENERATE_CASES indices (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations per process")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="the timed processes' malloc: keep freed memory (vishwam.memory.keep_host_memory, "
+                             "both frameworks; the default) or glibc's defaults")
     parser.add_argument("--train-one", nargs=2, metavar=("FRAMEWORK", "SHAPE"), help=argparse.SUPPRESS)
     parser.add_argument("--generate-one", nargs=2, metavar=("FRAMEWORK", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -384,9 +404,12 @@ def main(argv=None) -> int:
                   generate_one(args.generate_one[0], int(args.generate_one[1]), args.repeats))
         print(json.dumps(result))
         return 0
+    _MALLOC["mode"] = args.malloc
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}", flush=True)
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; timed processes' "
+          f"malloc: {'keeps freed memory (keep_host_memory)' if args.malloc == 'keep' else 'glibc defaults'}",
+          flush=True)
     ok = True
     if not args.skip_numerics:
         print("numerics (fp32, tiny models, random O(1) weights):", flush=True)

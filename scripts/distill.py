@@ -72,4 +72,7 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
 
 
 if __name__ == "__main__":
+    from vishwam.memory import keep_host_memory
+
+    keep_host_memory()  # as scripts/train.py: no page faults per step on CPU
     sys.exit(main())

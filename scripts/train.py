@@ -419,4 +419,8 @@ def _main(argv: list[str], callbacks) -> int:
 
 
 if __name__ == "__main__":
+    # This process is ours: let malloc keep XLA:CPU's freed step buffers (no page faults per step).
+    from vishwam.memory import keep_host_memory
+
+    keep_host_memory()
     sys.exit(main())

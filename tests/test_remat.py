@@ -1,5 +1,9 @@
 """Remat policies on the scanned blocks: same gradients, less memory; the memory helper."""
 
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -102,3 +106,35 @@ def test_compiled_memory_sees_an_intermediate_grow():
 def test_remat_memory_rejects_unknown_policy():
     with pytest.raises(ValueError, match=r"unknown polic.*'everything'.*choose from"):
         remat_memory(ModelConfig.preset("tiny"), batch=1, seq_len=8, policies=("everything",))
+
+
+_FAULTS_DRIVER = """
+import resource, sys
+import jax, jax.numpy as jnp
+if sys.argv[1] == "keep":
+    from vishwam.memory import keep_host_memory
+    assert keep_host_memory()
+# 16 + 32 MB of temporaries per call, a small output (large outputs are allocated apart
+# from the temporaries, and fault in fresh whatever malloc does).
+step = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T) @ x, axis=0))
+x = jnp.ones((2048, 4096), jnp.float32) / 4096
+step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step(x).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt tuning is glibc's (Linux)")
+def test_keep_host_memory_stops_xla_cpu_steps_from_page_faulting():
+    # Each run of a compiled XLA:CPU program allocates its temporaries afresh; with glibc's
+    # defaults they are fresh mappings that fault in page by page on every run.
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_DRIVER, mode], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        return int(out.stdout.strip().splitlines()[-1])
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 1000, default  # 4 runs x 48 MB of temporaries, even with 2 MB pages
+    assert kept < default / 20, (kept, default)

@@ -179,3 +179,46 @@ def host_peak_rss_bytes() -> int:
     """The most resident memory this process has used so far (`getrusage` maximum RSS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_host_memory() -> bool:
+    """Make this process's malloc keep freed memory for reuse instead of handing it back to
+    the kernel; True if applied (glibc), False elsewhere (nothing changed).
+
+    XLA:CPU allocates a step's temporaries afresh on every run. With glibc's defaults
+    the large ones are `mmap`ed and unmapped again, so every train step page-faults its
+    whole working set back in: about 490 K faults (2 GB zeroed by the kernel) per step of
+    the issue-16 dense shape, and about half a million faults cost a large share of a
+    step on a 2-core CPU (see benchmarks/RESULTS.md, "Train step tokens/s"). This sets, through
+    `mallopt`: no `mmap` for allocations (`M_MMAP_MAX=0`), no trimming of the heap's top
+    (`M_TRIM_THRESHOLD` at its maximum) and one arena (`M_ARENA_MAX=1`, so the CPU
+    client's threads share the main heap). Freed memory then stays mapped and the next
+    step reuses it without faults; the process's resident memory stays at its peak, as
+    with any caching allocator. (A program's large outputs are allocated apart from its
+    temporaries and still fault in fresh; the train step donates its state, so its outputs
+    take over the inputs' memory.)
+
+    Process-wide, so the library never calls it: a script or program that owns the process
+    does, before its first JAX computation (the arena limit only reaches threads not yet
+    started; `scripts/train.py` and the CPU benchmarks call it). Torch's CPU tensors come
+    from the same malloc, so a benchmark applies it to both frameworks.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl has mallopt as a no-op)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(param, value) == 1 for param, value in settings)
