@@ -6,7 +6,8 @@
 Each flag set (`FLAG_SETS`, passed through `XLA_FLAGS`) trains the issue-16 shapes of
 `benchmarks/vs_transformers.py` (`--train-one vishwam SHAPE`: the same weights, fp32,
 AdamW, dropless MoE) in a fresh process: median step time of `--steps` steps after
-the compile. Order per round: default, every flag set, default again; each flag set is
+the compile (with `vishwam.memory.keep_host_memory`, as `vs_transformers.py`'s timed
+processes). Order per round: default, every flag set, default again; each flag set is
 compared with the mean of the two default runs of its round, so drift of the machine's
 load hits both sides. Other runnable tasks are sampled before each run; a ratio is
 marked unreliable when they exceed 0.5 x cores.
@@ -41,7 +42,7 @@ FLAG_SETS = {
 
 
 def run(shape: str, flags: str, steps: int) -> tuple[float, float]:
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", VISHWAM_BENCH_MALLOC="keep")
     script = Path(__file__).parent / "vs_transformers.py"
     others = background_load()
     out = subprocess.run([sys.executable, str(script), "--train-one", "vishwam", shape, "--steps", str(steps)],
