@@ -136,5 +136,7 @@ def test_keep_host_memory_stops_xla_cpu_steps_from_page_faulting():
         return int(out.stdout.strip().splitlines()[-1])
 
     default, kept = faults("default"), faults("keep")
-    assert default > 1000, default  # 4 runs x 48 MB of temporaries, even with 2 MB pages
-    assert kept < default / 20, (kept, default)
+    # 4 runs x 48 MB of temporaries: ~12 K faults a run in 4 KB pages (seen: ~37 K in all), still
+    # ~24 a run where transparent huge pages are always on; kept: none after the first run (seen: 5).
+    assert default > 40, default
+    assert kept * 10 < default, (kept, default)

@@ -12,6 +12,8 @@ use and peak where the backend keeps them (`Device.memory_stats()`: GPU, TPU;
 the CPU backend returns None), `live_array_bytes(devices)` adds up the shards
 of the live `jax.Array`s on each device (any backend), and `host_rss_bytes()` /
 `host_peak_rss_bytes()` read the process's resident memory from the OS.
+`keep_host_memory()` (for a program that owns its process) makes glibc's malloc keep
+freed memory, so XLA:CPU's per-step buffers stop page-faulting on every step.
 """
 
 import math
@@ -192,8 +194,8 @@ def keep_host_memory() -> bool:
     XLA:CPU allocates a step's temporaries afresh on every run. With glibc's defaults
     the large ones are `mmap`ed and unmapped again, so every train step page-faults its
     whole working set back in: about 490 K faults (2 GB zeroed by the kernel) per step of
-    the issue-16 dense shape, and about half a million faults cost a large share of a
-    step on a 2-core CPU (see benchmarks/RESULTS.md, "Train step tokens/s"). This sets, through
+    the issue-16 dense shape, whose step this made 1.05-1.21x faster on a 2-core CPU in four alternated pairs
+    (benchmarks/RESULTS.md, "Train step tokens/s"; torch's step gains as much). This sets, through
     `mallopt`: no `mmap` for allocations (`M_MMAP_MAX=0`), no trimming of the heap's top
     (`M_TRIM_THRESHOLD` at its maximum) and one arena (`M_ARENA_MAX=1`, so the CPU
     client's threads share the main heap). Freed memory then stays mapped and the next
@@ -203,8 +205,9 @@ def keep_host_memory() -> bool:
     take over the inputs' memory.)
 
     Process-wide, so the library never calls it: a script or program that owns the process
-    does, before its first JAX computation (the arena limit only reaches threads not yet
-    started; `scripts/train.py` and the CPU benchmarks call it). Torch's CPU tensors come
+    does, before its first JAX computation (the arena limit only reaches threads that have
+    not allocated yet; `scripts/train.py`, `scripts/distill.py` and `vs_transformers.py`'s
+    timed processes call it). Torch's CPU tensors come
     from the same malloc, so a benchmark applies it to both frameworks.
     """
     import ctypes
