@@ -194,21 +194,21 @@ def keep_host_memory() -> bool:
     XLA:CPU allocates a step's temporaries afresh on every run. With glibc's defaults
     the large ones are `mmap`ed and unmapped again, so every train step page-faults its
     whole working set back in: about 490 K faults (2 GB zeroed by the kernel) per step of
-    the issue-16 dense shape, whose step this made 1.05-1.21x faster on a 2-core CPU in four alternated pairs
-    (benchmarks/RESULTS.md, "Train step tokens/s"; torch's step gains as much). This sets, through
-    `mallopt`: no `mmap` for allocations (`M_MMAP_MAX=0`), no trimming of the heap's top
-    (`M_TRIM_THRESHOLD` at its maximum) and one arena (`M_ARENA_MAX=1`, so the CPU
-    client's threads share the main heap). Freed memory then stays mapped and the next
-    step reuses it without faults; the process's resident memory stays at its peak, as
-    with any caching allocator. (A program's large outputs are allocated apart from its
-    temporaries and still fault in fresh; the train step donates its state, so its outputs
-    take over the inputs' memory.)
+    the issue-16 dense shape, whose step this made 1.05-1.21x faster on a 2-core CPU in
+    four alternated pairs (benchmarks/RESULTS.md, "Train step tokens/s"; torch's step
+    gains as much). This sets, through `mallopt`: no `mmap` for allocations
+    (`M_MMAP_MAX=0`), no trimming of the heap's top (`M_TRIM_THRESHOLD` at its maximum)
+    and one arena (`M_ARENA_MAX=1`, so the CPU client's threads share the main heap).
+    Freed memory then stays mapped and the next step reuses it without faults; the
+    process's resident memory stays at its peak, as with any caching allocator. (A
+    program's large outputs are allocated apart from its temporaries and still fault in
+    fresh; the train step donates its state, so its outputs take over the inputs' memory.)
 
     Process-wide, so the library never calls it: a script or program that owns the process
     does, before its first JAX computation (the arena limit only reaches threads that have
     not allocated yet; `scripts/train.py`, `scripts/distill.py` and `vs_transformers.py`'s
-    timed processes call it). Torch's CPU tensors come
-    from the same malloc, so a benchmark applies it to both frameworks.
+    timed processes call it). Torch's CPU tensors come from the same malloc, so a benchmark
+    applies it to both frameworks.
     """
     import ctypes
     import ctypes.util
