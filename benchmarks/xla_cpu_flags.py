@@ -56,7 +56,8 @@ def main() -> int:
     parser.add_argument("--shapes", default="dense", help="vs_transformers TRAIN_SHAPES, comma-separated")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--only", default=None, help="FLAG_SETS names separated by ';' (names hold commas; default: all)")
+    parser.add_argument("--only", default=None,
+                        help="FLAG_SETS names separated by ';' (names hold commas; default: all)")
     args = parser.parse_args()
     names = [n for n in FLAG_SETS if n != "default" and (args.only is None or n in args.only.split(";"))]
     cores = os.cpu_count() or 1
