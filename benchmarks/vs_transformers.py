@@ -231,14 +231,6 @@ def background_load(samples: int = 20, interval: float = 0.05) -> float:
     return total / samples
 
 
-_MALLOC = {"mode": "keep"}
-
-
-def _child_env() -> dict:
-    """The environment of a timed child process: `--malloc` passed on (both frameworks alike)."""
-    return dict(os.environ, VISHWAM_BENCH_MALLOC=_MALLOC["mode"])
-
-
 def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
     """Whole processes, alternating (torch, vishwam, torch, vishwam, ...), each after its own
     warm-up; the load average and the other runnable tasks (`background_load`) are printed
@@ -256,7 +248,7 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
                 load, others = os.getloadavg()[0], background_load()
                 loads.append(others)
                 out = subprocess.run([sys.executable, __file__, "--train-one", framework, shape, "--steps",
-                                      str(steps)], capture_output=True, text=True, check=True, env=_child_env())
+                                      str(steps)], capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[framework].append(result["tokens_per_s"])
                 print(f"  {shape} pair {pair + 1} {framework:>12}: {result['tokens_per_s']:7.0f} tok/s "
@@ -355,8 +347,7 @@ def generate_alternating(cases: list[int], pairs: int, repeats: int) -> bool:
                 load, others = os.getloadavg()[0], background_load()
                 loads.append(others)
                 out = subprocess.run([sys.executable, __file__, "--generate-one", framework, str(case), "--repeats",
-                                      str(repeats)], capture_output=True, text=True, check=True,
-                                     env=_child_env())
+                                      str(repeats)], capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[framework].append(result)
                 stream = (f", stream/loop per token {result['stream_per_token_ratio']:.2f}"
@@ -404,7 +395,7 @@ def main(argv=None) -> int:
                   generate_one(args.generate_one[0], int(args.generate_one[1]), args.repeats))
         print(json.dumps(result))
         return 0
-    _MALLOC["mode"] = args.malloc
+    os.environ["VISHWAM_BENCH_MALLOC"] = args.malloc  # read by the timed children, at their top
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; timed processes' "

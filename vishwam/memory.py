@@ -211,17 +211,16 @@ def keep_host_memory() -> bool:
     applies it to both frameworks.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or name is None:
+    if sys.platform != "linux":
         return False
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl has mallopt as a no-op)
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    applied = [mallopt(param, value) == 1 for param, value in settings]  # every one, then the verdict
+    return all(applied)
