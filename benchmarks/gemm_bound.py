@@ -152,17 +152,20 @@ def main() -> None:
         print(f"  {key:<48} {value:7.3f} s  {100 * value / traced:5.1f}%")
     print(f"  matrix products ({', '.join(gemm_ops)}): {gemm:.2f} s = {100 * gemm / traced:.0f}% of the traced time")
     need = torch_step / 1.2
+
+    def verdict(products: float) -> str:
+        return (f"{'reachable in principle' if products <= need else 'NOT reachable with these products'}"
+                f" (products / allowed = {products / need:.2f}")
+
     print(f"\nbound: vishwam's step >= its linear layers' products = {totals['jax']:.2f} s; the goal (>= 1.2x) needs "
-          f"<= {need:.2f} s: {'reachable in principle' if totals['jax'] <= need else 'NOT reachable with these products'}"
-          f" (products / allowed = {totals['jax'] / need:.2f})")
+          f"<= {need:.2f} s: {verdict(totals['jax'])})")
     # A causal step also does at least the lower triangle of attention's products: half of the full
     # square (an estimate: it assumes the kernel's tiles run no faster than the full-square products).
     floor = totals["jax"] + 0.5 * attention["jax"]
     print(f"bound with causal attention (linear + half the full-square attention products, an estimate): "
-          f"{floor:.2f} s against <= {need:.2f} s allowed: "
-          f"{'reachable in principle' if floor <= need else 'NOT reachable with these products'}"
-          f" (products / allowed = {floor / need:.2f}; the best ratio these products allow, every other op free: "
-          f"{torch_step / floor:.2f}x)")
+          f"{floor:.2f} s against <= {need:.2f} s allowed: {verdict(floor)}; "
+          f"the best ratio these products allow, every other op free: {torch_step / floor:.2f}x)")
+
 
 if __name__ == "__main__":
     main()
