@@ -10,7 +10,7 @@ For a tiny Llama (GQA) and a tiny Mixtral (8 experts, top-2) with random weights
 1. import into vishwam with `load_hf_checkpoint`; max |logit difference| in fp32
    (goal <= 1e-4), and the reverse: `save_hf_checkpoint` loaded back by transformers,
    its parameters compared bit for bit with the originals;
-2. greedy generation, vishwam (`vishwam.generate.generate`, KV cache) against
+2. greedy generation, vishwam (`vishwam.generate`, KV cache) against
    `model.generate(do_sample=False)`: identical tokens?
 3. train-step tokens/s (forward, backward, AdamW, clipping; fp32) on the same weights
    and shapes (`TRAIN_SHAPES`: a dense Llama, a Mixtral 8-expert top-2 model, both
@@ -18,7 +18,7 @@ For a tiny Llama (GQA) and a tiny Mixtral (8 experts, top-2) with random weights
    process, the processes alternate (transformers, vishwam, ...) for `--pairs` pairs,
    the load average is printed before each, and a ratio is printed only on a quiet
    machine (load <= 0.5 x cores). Goal: vishwam >= 1.2x transformers.
-4. generation tokens/s (`--generate`): `vishwam.generate.generate` (KV cache, one
+4. generation tokens/s (`--generate`): `vishwam.generate` (KV cache, one
    compiled loop) against `model.generate` (KV cache) on the same weights, greedy and
    sampled (temperature 0.8, top-k 50, top-p 0.9), batch 1 and 8, every row generating
    all its tokens (no EOS), alternated whole processes as above (`GENERATE_CASES`);
@@ -113,7 +113,7 @@ def check_export(hf_model, model, config, folder: str) -> bool:
 
 def greedy_vishwam(model, prompt: np.ndarray, new: int) -> np.ndarray:
     try:
-        from vishwam.generate import generate
+        from vishwam.generation import generate
     except ImportError:
         generate = None
     if generate is not None:
@@ -291,7 +291,7 @@ def generate_one(framework: str, case: int, repeats: int) -> dict:
     prompt = np.random.default_rng(0).integers(0, dims["vocab_size"], (batch, prompt_len))
     extra = {}
     if framework == "vishwam":
-        from vishwam.generate import generate, generate_stream
+        from vishwam.generation import generate, generate_stream
 
         with tempfile.TemporaryDirectory() as folder:
             model, _ = import_into_vishwam(hf_model, folder)

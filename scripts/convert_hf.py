@@ -26,10 +26,7 @@ import equinox as eqx
 import jax
 
 from vishwam.cli import add_debug_flag, run_script
-from vishwam.config import ModelConfig
 from vishwam.files import atomic_directory, atomic_write_text
-from vishwam.hf import generation_eos_ids, load_hf_checkpoint, load_hf_tokenizer, save_hf_checkpoint
-from vishwam.pipeline import load_model_weights
 
 
 def _named_arrays(model) -> dict:
@@ -46,6 +43,8 @@ def _fresh_output(path: Path, overwrite: bool) -> None:
 
 
 def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, progress: bool = False) -> str:
+    from vishwam.hf import generation_eos_ids, load_hf_checkpoint, load_hf_tokenizer
+
     _fresh_output(target, overwrite)
     model, config = load_hf_checkpoint(source, dtype=dtype, progress=progress)
     tokenizer, why = None, "no tokenizer.model or tokenizer.json"
@@ -70,6 +69,10 @@ def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, p
 
 
 def to_hf(source: Path, target: Path, max_shard_size: str | None, overwrite: bool, progress: bool = False) -> str:
+    from vishwam.config import ModelConfig
+    from vishwam.hf import load_hf_tokenizer, save_hf_checkpoint
+    from vishwam.pipeline import load_model_weights
+
     _fresh_output(target, overwrite)
     if not source.is_dir():
         raise FileNotFoundError(f"convert_hf: {source}: no such directory.")

@@ -37,7 +37,7 @@ def student_overrides(teacher_model: dict, scale: float) -> dict:
             "first_dense_layers": first_dense, "moe_every": moe_every}
 
 
-def main(argv: list[str] | None = None, *, callbacks=()) -> int:
+def main(argv: list[str] | None = None, *, callbacks=(), own_process: bool = False) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, metavar="RUN_DIR",
                         help="a run directory with checkpoints")
@@ -68,11 +68,8 @@ def main(argv: list[str] | None = None, *, callbacks=()) -> int:
     source = teacher.get("data", {}).get("source")
     if "--data" not in rest and isinstance(source, list):
         forwarded += ["--data", *source]
-    return train_script.main(forwarded + rest, callbacks=callbacks)
+    return train_script.main(forwarded + rest, callbacks=callbacks, own_process=own_process)
 
 
 if __name__ == "__main__":
-    from vishwam.memory import keep_host_memory
-
-    keep_host_memory()  # as scripts/train.py: no page faults per step on CPU
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from vishwam.cli import add_debug_flag, run_script
+from vishwam.errors import InvalidValueError
 
 
 def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
@@ -33,15 +34,11 @@ def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
     The run's `config.json` (`model` and `train` sections, as the trainer writes it)
     rebuilds the abstract train state the checkpoint was saved from; only its model is kept.
     """
-    import equinox as eqx
-    import jax
-
     from vishwam.config import ModelConfig, TrainConfig
-    from vishwam.model import VishwamAI
     from vishwam.pipeline import VishwamAIPipeline
     from vishwam.tokenizer import VishwamAITokenizer
-    from vishwam.train.checkpoint import Checkpointer, checkpoint_steps, combine_arrays, partition_arrays
-    from vishwam.train.step import init_train_state
+    from vishwam.train.checkpoint import checkpoint_steps
+    from vishwam.train.restore import load_checkpoint_state
 
     config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
     if not config_path.is_file():
@@ -49,9 +46,9 @@ def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
     try:
         saved = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON ({error}); is {run_dir} a training run directory?") from None
+        raise InvalidValueError(f"{config_path} is not valid JSON ({error}); is {run_dir} a training run directory?") from None
     if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
-        raise ValueError(f"{config_path} has no 'model' and 'train' sections; is {run_dir} a training run directory?")
+        raise InvalidValueError(f"{config_path} has no 'model' and 'train' sections; is {run_dir} a training run directory?")
     complete, unfinished = checkpoint_steps(checkpoints)
     if unfinished:
         # Opening the checkpoint manager would delete these, failing a save still in flight.
@@ -59,16 +56,9 @@ def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
                            "was killed mid-save (resume it, or delete them).")
     if not complete:
         raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint.")
-    model_config, train_config = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
-
-    def abstract_state(key):
-        return init_train_state(VishwamAI(model_config, key=key), train_config, key=key)
-
-    arrays, static = partition_arrays(eqx.filter_eval_shape(abstract_state, jax.random.key(0)))
-    with Checkpointer(checkpoints, keep=None, async_save=False) as manager:
-        restored, _ = manager.restore(step, arrays)
-    model = combine_arrays(restored, static).model
-    return VishwamAIPipeline(model, VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"))
+    configs = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
+    state, _ = load_checkpoint_state(checkpoints, step, configs=configs)
+    return VishwamAIPipeline(state.model, VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"))
 
 
 def load_pipeline(directory: str | Path, step: int | None = None):
@@ -97,28 +87,28 @@ def main(argv: list[str] | None = None) -> int:
 def _check_sampling(args) -> None:
     """Sampling flags that cannot work, refused before the model is loaded."""
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be a positive integer.")
+        raise InvalidValueError(f"--max-new-tokens {args.max_new_tokens}: must be a positive integer.")
     if not args.temperature >= 0:
-        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy).")
+        raise InvalidValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy).")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k {args.top_k}: must be a positive integer (or leave it out).")
+        raise InvalidValueError(f"--top-k {args.top_k}: must be a positive integer (or leave it out).")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1] (or leave it out).")
+        raise InvalidValueError(f"--top-p {args.top_p}: must be in (0, 1] (or leave it out).")
     if args.step is not None and args.step < 0:
-        raise ValueError(f"--step {args.step}: must be a checkpoint step >= 0.")
+        raise InvalidValueError(f"--step {args.step}: must be a checkpoint step >= 0.")
     if not args.prompt:
-        raise ValueError("the prompt is empty; give some text to complete.")
+        raise InvalidValueError("the prompt is empty; give some text to complete.")
 
 
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="pipeline or training-run directory")
     parser.add_argument("prompt", help="text to complete")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: its final "
                         "pipeline/, else the latest checkpoint)")
     parser.add_argument("--no-stream", action="store_true", help="print the completion once it is complete")
@@ -130,18 +120,26 @@ def _main(argv: list[str]) -> int:
     pipeline = load_pipeline(args.directory, args.step)
     meter = None if args.no_progress else _TokenMeter(args.max_new_tokens, bar=args.no_stream and sys.stderr.isatty())
 
+    prompt_shown = []
+
+    def show_prompt() -> None:
+        # Written with the first token, not before: a prompt the pipeline refuses leaves only the error line.
+        if not prompt_shown:
+            sys.stdout.write(args.prompt)
+            prompt_shown.append(True)
+
     def show(row: int, token: int, text: str) -> None:
         if meter is not None:
             meter.tick()
         if not args.no_stream:
+            show_prompt()
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
     streaming = not args.no_stream or meter is not None
     [completion] = pipeline(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, callback=show if streaming else None)
+    show_prompt()
     if args.no_stream:
         sys.stdout.write(completion)
     sys.stdout.write("\n")

@@ -24,12 +24,15 @@ import threading
 import time
 from pathlib import Path
 
+from vishwam.errors import InvalidValueError
+
 GIB = 2**30
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=rest)
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", default=None, help="model preset: tiny, small, seed (default seed)")
     model.add_argument("--config", type=Path, help="JSON ModelConfig, or a run's config.json ('model' section)")
@@ -37,7 +40,7 @@ def _parse_args(argv):
     p.add_argument("--mesh", help="axis sizes, e.g. fsdp=8,expert=8 (default: all chips on fsdp)")
     p.add_argument("--batch", type=int, help="global batch in rows (default: one row per chip)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation; default 1)")
     p.add_argument("--remat", help="remat policy: none, full, dots_saveable, save_attention_output "
                                    "(default: the config's)")
     p.add_argument("--search", action="store_true", help="try meshes x remat x accum; compile the fastest few")
@@ -53,7 +56,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
     for item in text.split(","):
         axis, sep, size = item.partition("=")
         if not sep or not size.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE pairs such as fsdp=8,expert=8")
+            raise InvalidValueError(f"--mesh {text!r}: expected AXIS=SIZE pairs such as fsdp=8,expert=8")
         sizes[axis.strip()] = int(size)
     return sizes
 
@@ -119,9 +122,9 @@ def _run(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; run nothing here
     if args.accum <= 0 or (args.batch is not None and args.batch <= 0) or (args.seq_len is not None
                                                                            and args.seq_len <= 0):
-        raise ValueError("--batch, --seq-len and --accum must be positive integers")
+        raise InvalidValueError("--batch, --seq-len and --accum must be positive integers")
     if not 0 < args.hbm_fraction <= 1:
-        raise ValueError(f"--hbm-fraction {args.hbm_fraction}: must be in (0, 1]")
+        raise InvalidValueError(f"--hbm-fraction {args.hbm_fraction}: must be in (0, 1]")
     mesh = None if args.mesh is None else _parse_mesh(args.mesh)
     model_config = _model_config(args)
     if args.remat is not None:
@@ -135,7 +138,7 @@ def _run(args) -> int:
     train_config = TrainConfig(batch_size=args.batch or len(devices), seq_len=seq, accum_steps=args.accum,
                                warmup_steps=0, total_steps=1000)
     if seq > model_config.max_seq_len:
-        raise ValueError(f"--seq-len {seq} exceeds the model's max_seq_len={model_config.max_seq_len}")
+        raise InvalidValueError(f"--seq-len {seq} exceeds the model's max_seq_len={model_config.max_seq_len}")
     say = (lambda *a: None) if args.json else print
     say(f"{args.topology}: {len(devices)} x {devices[0].device_kind}; batch {train_config.batch_size} x {seq} "
         f"tokens, {model_config.num_layers} layers x {model_config.hidden_size}, {model_config.num_experts} "

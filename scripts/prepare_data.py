@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from vishwam.errors import InvalidValueError
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         if args.chunk_mb <= 0:
-            raise ValueError(f"--chunk-mb must be > 0, got {args.chunk_mb}.")
+            raise InvalidValueError(f"--chunk-mb must be > 0, got {args.chunk_mb}.")
         if args.workers is not None and args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {args.workers}.")
+            raise InvalidValueError(f"--workers must be >= 1, got {args.workers}.")
         tokenizer = VishwamAITokenizer.from_pretrained(args.tokenizer)
         source = as_source(args.sources)
         if isinstance(source, TableFiles):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vishwam.cli import add_debug_flag, run_script
-from vishwam.train.metrics_db import events, load_metrics, runs
+from vishwam.errors import InvalidValueError
 
 PLOT_INCHES, PLOT_DPI = (13.5, 4.2), 100
 PLOT_PIXELS = (round(PLOT_INCHES[0] * PLOT_DPI), round(PLOT_INCHES[1] * PLOT_DPI))
@@ -201,21 +201,25 @@ def plot_runs(series: list[tuple[str, Metrics]], out: Path) -> str:
 
 # -------------------------------------------------------------------- report
 def _open(path: Path, run_id: str | None) -> tuple[Path, Path, dict, int]:
+    from vishwam.train.metrics_db import runs
+
     if path.is_dir():
         run_dir, db_path = path, path / "metrics.duckdb"
     else:
         run_dir, db_path = path.parent, path
     all_runs = runs(db_path)
     if not all_runs:
-        raise ValueError(f"{db_path} holds no runs.")
+        raise InvalidValueError(f"{db_path} holds no runs.")
     by_id = {r["run_id"]: r for r in all_runs}
     if run_id is not None and run_id not in by_id:
-        raise ValueError(f"No run {run_id!r} in {db_path}; runs: {list(by_id)}.")
+        raise InvalidValueError(f"No run {run_id!r} in {db_path}; runs: {list(by_id)}.")
     return run_dir, db_path, by_id[run_id] if run_id is not None else all_runs[-1], len(all_runs)
 
 
 def _summary(path: Path, run_id: str | None) -> tuple[str, str, Path, Metrics]:
     """(text, run id, run directory, metrics) of one run (`run_id=None`: the latest in the file)."""
+    from vishwam.train.metrics_db import events, load_metrics
+
     run_dir, db_path, run, count = _open(path, run_id)
     metrics = load_metrics(db_path, run["run_id"])
     run_events = events(db_path, run["run_id"])
@@ -248,7 +252,7 @@ def compare(paths: list[Path], run_id: str | None = None, plot_to: Path | None =
     `<first run's parent>/loss-<a>-vs-<b>.png` for several.
     """
     if run_id is not None and len(paths) > 1:
-        raise ValueError("--run picks a run inside one database; give one path with it.")
+        raise InvalidValueError("--run picks a run inside one database; give one path with it.")
     summaries = [_summary(path, run_id) for path in paths]
     text = "\n\n".join(s[0] for s in summaries)
     if not plot:

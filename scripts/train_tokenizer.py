@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vishwam.cli import add_debug_flag, run_script
-from vishwam.tokenizer import VishwamAITokenizer
+from vishwam.errors import InvalidValueError
 
 DEFAULT_CORPUS_VOCAB = 4096
 FILES_VOCAB = 131072  # the VishwamAI vocabulary
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from vishwam.tokenizer import VishwamAITokenizer
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -83,9 +85,9 @@ def _main(argv: list[str]) -> int:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.vocab_size is not None and args.vocab_size < 1:
-        raise ValueError(f"--vocab-size {args.vocab_size}: must be a positive integer.")
+        raise InvalidValueError(f"--vocab-size {args.vocab_size}: must be a positive integer.")
     if args.check_lines < 1:
-        raise ValueError(f"--check-lines {args.check_lines}: must be a positive integer.")
+        raise InvalidValueError(f"--check-lines {args.check_lines}: must be a positive integer.")
     if args.output.exists() and not args.output.is_dir():
         raise FileExistsError(f"--output {args.output} is a file; pass a directory for the tokenizer.")
     for path in args.input or []:

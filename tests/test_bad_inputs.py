@@ -510,8 +510,6 @@ DRIVER = textwrap.dedent("""
         found = {}
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
-            if ".cache" in rel.parts:
-                continue
             stat = path.lstat()
             found[str(rel)] = (path.is_dir(), 0 if path.is_dir() else stat.st_size, stat.st_mtime_ns)
         return found

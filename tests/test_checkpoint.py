@@ -18,12 +18,12 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vishwam.train._orbax_loops import pending_reads_cancelled_on_failure
 from vishwam.train.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     Checkpointer,
     IncompatibleConfigError,
-    _pending_reads_cancelled_on_failure,
     abstract_arrays,
     check_compatible,
     checkpoint_steps,
@@ -234,7 +234,7 @@ def test_restore_loop_cancels_reads_left_pending_by_a_failure_and_drops_their_la
     async def restore():
         await asyncio.gather(damaged(), *(read(i) for i in range(4)))
 
-    with _pending_reads_cancelled_on_failure():
+    with pending_reads_cancelled_on_failure():
         loop = asyncio.new_event_loop()
         try:
             with pytest.raises(ValueError, match="damaged"):

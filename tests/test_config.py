@@ -4,7 +4,7 @@ import tracemalloc
 import pytest
 
 from vishwam import ModelConfig, count_parameters
-from vishwam.config import parameter_counts_closed_form
+from vishwam.model.params import parameter_counts_closed_form
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,14 @@ from vishwam.config import parameter_counts_closed_form
         (dict(dropout=1.0), "dropout"),
         (dict(head_dim=7), "head_dim"),
         (dict(sliding_window=0), "sliding_window"),
+        (dict(moe_ffn_dim=0), "moe_ffn_dim"),
+        (dict(num_shared_experts=1, shared_expert_ffn_dim=-1), "shared_expert_ffn_dim"),
+        (dict(shared_expert_gate=True), "shared_expert_gate"),
+        (dict(n_groups=3), "n_groups"),
+        (dict(n_groups=2, topk_groups=3), "topk_groups"),
+        (dict(n_groups=4, topk_groups=1), "topk_groups"),  # one expert eligible, top-2 asked for
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(load_balance_loss="global"), "load_balance_loss"),
     ],
 )
 def test_contradictions_name_the_field(changes, field):
@@ -57,7 +65,10 @@ def test_moe_layer_pattern():
     "name, overrides",
     [("tiny", {}), ("small", {}), ("tiny", dict(num_layers=7, first_dense_layers=1, moe_every=3,
                                                    num_shared_experts=1, norm_type="layer", tie_embeddings=True)),
-     ("tiny", dict(qkv_bias=True, num_experts=1, experts_per_token=1))],
+     ("tiny", dict(qkv_bias=True, num_experts=1, experts_per_token=1)),
+     ("tiny", dict(num_layers=3, first_dense_layers=1, num_experts=8, moe_ffn_dim=16, n_groups=4, topk_groups=2,
+                   num_shared_experts=2, shared_expert_ffn_dim=24, shared_expert_gate=True)),
+     ("tiny", dict(moe_ffn_dim=16, num_shared_experts=1))],
 )
 def test_parameter_count_matches_closed_form(name, overrides):
     config = ModelConfig.preset(name, **overrides)
@@ -78,3 +89,16 @@ def test_seed_parameter_count_is_abstract():
     assert counts["active"] == 16_107_442_176
     assert peak < 200 * 2**20
     assert elapsed < 30
+
+
+def test_expert_widths_default_to_ffn_dim():
+    config = ModelConfig.preset("tiny", num_shared_experts=2)
+    assert config.expert_ffn_dim == config.ffn_dim and config.shared_mlp_dim == 2 * config.ffn_dim
+    fine = ModelConfig.preset("tiny", moe_ffn_dim=16, num_shared_experts=2)
+    assert fine.expert_ffn_dim == 16 and fine.shared_mlp_dim == 32
+    assert ModelConfig.preset("tiny", moe_ffn_dim=16, num_shared_experts=1, shared_expert_ffn_dim=40).shared_mlp_dim == 40
+    counts = count_parameters(fine)
+    h, moe_layers = fine.hidden_size, fine.num_moe_layers
+    dense = count_parameters(ModelConfig.preset("tiny", num_shared_experts=2))
+    # Each MoE layer: 4 experts and 2 shared experts of 3 * h * (64 - 16) fewer weights each.
+    assert dense["total"] - counts["total"] == moe_layers * (4 + 2) * 3 * h * (64 - 16)

@@ -375,8 +375,13 @@ def test_bad_sources_fail_with_clear_messages(tmp_path):
     np.testing.assert_array_equal(corpus.tokens, stream_of(tok, ["ok \ufffd\ufffd then \ufffd end"]))
     with pytest.raises(ValueError, match=r"bad\.txt: bytes 3-4 are not valid utf-8"):
         data.tokenize_source(TextFiles(tmp_path / "bad.txt", errors="strict"), tok)
-    with pytest.raises(ValueError, match="mixes table files and text files"):
-        data.as_source([tmp_path / "t.jsonl", tmp_path / "bad.txt"])
+    (tmp_path / "two.txt").write_text("first\n\nsecond")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a row"}\n')
+    mixed = data.as_source([tmp_path / "rows.jsonl", tmp_path / "two.txt"], separator="\n\n")
+    assert isinstance(mixed, data.Sources)
+    assert mixed.read().documents == ["a row", "first", "second"]
+    assert [d for piece in mixed.stream() for d in piece.documents] == ["a row", "first", "second"]
+    assert mixed.fingerprint() != data.as_source([tmp_path / "rows.jsonl", tmp_path / "two.txt"]).fingerprint()
     with pytest.raises(ValueError, match="seq_len must be an integer >= 2, got 1"):
         data.make_datasets(tok, Texts(DOCS), seq_len=1, batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):

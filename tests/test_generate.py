@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vishwam import ModelConfig, VishwamAI
-from vishwam.generate import generate, generate_stream, generate_without_cache, sample_logits
+from vishwam.generation import generate, generate_stream, generate_without_cache, sample_logits
 
 # init_std above the default so attention and routing move the logits well past
 # the 1e-5 tolerance: a wrong cache slot or mask would show.

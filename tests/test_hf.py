@@ -665,7 +665,7 @@ def _hf_model_dir(folder: Path, tokenizer_dir: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
 def test_pipeline_over_each_tokenizer_stops_at_the_models_eos(kind, sp_hf_dir, json_hf_dir, tmp_path):
-    from vishwam.generate import generate
+    from vishwam.generation import generate
     from vishwam.pipeline import VishwamAIPipeline
 
     source = sp_hf_dir if kind == "sentencepiece" else json_hf_dir
@@ -727,7 +727,7 @@ def test_progress_bars_count_the_bytes_read_and_written(llama_dir, tmp_path, cap
 
 def test_convert_script_carries_a_tokenizer_json_and_the_stop_ids(json_hf_dir, tmp_path):
     from vishwam.pipeline import VishwamAIPipeline
-    from vishwam.tokenizer_json import JsonTokenizer
+    from vishwam.tokenizer import JsonTokenizer
 
     folder = _hf_model_dir(tmp_path / "hf", json_hf_dir)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))

@@ -1,4 +1,5 @@
-"""flash_attention: pallas (interpret mode) and xla against the naive reference.
+"""flash_attention: pallas (interpret mode) and xla against the naive reference;
+grouped_swiglu against a per-block einsum.
 
 Each case is one compiled function per implementation (values and dq/dk/dv
 together); the reference result of a case is computed once and shared. The
@@ -17,8 +18,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from vishwam import kernels
-from vishwam.kernels import _masking, flash_attention
+from vishwam.kernels import _masking, flash, flash_attention, flash_pallas, flash_tpu, flash_xla, grouped_swiglu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +348,7 @@ def _spy(monkeypatch, module):
 
 
 def test_auto_on_cpu_is_xla(monkeypatch):
-    calls = _spy(monkeypatch, kernels._xla)
+    calls = _spy(monkeypatch, flash_xla)
     jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, causal=True), *_qkv())
     assert calls == [1]
 
@@ -357,14 +357,14 @@ def test_pallas_on_unsupported_backend_raises_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "metal")
     with pytest.raises(ValueError, match="not backend 'metal'"):
         jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation="pallas"), *_qkv())
-    calls = _spy(monkeypatch, kernels._xla)
+    calls = _spy(monkeypatch, flash_xla)
     jax.eval_shape(lambda *a: flash_attention(*a), *_qkv())
     assert calls == [1]
 
 
 def test_tpu_chooses_the_mosaic_kernel(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    mosaic = _spy(monkeypatch, kernels._tpu)
+    mosaic = _spy(monkeypatch, flash_tpu)
     for implementation in ("auto", "pallas", "pallas_tpu"):
         jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, implementation=implementation), *_qkv())
     assert mosaic == [1, 1, 1]
@@ -372,8 +372,8 @@ def test_tpu_chooses_the_mosaic_kernel(monkeypatch):
 
 def test_windowed_calls_stay_off_the_mosaic_kernel(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    kernels._warn_once.cache_clear()
-    mosaic, xla = _spy(monkeypatch, kernels._tpu), _spy(monkeypatch, kernels._xla)
+    flash._warn_once.cache_clear()
+    mosaic, xla = _spy(monkeypatch, flash_tpu), _spy(monkeypatch, flash_xla)
     with pytest.raises(ValueError, match="take no sliding `window`"):
         jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, causal=True, window=4, implementation="pallas_tpu"),
                        *_qkv())
@@ -390,13 +390,13 @@ def test_pallas_tpu_refuses_gpu(monkeypatch):
 
 def test_gpu_auto_falls_back_to_xla_once_when_pallas_does_not_compile(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    kernels._pallas_lowering_error.cache_clear()
-    kernels._warn_once.cache_clear()
+    flash._pallas_lowering_error.cache_clear()
+    flash._warn_once.cache_clear()
 
     def broken(*args, **kwargs):
         raise NotImplementedError("no Triton rule for this op")
 
-    monkeypatch.setattr(kernels._pallas, "attention", broken)
+    monkeypatch.setattr(flash_pallas, "attention", broken)
     case = CASES[0]
     with pytest.warns(UserWarning, match="does not compile.*using 'xla'.*no Triton rule") as caught:
         got = _result.__wrapped__(case, "auto")
@@ -412,8 +412,35 @@ def test_gpu_auto_falls_back_to_xla_once_when_pallas_does_not_compile(monkeypatc
 
 def test_gpu_auto_is_pallas(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    kernels._pallas_lowering_error.cache_clear()
+    flash._pallas_lowering_error.cache_clear()
     calls = []  # the kernel itself cannot lower without a GPU: record how it is called
-    monkeypatch.setattr(kernels._pallas, "attention", lambda q, *a, interpret, **kw: calls.append(interpret) or q)
+    monkeypatch.setattr(flash_pallas, "attention", lambda q, *a, interpret, **kw: calls.append(interpret) or q)
     flash_attention(*_qkv())
     assert calls == [False, False]  # the compile probe, then the call
+
+
+# ----------------------------------------------------------- grouped swiglu
+
+
+def test_grouped_swiglu_equals_a_per_block_einsum_in_values_and_grads():
+    """Runs of 2, 0 and 1 blocks for three experts, then an unused block that stays zero."""
+    rng = np.random.default_rng(0)
+    blocks, block, d, f = 4, 4, 8, 16
+    ends = jnp.array([2, 2, 3], jnp.int32)
+    expert = np.array([0, 0, 2, 2])  # each block's expert (block 3 is past every run)
+    used = (np.arange(blocks) < 3)[:, None, None]
+    shapes = ((blocks, block, d), (3, d, f), (3, d, f), (3, f, d), (blocks, block, d))
+    x, gate, up, down, ct = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+
+    def reference(x, ends, gate, up, down):
+        h = jax.nn.silu(jnp.einsum("bcd,bdf->bcf", x, gate[expert])) * jnp.einsum("bcd,bdf->bcf", x, up[expert])
+        return jnp.einsum("bcf,bfd->bcd", h, down[expert]) * used
+
+    def values_and_grads(fn):
+        loss = lambda x, gate, up, down: jnp.sum(fn(x, ends, gate, up, down) * ct)  # noqa: E731
+        return fn(x, ends, gate, up, down), jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down)
+
+    got, want = jax.jit(values_and_grads, static_argnums=0)(grouped_swiglu), values_and_grads(reference)
+    assert not np.any(got[0][3])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

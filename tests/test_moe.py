@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import vishwam.nn.moe as moe_module
+import vishwam.nn.moe.layer as moe_layer
 from vishwam import ModelConfig, VishwamAI
 from vishwam.nn.moe import (
     MoE,
@@ -271,7 +272,7 @@ def test_auto_layer_drops_in_training_with_a_factor_and_is_dense_otherwise(x, mo
         grouped_calls.append(1)
         return dispatch_grouped(*args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "dispatch_grouped", counting)
+    monkeypatch.setattr(moe_layer, "dispatch_grouped", counting)
     (y_dense, _), (_, aux_train), (y_infer, aux_infer), (y_dropless, aux_dropless) = eqx.filter_jit(
         lambda d, c, n, x: (d(x), c(x), c(x, inference=True), n(x)))(dense, capped, dropless, x)
     assert len(grouped_calls) == 2  # inference and dropless; training with a factor used capacity
@@ -459,3 +460,268 @@ def test_aux_free_bias_updates_move_loads_toward_uniform():
     assert np.mean(late) < 0.5 * imbalance(first), (first, late)
     bias = model.stages[0].blocks[0].mlp.selection_bias  # [repeats, experts]
     assert np.all(np.asarray(bias[:, :2]) < 0) and np.all(np.asarray(bias[:, 2:]) > 0)
+
+
+# ------------------------------------------------------------------ DeepSeek / Qwen-MoE options
+def _brute_force_route(logits, bias, k, n_groups, topk_groups, router_type, renormalize, scale):
+    """Routing by exhaustion, in numpy: the allowed groups are the `topk_groups` whose
+    sum-of-best-two selection scores is largest; among their experts, every k-subset is
+    tried and the one with the largest summed selection score wins."""
+    import itertools
+
+    logits = np.asarray(logits, np.float64)
+    if router_type == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits))
+    else:
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    selection = scores + np.asarray(bias)
+    tokens, experts = logits.shape
+    size = experts // n_groups
+    indices, weights = [], []
+    for t in range(tokens):
+        groups = selection[t].reshape(n_groups, size)
+        group_score = np.sort(groups, axis=-1)[:, -2:].sum(-1)
+        allowed_groups = max(itertools.combinations(range(n_groups), topk_groups),
+                             key=lambda gs: sum(group_score[g] for g in gs))
+        allowed = [g * size + i for g in allowed_groups for i in range(size)]
+        best = max(itertools.combinations(allowed, k), key=lambda es: sum(selection[t, e] for e in es))
+        best = sorted(best, key=lambda e: -selection[t, e])
+        w = scores[t, best]
+        w = w / w.sum() if renormalize else w
+        indices.append(best)
+        weights.append(w * scale)
+    return np.array(indices), np.array(weights)
+
+
+@pytest.mark.parametrize(("router_type", "renormalize", "n_groups", "topk_groups", "scale"), [
+    ("sigmoid", True, 4, 2, 2.5),  # DeepSeek-V3
+    ("sigmoid", False, 8, 3, 1.0),
+    ("softmax", False, 4, 1, 1.0),  # top-k within one group, raw softmax weights (norm_topk_prob=False)
+    ("softmax", True, 1, 1, 1.0),  # no groups
+])
+def test_group_limited_routing_equals_brute_force(router_type, renormalize, n_groups, topk_groups, scale):
+    tokens, experts, k = 24, 16, 3
+    logits = jax.random.normal(jax.random.key(30), (tokens, experts)) * 2
+    bias = jax.random.uniform(jax.random.key(31), (experts,), minval=-0.2, maxval=0.2)
+    options = dict(router_type=router_type, renormalize=renormalize, selection_bias=bias,
+                   n_groups=n_groups, topk_groups=topk_groups, routed_scaling_factor=scale)
+    r = jax.jit(lambda l: route(l, k, **options))(logits)
+    want_idx, want_w = _brute_force_route(logits, bias, k, n_groups, topk_groups, router_type, renormalize, scale)
+    np.testing.assert_array_equal(r.indices, want_idx)
+    np.testing.assert_allclose(r.weights, want_w, rtol=1e-5)
+    if topk_groups < n_groups:  # every choice inside the token's allowed groups, not just any top-k
+        plain = route(logits, k, router_type=router_type, selection_bias=bias)
+        assert not np.array_equal(plain.indices, r.indices)
+
+    # Gradients: the weights as plain functions of the logits at the brute-force choice.
+    def reference(logits):
+        scores = jax.nn.sigmoid(logits) if router_type == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+        w = jnp.take_along_axis(scores, jnp.asarray(want_idx), axis=-1)
+        return (w / jnp.sum(w, -1, keepdims=True) if renormalize else w) * scale
+
+    ct = jax.random.normal(jax.random.key(32), (tokens, k))
+    grads = [jax.grad(lambda l, f=f: jnp.sum(f(l) * ct))(logits)
+             for f in (lambda l: route(l, k, **options).weights, reference)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(grads[1]))) > 1e-3
+    # The selection bias and the group limit choose; they never enter the weights' gradient.
+    bias_grad = jax.grad(lambda b: jnp.sum(route(logits, k, **{**options, "selection_bias": b}).weights))(bias)
+    assert np.all(np.asarray(bias_grad) == 0.0)
+
+
+def test_group_limited_scores_on_a_hand_example():
+    # Two groups of three. Row 0: group 0's best two sum to 1.0, group 1's to 0.9: group 0.
+    # Row 1: group 0 holds the best expert (0.9) but its best two sum to 0.9 < 0.95: group 1.
+    selection = np.array([[0.9, 0.1, 0.0, 0.5, 0.4, 0.3], [0.9, 0.0, 0.0, 0.5, 0.45, 0.3]], np.float32)
+    out = moe_module.group_limited_scores(jnp.asarray(selection), 2, 1)
+    want = np.where([[True] * 3 + [False] * 3, [False] * 3 + [True] * 3], selection, -np.inf)
+    np.testing.assert_array_equal(out, want)
+
+
+def _plain_sequence_loss(indices, probs, experts, k):
+    """DeepSeek-V3 eq. 17-20 with loops: per sequence f_i = E/(K T) * count_i, P_i = mean of s'_i."""
+    losses = []
+    for seq_idx, seq_probs in zip(indices, probs):
+        tokens = seq_idx.shape[0]
+        f = [experts / (k * tokens) * sum(int(e in row) for row in seq_idx.tolist()) for e in range(experts)]
+        p = [sum(seq_probs[t, e] for t in range(tokens)) / tokens for e in range(experts)]
+        losses.append(sum(fi * pi for fi, pi in zip(f, p)))
+    return sum(losses) / len(losses)
+
+
+def test_sequence_balance_loss_equals_a_plain_loop():
+    sequences, length, k = 3, 10, 2
+    logits = jax.random.normal(jax.random.key(33), (sequences * length, E)) * 2
+    r = route(logits, k, router_type="sigmoid")
+    got = moe_module.sequence_balance_loss(r, E, sequences)
+    want = _plain_sequence_loss(np.asarray(r.indices).reshape(sequences, length, k),
+                                np.asarray(r.probs, np.float64).reshape(sequences, length, E), E, k)
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    # One sequence: the Switch loss. Several: not the Switch loss of the whole batch.
+    np.testing.assert_allclose(moe_module.sequence_balance_loss(r, E, 1), load_balancing_loss(r, E), rtol=1e-6)
+    assert abs(float(got) - float(load_balancing_loss(r, E))) > 1e-4
+
+    # Gradient w.r.t. the logits: f is a count (no gradient), P the mean normalised sigmoid.
+    counts = np.zeros((sequences, E))
+    for s, rows in enumerate(np.asarray(r.indices).reshape(sequences, length, k)):
+        for row in rows:
+            counts[s, row] += 1
+
+    def reference(logits):
+        total = 0.0
+        for s in range(sequences):
+            scores = jax.nn.sigmoid(logits[s * length:(s + 1) * length])
+            p = jnp.mean(scores / jnp.sum(scores, -1, keepdims=True), axis=0)
+            total = total + jnp.sum(E / (k * length) * counts[s] * p)
+        return total / sequences
+
+    grad = jax.grad(lambda l: moe_module.sequence_balance_loss(route(l, k, router_type="sigmoid"), E, sequences))
+    np.testing.assert_allclose(grad(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-8)
+
+
+def test_layer_reports_the_sequence_loss_per_row_of_its_batch():
+    x3 = jax.random.normal(jax.random.key(34), (3, 16, D))
+    common = dict(router_type="sigmoid", key=jax.random.key(35))
+    switch, sequence = MoE(D, F, E, K, **common), MoE(D, F, E, K, balance_loss="sequence", **common)
+    (y_a, aux_a), (y_b, aux_b) = eqx.filter_jit(lambda a, b, x: (a(x), b(x)))(switch, sequence, x3)
+    np.testing.assert_array_equal(y_a, y_b)  # only the reported loss differs
+    r = route(x3.reshape(-1, D) @ switch.router, K, router_type="sigmoid")
+    np.testing.assert_allclose(aux_a["load_balancing_loss"], load_balancing_loss(r, E), rtol=1e-6)
+    np.testing.assert_allclose(aux_b["load_balancing_loss"], moe_module.sequence_balance_loss(r, E, 3), rtol=1e-6)
+    with pytest.raises(ValueError, match="balance_loss"):
+        MoE(D, F, E, K, balance_loss="hf", key=jax.random.key(0))
+
+
+def _swiglu(x, gate, up, down):
+    return jnp.einsum("tf,fd->td", jax.nn.silu(jnp.einsum("td,df->tf", x, gate)) * jnp.einsum("td,df->tf", x, up),
+                      down)
+
+
+def test_gated_shared_experts_equal_an_einsum_reference(x):
+    """Qwen2-MoE: y = routed(x) + sigmoid(x @ w) * shared(x), the shared experts one MLP of
+    `num_shared_experts * shared_expert_ffn_dim`; values and gradients against einsums."""
+    layer = MoE(D, F, E, K, num_shared_experts=2, shared_expert_ffn_dim=12, shared_gate=True,
+                routed_scaling_factor=2.0, key=jax.random.key(36))
+    assert layer.shared.gate_proj.weight.shape == (D, 24) and layer.shared_gate.shape == (D, 1)
+    assert layer.experts.gate.shape == (E, D, F)
+
+    def reference(layer, x):
+        routing = route(x @ layer.router, K, routed_scaling_factor=2.0)
+        routed = jnp.einsum("te,etd->td", moe_module.combine_matrix(routing, E),
+                            jnp.stack([_swiglu(x, *(w[e] for w in (layer.experts.gate, layer.experts.up,
+                                                                   layer.experts.down))) for e in range(E)]))
+        s = layer.shared
+        shared = _swiglu(x, s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        return routed + jax.nn.sigmoid(x @ layer.shared_gate) * shared
+
+    def values_and_grads(fn):
+        loss = lambda m, x: jnp.sum(jnp.sin(3 * fn(m, x)))  # noqa: E731
+        return fn(layer, x), eqx.filter_grad(loss)(layer, x), jax.grad(loss, argnums=1)(layer, x)
+
+    got, want = eqx.filter_jit(lambda: (values_and_grads(lambda m, x: m(x)[0]), values_and_grads(reference)))()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    _assert_trees_close(got[1:], want[1:], rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[1].shared_gate))) > 1e-4
+    with pytest.raises(ValueError, match="num_shared_experts >= 1"):
+        MoE(D, F, E, K, shared_gate=True, key=jax.random.key(0))
+
+
+def test_shared_experts_default_width_and_init_unchanged_without_the_gate():
+    plain = MoE(D, F, E, K, num_shared_experts=2, key=jax.random.key(37))
+    wide = MoE(D, F, E, K, num_shared_experts=2, shared_expert_ffn_dim=F, key=jax.random.key(37))
+    assert plain.shared_gate is None and plain.shared.gate_proj.weight.shape == (D, 2 * F)
+    _assert_trees_close(plain, wide, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("n_groups", "topk_groups", "message"), [
+    (3, 1, "n_groups=3 must be a positive divisor"),
+    (4, 5, r"topk_groups=5 must be in \[1, n_groups=4\]"),
+    (8, 1, "leave 1 eligible, fewer than top_k=2"),
+])
+def test_group_options_are_checked(n_groups, topk_groups, message):
+    with pytest.raises(ValueError, match=message):
+        MoE(D, F, E, K, n_groups=n_groups, topk_groups=topk_groups, key=jax.random.key(0))
+
+
+def _count_dots(jaxpr) -> int:
+    return str(jaxpr).count("dot_general")
+
+
+def test_grouped_program_does_not_grow_with_the_expert_count():
+    """The grouped kernel loops over experts at run time: forward and backward trace to the
+    same program for 8 and 64 experts (a per-expert Python loop would be 8 times larger)."""
+    def program(experts):
+        ex = moe_module.Experts(experts, D, 8, key=jax.random.key(0))
+        xs = jnp.zeros((64, D))
+        routing = Routing(jnp.ones((64, 8)), jnp.zeros((64, 8), jnp.int32), jnp.zeros((64, experts)))
+        loss = lambda x, ex: jnp.sum(dispatch_grouped(x, ex, routing)[0])  # noqa: E731
+        return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xs, ex)
+
+    small, large = _count_dots(program(8)), _count_dots(program(64))
+    assert small == large > 0
+
+
+def test_fine_grained_layer_with_every_option_equals_dense_grouped_and_expert_parallel():
+    """64 experts top-8 of FFN 8 in 8 groups (top 3), sigmoid + bias, scaling 2.5, gated shared
+    expert: the `grouped` dispatch and the expert-parallel path (dropless, `expert=8` mesh)
+    equal the `dense` oracle in values and gradients."""
+    from vishwam.parallel import make_mesh, shard_batch, shard_model
+
+    experts, k = 64, 8
+    common = dict(router_type="sigmoid", n_groups=8, topk_groups=3, routed_scaling_factor=2.5,
+                  num_shared_experts=1, shared_gate=True, aux_free_bias=True, balance_loss="sequence",
+                  key=jax.random.key(38))
+    bias = jnp.linspace(-0.05, 0.05, experts)
+    dense, grouped = (eqx.tree_at(lambda m: m.selection_bias, MoE(D, 8, experts, k, dispatch=d, **common), bias)
+                      for d in ("dense", "grouped"))
+    xs = jax.random.normal(jax.random.key(39), (8, 16, D))
+    values_and_grads = eqx.filter_jit(lambda m, x: _layer_values_and_grads(m, x))
+    want = values_and_grads(dense, xs)
+    assert float(want[1]) > 0  # aux present
+    _assert_trees_close(values_and_grads(grouped, xs), want, rtol=1e-5, atol=1e-6)
+    mesh = make_mesh(expert=8)
+    with jax.set_mesh(mesh):
+        got = values_and_grads(shard_model(dense, mesh), shard_batch(xs, mesh))
+    _assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _layer_values_and_grads(layer, x):
+    def loss(layer, x):
+        y, aux = layer(x)
+        return jnp.sum(jnp.sin(3 * y)) + aux["load_balancing_loss"], (y, aux["load_balancing_loss"])
+
+    (_, (y, balance)), (grads, x_grad) = eqx.filter_value_and_grad(
+        lambda lx: loss(*lx), has_aux=True)((layer, x))
+    return y, balance, grads, x_grad
+
+
+def test_tiny_model_with_every_option_trains():
+    """Dense first layer of FFN 64, then MoE layers of 8 experts of FFN 16 in 4 groups (top 2),
+    sigmoid + aux-free bias, scaling 2.5, sequence-wise loss, a gated shared expert of FFN 24:
+    the train step lowers the loss on a fixed batch."""
+    from vishwam.config import TrainConfig
+    from vishwam.train import init_train_state, make_train_step
+
+    config = ModelConfig.preset(
+        "tiny", num_layers=3, first_dense_layers=1, num_experts=8, experts_per_token=2, moe_ffn_dim=16,
+        n_groups=4, topk_groups=2, router_type="sigmoid", routed_scaling_factor=2.5, aux_free_bias=True,
+        load_balance_loss="sequence", num_shared_experts=1, shared_expert_ffn_dim=24, shared_expert_gate=True,
+        moe_dispatch="grouped", attention_impl="reference")
+    model = VishwamAI(config, key=jax.random.key(40))
+    block = model.stages[-1].blocks[0]
+    assert block.is_moe and block.mlp.experts.gate.shape[-1] == 16 and block.mlp.shared_gate is not None
+    assert not model.stages[0].blocks[0].is_moe and model.stages[0].blocks[0].mlp.gate_proj.weight.shape[-1] == 64
+    train_config = TrainConfig(learning_rate=3e-3, warmup_steps=0, total_steps=20, batch_size=4, seq_len=16)
+    state = init_train_state(model, train_config, key=jax.random.key(41))
+    tokens = jax.random.randint(jax.random.key(42), (4, 17), 0, config.vocab_size)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((4, 16), jnp.float32)}
+    step = make_train_step(config, train_config)
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["ce"]))
+        assert np.isfinite(float(metrics["aux"])) and float(metrics["aux"]) > 0
+    assert losses[-1] < losses[0] - 0.1, losses
+    bias = state.model.stages[-1].blocks[0].mlp.selection_bias
+    assert float(jnp.max(jnp.abs(bias))) > 0  # the aux-free update ran

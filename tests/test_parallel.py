@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import vishwam.nn.moe as moe_module
+import vishwam.nn.moe.layer as moe_layer
 from vishwam import ModelConfig, VishwamAI
 from vishwam.config import TrainConfig
 from vishwam.nn.moe import MoE, dispatch_capacity, expert_capacity
@@ -42,13 +43,13 @@ def meshes():
 def ep_traces(monkeypatch):
     """Counts traces of the expert-parallel path, so a test knows it really ran."""
     calls = []
-    original = moe_module.expert_parallel_dispatch
+    original = moe_layer.expert_parallel_dispatch
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("capacity_factor"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "expert_parallel_dispatch", counting)
+    monkeypatch.setattr(moe_layer, "expert_parallel_dispatch", counting)
     return calls
 
 

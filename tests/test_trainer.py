@@ -472,3 +472,34 @@ def test_bad_profile_values_are_one_error_line(workspace, tmp_path, capsys, wind
     assert len(err) == 2 and err[0].startswith(f"error: --profile {window!r}: ") and words in err[0], err
     assert err[1].startswith("hint: "), err
     assert not (tmp_path / "bad" / "metrics.duckdb").exists()
+
+
+def test_resume_keeps_the_run_settings_and_the_separator(workspace, tmp_path):
+    """Flags not given again on a resume keep the run's values; `--separator` splits text files
+    into documents (one file is then a validation set too) and is kept as well."""
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(default_corpus()[:24]))
+    run_dir = tmp_path / "res"
+    common = ["--tokenizer", str(workspace / "tokenizer"), "--data", str(text), "--mesh", "data=1", "--no-progress",
+              "--run-dir", str(run_dir)]
+    train = _script("train")
+    assert train.main([*common, "--preset", "tiny", "--batch", "4", "--seq-len", "32", "--eval-batches", "1",
+                       "--separator", "\\n\\n", "--val-fraction", "0.2", "--steps", "8", "--max-steps", "4",
+                       "--eval-every", "2", "--checkpoint-every", "2", "--keep", "5"]) == 0
+    assert train.main([*common, "--resume"]) == 0
+    run_events = events(run_dir / "metrics.duckdb")
+    assert [e["step"] for e in run_events if e["kind"] == "eval"] == [0, 2, 4, 6, 8]
+    assert [e["step"] for e in run_events if e["kind"] == "checkpoint"] == [2, 4, 6, 8]
+    assert checkpoint_steps(run_dir / "checkpoints")[0] == [2, 4, 6, 8]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["separator"] == "\n\n" and config["run"]["eval_every"] == 2
+
+
+def test_one_text_document_warns_that_nothing_is_held_out(workspace, tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_text("\n\n".join(default_corpus()[:8]))
+    tokenizer = VishwamAITokenizer.from_pretrained(workspace / "tokenizer")
+    with pytest.warns(UserWarning, match=r"no validation data: the source has 1 document\(s\).*separator"):
+        train_iter, val_iter = make_datasets(tokenizer, [str(text)], seq_len=32, batch_size=4, val_fraction=0.1)
+    assert val_iter is None
+    train_iter.close()

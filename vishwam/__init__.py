@@ -1,23 +1,58 @@
-"""vishwam: Mixture-of-Experts transformer language models in JAX (Equinox)."""
+"""vishwam: Mixture-of-Experts transformer language models in JAX (Equinox).
 
-from . import nn as nn
-from .config import ModelConfig as ModelConfig
-from .kernels import flash_attention as flash_attention
-from .generate import generate as generate
-from .model import KVCache as KVCache
-from .model import VishwamAI as VishwamAI
-from .model import count_parameters as count_parameters
-from .pipeline import VishwamAIPipeline as VishwamAIPipeline
-from .tokenizer import VishwamAITokenizer as VishwamAITokenizer
-from .tokenizer_json import JsonTokenizer as JsonTokenizer
+The model and its parts:
+    VishwamAI            the MoE transformer: `VishwamAI(config, *, key)`, `model(tokens) -> (logits, aux)`
+    ModelConfig          its shapes and arithmetic (`ModelConfig.preset("tiny" | "small" | "seed")`)
+    TrainConfig          one optimisation step: optimiser, schedule, batch, losses
+    KVCache              preallocated keys and values for cached decoding
+    count_parameters     total / active / routed parameter counts of a config, nothing allocated
+    flash_attention      attention behind one function (Pallas GPU/TPU kernels, blockwise XLA, reference)
+    generate             KV-cache generation in one jit (the module is `vishwam.generation`)
+Text:
+    VishwamAITokenizer   SentencePiece tokenizer with HuggingFace-compatible files
+    JsonTokenizer        a `tokenizer.json` (HF tokenizers) tokenizer behind the same interface
+    VishwamAIPipeline    model + tokenizer + generation; saved and loaded as a directory
+Training:
+    VishwamAITrainer     the runner: checkpoints, resume, evaluation, DuckDB metrics
+    enable_runtime_checks  jaxtyping + beartype shape checks of vishwam's code (or VISHWAM_RUNTIME_CHECKS=1)
+
+Everything loads on first use, subpackages included (`vishwam.train.make_train_step` works
+after `import vishwam`): nn, kernels, parallel, model, config, tokenizer, data, train, hf, plan,
+memory, generation, pipeline, launch, files, cli, arrays, errors (`InputError`: what bad input
+raises). `help(vishwam.<name>)` lists each API.
+"""
+
+import importlib
+
+from .runtime_checks import enable_from_environment as _enable_from_environment
+from .runtime_checks import enable_runtime_checks as enable_runtime_checks
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("nn", "kernels", "parallel", "model", "config", "tokenizer", "data", "train", "hf", "plan",
+               "memory", "generation", "pipeline", "launch", "files", "cli", "arrays", "runtime_checks", "errors")
+_NAMES = {
+    "VishwamAI": "model", "KVCache": "model", "count_parameters": "model",
+    "ModelConfig": "config", "TrainConfig": "config",
+    "flash_attention": "kernels", "generate": "generation",
+    "VishwamAITokenizer": "tokenizer", "JsonTokenizer": "tokenizer",
+    "VishwamAIPipeline": "pipeline", "VishwamAITrainer": "train",
+}
+
+__all__ = [*_NAMES, "enable_runtime_checks", "__version__"]
+
+_enable_from_environment()
+
 
 def __getattr__(name: str):
-    # The runner pulls in orbax and duckdb; load it only when asked for.
-    if name == "VishwamAITrainer":
-        from .train.trainer import VishwamAITrainer
-
-        return VishwamAITrainer
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'vishwam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *_SUBMODULES})

@@ -10,9 +10,11 @@ Every script in `scripts/` runs its `main` through `run_script`:
 | 3 | a diverged run (`TrainingDiverged`: a non-finite loss) |
 | 128 + N | stopped by signal N (130 for Ctrl-C, 143 for SIGTERM) |
 
-Bad input is the library's own error types: `ValueError` and `TypeError` (configs,
-shapes, formats), `OSError` (missing, unreadable or existing paths), `CheckpointError`
-and `MetricsDBLockedError`. `--debug` lets the exception propagate with its traceback.
+Bad input is what the library's validation raises (`vishwam.errors.InputError`: configs,
+flags, shapes, formats), `CheckpointError` and `MetricsDBLockedError`; an `OSError` (a missing,
+unreadable or existing path, a full disk) exits 2 too, named as one. Any other exception,
+a `ValueError` from deep inside a dependency included, is a bug: exit 1 and a pointer to
+`--debug`, which lets the exception propagate with its traceback.
 SIGTERM raises `Terminated` (a `KeyboardInterrupt`) so that `finally` blocks and
 `vishwam.files.atomic_directory` clean up what they were writing.
 """
@@ -25,6 +27,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+
+from .errors import InputError
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -40,8 +44,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    """`--debug`: show the traceback of an error instead of the one-line message."""
+    """`--debug`: show the traceback of an error instead of the one-line message; `--typecheck`:
+    check shapes and dtypes of vishwam's annotated code at run time (`run_script` acts on it)."""
     parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    parser.add_argument("--typecheck", action="store_true",
+                        help="check array shapes and dtypes of vishwam's functions and modules at run time "
+                             "(jaxtyping + beartype; slower tracing); same as VISHWAM_RUNTIME_CHECKS=1")
 
 
 def _library_error(error: BaseException, name: str) -> bool:
@@ -68,6 +76,10 @@ def run_script(main: Callable[[list[str]], int | None], argv: Sequence[str] | No
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if "--typecheck" in argv:
+        from .runtime_checks import enable_runtime_checks
+
+        enable_runtime_checks()
     skip_absent_tpu()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
@@ -82,7 +94,7 @@ def run_script(main: Callable[[list[str]], int | None], argv: Sequence[str] | No
     except Exception as error:  # noqa: BLE001  (sorted below; anything else is reported as a bug)
         if debug:
             raise
-        if _library_error(error, "vishwam.train.trainer.TrainingDiverged"):
+        if _library_error(error, "vishwam.train.run_config.TrainingDiverged"):
             print(f"error: {error}", file=sys.stderr)
             return EXIT_DIVERGED
         if _library_error(error, "vishwam.train.metrics_db.MetricsDBLockedError"):
@@ -90,10 +102,14 @@ def run_script(main: Callable[[list[str]], int | None], argv: Sequence[str] | No
             print("hint: wait for that process, or rerun with --db-fallback to log into a separate file",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
-        if isinstance(error, (ValueError, TypeError, OSError)) or _library_error(
-                error, "vishwam.train.checkpoint.CheckpointError"):
+        if isinstance(error, InputError) or _library_error(error, "vishwam.train.checkpoint.CheckpointError"):
             print(f"error: {_describe(error)}", file=sys.stderr)
             print("hint: fix the input named above; --debug shows the traceback", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(error, OSError):
+            print(f"error: {type(error).__name__}: {_describe(error)}", file=sys.stderr)
+            print("hint: a file or system error (a missing or unreadable path, a full disk, no permission); "
+                  "--debug shows the traceback", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(f"error: internal error: {type(error).__name__}: {error}", file=sys.stderr)
         print("hint: this is a bug in vishwam; rerun with --debug and report the traceback", file=sys.stderr)

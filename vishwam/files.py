@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import InvalidValueError
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -151,7 +153,7 @@ def read_json_object(path: Path, *, what: str | None = None, fix: str | None = N
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{name} is not valid JSON ({error}){'; ' + fix if fix else ''}.") from None
+        raise InvalidValueError(f"{name} is not valid JSON ({error}){'; ' + fix if fix else ''}.") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must hold a JSON object, got {type(value).__name__}.")
+        raise InvalidValueError(f"{name} must hold a JSON object, got {type(value).__name__}.")
     return value

@@ -26,8 +26,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig, RematPolicy
-from .model import VishwamAI
+from .arrays import is_array_like
+from .config import ModelConfig
+from .errors import InvalidValueError
+from .model import VishwamAI, abstract_model
+from .nn.stack import REMAT
 
 _FIELDS = (
     "temp_size_in_bytes",
@@ -40,11 +43,7 @@ _FIELDS = (
     "host_output_size_in_bytes",
     "host_alias_size_in_bytes",
 )
-REMAT_POLICIES: tuple[str, ...] = RematPolicy.__args__
-
-
-def _is_dynamic(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+REMAT_POLICIES: tuple[str, ...] = tuple(REMAT)
 
 
 def compiled_memory(fn, *args, donate: bool = False, compiler_options: dict | None = None,
@@ -69,7 +68,7 @@ def compiled_memory(fn, *args, donate: bool = False, compiler_options: dict | No
         plus `total_size_in_bytes` = arguments + outputs - aliased + temporaries,
         the device footprint while the program runs.
     """
-    dynamic, static = eqx.partition((args, kwargs), _is_dynamic)
+    dynamic, static = eqx.partition((args, kwargs), is_array_like)
 
     def run(dynamic):
         a, k = eqx.combine(dynamic, static)
@@ -120,13 +119,13 @@ def remat_memory(
     """
     unknown = [p for p in policies if p not in REMAT_POLICIES]
     if unknown:
-        raise ValueError(f"remat_memory: unknown polic(ies) {unknown}; choose from {list(REMAT_POLICIES)}.")
+        raise InvalidValueError(f"remat_memory: unknown polic(ies) {unknown}; choose from {list(REMAT_POLICIES)}.")
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     step = eqx.filter_value_and_grad(loss_fn)
     report = {}
     for policy in policies:
         cfg = config.replace(remat_policy=policy)
-        model = eqx.filter_eval_shape(VishwamAI, cfg, key=jax.random.key(0))
+        model = abstract_model(cfg)
         report[policy] = compiled_memory(step, model, tokens, compiler_options=compiler_options)
     return report
 
@@ -191,24 +190,16 @@ def keep_host_memory() -> bool:
     """Make this process's malloc keep freed memory for reuse instead of handing it back to
     the kernel; True if applied (glibc), False elsewhere (nothing changed).
 
-    XLA:CPU allocates a step's temporaries afresh on every run. With glibc's defaults
-    the large ones are `mmap`ed and unmapped again, so every train step page-faults its
-    whole working set back in: about 490 K faults (2 GB zeroed by the kernel) per step of
-    the issue-16 dense shape, whose step this made 1.05-1.21x faster on a 2-core CPU in
-    four alternated pairs (benchmarks/RESULTS.md, "Train step tokens/s"; torch's step
-    gains as much). This sets, through `mallopt`: no `mmap` for allocations
-    (`M_MMAP_MAX=0`), no trimming of the heap's top (`M_TRIM_THRESHOLD` at its maximum)
-    and one arena (`M_ARENA_MAX=1`, so the CPU client's threads share the main heap).
-    Freed memory then stays mapped and the next step reuses it without faults; the
-    process's resident memory stays at its peak, as with any caching allocator. (A
-    program's large outputs are allocated apart from its temporaries and still fault in
-    fresh; the train step donates its state, so its outputs take over the inputs' memory.)
+    XLA:CPU allocates a step's temporaries afresh on every run; with glibc's defaults the
+    large ones are `mmap`ed and unmapped again, so every train step page-faults its whole
+    working set back in (measured 1.05-1.21x faster steps on a 2-core CPU with this;
+    benchmarks/RESULTS.md). This sets, through `mallopt`: no `mmap` for allocations, no
+    trimming of the heap's top and one arena. The process's resident memory then stays at
+    its peak, as with any caching allocator: worth it on the CPU backend only.
 
-    Process-wide, so the library never calls it: a script or program that owns the process
-    does, before its first JAX computation (the arena limit only reaches threads that have
-    not allocated yet; `scripts/train.py`, `scripts/distill.py` and `vs_transformers.py`'s
-    timed processes call it). Torch's CPU tensors come from the same malloc, so a benchmark
-    applies it to both frameworks.
+    Process-wide, so the library never calls it: a program that owns its process and runs
+    on the CPU does, before JAX starts (the arena limit only reaches threads that have not
+    allocated yet); `scripts/train.py` and `scripts/distill.py` do when the platform is CPU.
     """
     import ctypes
 

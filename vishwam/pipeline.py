@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -25,9 +24,12 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .config import ModelConfig
+from .errors import InvalidTypeError, InvalidValueError
 from .files import atomic_directory
-from .generate import generate, generate_stream
-from .model import VishwamAI
+from .generation import generate, generate_stream
+from .model import VishwamAI, abstract_model
+from .tokenizer import PipelineTokenizer as PipelineTokenizer
+from .tokenizer import load_hf_tokenizer
 
 _FORMAT = 1
 _CONFIG, _WEIGHTS, _TOKENIZER, _PIPELINE = "config.json", "model.safetensors", "tokenizer", "pipeline.json"
@@ -35,22 +37,6 @@ _CONFIG, _WEIGHTS, _TOKENIZER, _PIPELINE = "config.json", "model.safetensors", "
 _WIDTH_BUCKET = 16
 
 TokenCallback = Callable[[int, int, str], None]
-
-
-@runtime_checkable
-class PipelineTokenizer(Protocol):
-    """What the pipeline needs from a tokenizer (`VishwamAITokenizer` has it)."""
-
-    vocab_size: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Any: ...
 
 
 class VishwamAIPipeline:
@@ -72,22 +58,22 @@ class VishwamAIPipeline:
     def __init__(self, model: VishwamAI, tokenizer: PipelineTokenizer, config: ModelConfig | None = None, *,
                  add_bos: bool | None = None, eos_ids: Sequence[int] | None = None):
         if config is not None and config != model.config:
-            raise ValueError(f"VishwamAIPipeline: `config` differs from model.config in "
-                             f"{config.diff(model.config)} (given, model); pass config=None to use the model's.")
+            raise InvalidValueError(f"VishwamAIPipeline: `config` differs from model.config in "
+                                    f"{config.diff(model.config)} (given, model); pass config=None to use the model's.")
         missing = [name for name in ("encode", "decode", "vocab_size", "pad_id", "bos_id", "eos_id",
                                      "save_pretrained") if not hasattr(tokenizer, name)]
         if missing:
-            raise TypeError(f"VishwamAIPipeline: the tokenizer ({type(tokenizer).__name__}) lacks {missing}.")
+            raise InvalidTypeError(f"VishwamAIPipeline: the tokenizer ({type(tokenizer).__name__}) lacks {missing}.")
         # HF checkpoints may pad their embedding past the tokenizer (Qwen2: 151936 rows, 151665 ids).
         if int(tokenizer.vocab_size) > model.config.vocab_size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"VishwamAIPipeline: the tokenizer has vocab_size={tokenizer.vocab_size} but the model has "
                 f"vocab_size={model.config.vocab_size}; the model needs a row for every token id. Build the model "
                 f"with ModelConfig(vocab_size={tokenizer.vocab_size}, ...) or load the tokenizer it was trained with.")
         stop = (int(tokenizer.eos_id),) if eos_ids is None else tuple(eos_ids)
         if not stop or not all(isinstance(i, int) and 0 <= i < model.config.vocab_size for i in stop):
-            raise ValueError(f"VishwamAIPipeline: eos_ids must be a non-empty list of ids in [0, "
-                             f"{model.config.vocab_size}), got {eos_ids!r}.")
+            raise InvalidValueError(f"VishwamAIPipeline: eos_ids must be a non-empty list of ids in [0, "
+                                    f"{model.config.vocab_size}), got {eos_ids!r}.")
         self.model = model
         self.tokenizer = tokenizer
         self.add_bos = bool(getattr(tokenizer, "add_bos_token", False)) if add_bos is None else bool(add_bos)
@@ -115,7 +101,7 @@ class VishwamAIPipeline:
         Arguments:
             prompts: one text or a list of texts (completed as one batch).
             max_new_tokens: at most this many tokens per prompt; a row stops at any of `eos_ids`.
-            temperature, top_k, top_p: sampling, as in `vishwam.generate.generate`
+            temperature, top_k, top_p: sampling, as in `vishwam.generate`
                 (`temperature=0` is greedy).
             seed / key: randomness for sampling (give at most one); default seed 0,
                 so repeated calls return the same texts.
@@ -131,10 +117,10 @@ class VishwamAIPipeline:
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("VishwamAIPipeline: prompts must be a str or a non-empty list of str, "
-                            f"got {prompts!r:.80}.")
+            raise InvalidTypeError("VishwamAIPipeline: prompts must be a str or a non-empty list of str, "
+                                   f"got {prompts!r:.80}.")
         if seed is not None and key is not None:
-            raise ValueError("VishwamAIPipeline: give `seed` or `key`, not both.")
+            raise InvalidValueError("VishwamAIPipeline: give `seed` or `key`, not both.")
         key = jax.random.key(0 if seed is None else seed) if key is None else key
         ids = [self.tokenizer.encode(t, add_bos=self.add_bos) for t in texts]
         prompt, lengths = self._batch(ids, max_new_tokens)
@@ -162,10 +148,10 @@ class VishwamAIPipeline:
         limit = self.config.max_seq_len
         for i, row in enumerate(ids):
             if not row:
-                raise ValueError(f"VishwamAIPipeline: prompt {i} is empty; give some text, or build the "
-                                 "pipeline with add_bos=True to start from BOS alone.")
+                raise InvalidValueError(f"VishwamAIPipeline: prompt {i} is empty; give some text, or build the "
+                                        "pipeline with add_bos=True to start from BOS alone.")
             if len(row) + max_new_tokens > limit:
-                raise ValueError(
+                raise InvalidValueError(
                     f"VishwamAIPipeline: prompt {i} has {len(row)} tokens; + max_new_tokens {max_new_tokens} = "
                     f"{len(row) + max_new_tokens} exceeds the model's max_seq_len={limit}. Shorten the prompt "
                     f"or ask for at most {limit - len(row)} new tokens.")
@@ -240,13 +226,11 @@ class VishwamAIPipeline:
                 f"VishwamAIPipeline.save ({_CONFIG}, {_WEIGHTS}, {_TOKENIZER}/, {_PIPELINE}).")
         settings = json.loads((folder / _PIPELINE).read_text())
         if settings.get("format") != _FORMAT:
-            raise ValueError(f"VishwamAIPipeline.load: {folder / _PIPELINE} has format {settings.get('format')!r}; "
-                             f"this version reads format {_FORMAT}.")
+            raise InvalidValueError(f"VishwamAIPipeline.load: {folder / _PIPELINE} has format {settings.get('format')!r}; "
+                                    f"this version reads format {_FORMAT}.")
         config = ModelConfig.from_json(folder / _CONFIG)
         model = load_model_weights(folder / _WEIGHTS, config)
         if tokenizer is None:
-            from .hf import load_hf_tokenizer
-
             tokenizer = load_hf_tokenizer(folder / _TOKENIZER)
         return cls(model, tokenizer, add_bos=settings["add_bos"], eos_ids=settings.get("eos_ids"))
 
@@ -267,13 +251,13 @@ def load_model_weights(path: str | os.PathLike, config: ModelConfig) -> VishwamA
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    abstract = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
+    abstract = abstract_model(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     try:
         stored = load_file(str(path))
     except SafetensorError as error:
-        raise ValueError(f"load_model_weights: {path} is not a readable safetensors file ({error}); it is "
-                         "truncated or of another format: save it again.") from None
+        raise InvalidValueError(f"load_model_weights: {path} is not a readable safetensors file ({error}); it is "
+                                "truncated or of another format: save it again.") from None
     wanted = {jax.tree_util.keystr(p): leaf for p, leaf in leaves}
     missing = sorted(set(wanted) - set(stored))
     unexpected = sorted(set(stored) - set(wanted))
@@ -281,7 +265,7 @@ def load_model_weights(path: str | os.PathLike, config: ModelConfig) -> VishwamA
               for name, leaf in wanted.items()
               if name in stored and (stored[name].shape != leaf.shape or stored[name].dtype != leaf.dtype)]
     if missing or unexpected or differ:
-        raise ValueError(
+        raise InvalidValueError(
             f"load_model_weights: {path} does not fit the config: missing {missing[:8]}, unexpected "
             f"{unexpected[:8]}, different shape/dtype {differ[:8]}. The weights were saved from another "
             "config; load them with the config.json they were saved with.")

@@ -1,25 +1,17 @@
-"""Will it fit, and how fast could it be: the train state built in its shardings,
-ahead-of-time compiles of the whole train step for abstract TPU pods, FLOPs and a
-roofline estimate.
+"""Will it fit, and how fast could it be: ahead-of-time compiles of the whole train step
+for abstract TPU pods, and a roofline estimate.
 
-- `init_sharded_state` creates parameters and optimiser moments directly in their
-  shardings (one jitted init with `out_shardings` from the sharding rules), never as
-  a full host copy; `abstract_train_state` gives the same tree as
-  `jax.ShapeDtypeStruct`s carrying those shardings, for compiling without memory.
 - `compile_train_step` lowers and compiles the real train step (`vishwam.train.step`,
-  optimiser included) for any mesh, e.g. one over `tpu_devices("v5p:4x4x4")`: with
-  libtpu installed (`pip install "jax[tpu]"`), the XLA TPU compiler runs on a machine
-  without a TPU and reports per-chip memory.
-- `plan` / `search_plans` add the model's FLOPs (`model_flops_per_token`) and a
-  roofline **estimate** of the step time from the chips' published peaks (`CHIPS`).
-  Nothing here is a measured TPU time.
-
-The trainer takes its FLOPs, peak table and sharded init from here.
+  optimiser included) from `vishwam.train.state.abstract_train_state` for any mesh, e.g.
+  one over `tpu_devices("v5p:4x4x4")`: with libtpu installed, the XLA TPU compiler runs on
+  a machine without a TPU and reports per-chip memory.
+- `plan` / `search_plans` add the model's FLOPs (`vishwam.model.flops`) and a roofline
+  **estimate** of the step time from the chips' published peaks. Nothing here is a
+  measured TPU time.
 """
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import math
 import os
@@ -32,164 +24,24 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .arrays import is_abstract
 from .config import ModelConfig, TrainConfig
+from .errors import InvalidValueError
 from .memory import memory_stats
-from .model import VishwamAI, count_parameters
+from .model.flops import CHIPS as CHIPS
+from .model.flops import Chip as Chip
+from .model.flops import chip_of as chip_of
+from .model.flops import estimate_peak_flops as estimate_peak_flops
+from .model.flops import model_flops_per_token as model_flops_per_token
+from .model.params import count_parameters
+from .nn.stack import REMAT
 from .parallel.mesh import AXES, make_mesh, resolve_axis_sizes
-from .parallel.sharding import DEFAULT_RULES, Rule, batch_spec, tree_shardings
-from .train.step import TrainState, init_train_state, train_update
-
-# ------------------------------------------------------------------------ FLOPs
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM's estimate: `6 N + 12 L H Q T`.
-
-    `N` counts the parameters a token uses (top-k experts only, LM head included,
-    embedding lookup excluded; a tied embedding counts once, as the head),
-    `L` layers, `H` heads of width `Q`, `T` the sequence length (attention over
-    the full, not the causal half, square as in PaLM). Recomputation (remat) is not
-    counted: this is the "model FLOPs" of MFU.
-    """
-    active = count_parameters(config)["active"]
-    lookup = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
-    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
-    return 6.0 * (active - lookup) + attention
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Published per-chip figures of an accelerator (vendor data sheets, not measured here)."""
-
-    name: str
-    bf16_flops: float
-    """Dense bf16 peak FLOP/s."""
-    hbm_bytes: int | None = None
-    """Device memory (HBM) per chip."""
-    hbm_bandwidth: float | None = None
-    """HBM bytes/s per chip."""
-    ici_bandwidth: float | None = None
-    """Bidirectional inter-chip bytes/s per chip (all links together)."""
-
-
-# Matched (case-insensitively) as substrings of `device_kind`, first match wins, so
-# the more specific names come first. TPU figures: Google Cloud TPU system
-# architecture pages (v4, v5e, v5p, v6e); GPU figures: NVIDIA data sheets (dense,
-# without sparsity).
-CHIPS: tuple[Chip, ...] = (
-    Chip("H200", 989e12, 141 * 10**9, 4.8e12, 900e9),  # NVLink 4
-    Chip("H100", 989e12, 80 * 10**9, 3.35e12, 900e9),
-    Chip("A100", 312e12, 80 * 10**9, 2.0e12, 600e9),
-    Chip("L40S", 362e12, 48 * 10**9, 0.864e12),
-    Chip("L4", 121e12, 24 * 10**9, 0.3e12),
-    Chip("A10", 125e12, 24 * 10**9, 0.6e12),
-    Chip("V100", 125e12, 32 * 10**9, 0.9e12),
-    Chip("TPU v6 lite", 918e12, 32 * 10**9, 1638e9, 800e9),  # v6e (Trillium)
-    Chip("TPU v6", 918e12, 32 * 10**9, 1638e9, 800e9),
-    Chip("TPU v5 lite", 197e12, 16 * 10**9, 819e9, 400e9),  # v5e
-    Chip("TPU v5p", 459e12, 95 * 10**9, 2765e9, 1200e9),
-    Chip("TPU v5", 459e12, 95 * 10**9, 2765e9, 1200e9),  # libtpu names v5p chips "TPU v5"
-    Chip("TPU v4", 275e12, 32 * 2**30, 1228e9),
-    Chip("TPU v3", 123e12, 32 * 2**30, 900e9),
-)
-
-
-def chip_of(device: jax.Device) -> Chip | None:
-    """The `CHIPS` entry of `device.device_kind`, or None (CPUs, unknown kinds)."""
-    kind = device.device_kind.lower()
-    for chip in CHIPS:
-        if chip.name.lower() in kind:
-            return chip
-    return None
-
-
-def estimate_peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
-    """Peak FLOP/s of `devices` together and how it was obtained.
-
-    Accelerators: the vendor bf16 dense figure of their `device_kind` (`CHIPS`). CPU
-    (and unknown kinds): a 1024^3 fp32 matmul timed here, for the whole process (CPU
-    "devices" share the same cores), so CPU MFU reads as a fraction of what this
-    machine's matmul reaches now.
-    """
-    chip = chip_of(devices[0])
-    if chip is not None:
-        return chip.bf16_flops * len(devices), f"{len(devices)} x {chip.name} bf16 peak"
-    n = 1024
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    repeats, start = 4, time.perf_counter()
-    for _ in range(repeats):
-        out = matmul(a)
-    out.block_until_ready()
-    seconds = time.perf_counter() - start
-    return 2.0 * n**3 * repeats / seconds, f"measured {n}^3 fp32 matmul on {devices[0].device_kind}"
-
-
-# --------------------------------------------------------------- sharded state
-
-
-def _is_abstract(x) -> bool:
-    return isinstance(x, jax.ShapeDtypeStruct)
-
-
-def fresh_train_state(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
-    """The step-0 state of a run, built eagerly: the model from `key(seed)`, the state's
-    key `fold_in(key(seed), 1)` (what `VishwamAITrainer` and `scripts/train.py` use)."""
-    key = jax.random.key(train_config.seed)
-    model = VishwamAI(model_config, key=key)
-    return init_train_state(model, train_config, key=jax.random.fold_in(key, 1))
-
-
-def _state_shardings(model_config, train_config, mesh, rules):
-    abstract = eqx.filter_eval_shape(fresh_train_state, model_config, train_config)
-    arrays, static = eqx.partition(abstract, _is_abstract)
-    return arrays, static, tree_shardings(arrays, mesh, rules)
-
-
-def abstract_train_state(
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    mesh: jax.sharding.Mesh,
-    rules: Sequence[Rule] = DEFAULT_RULES,
-) -> TrainState:
-    """`fresh_train_state`'s tree with every array a `jax.ShapeDtypeStruct` carrying its
-    `NamedSharding` on `mesh` (by `rules`): the input of an ahead-of-time compile."""
-    arrays, static, shardings = _state_shardings(model_config, train_config, mesh, rules)
-    arrays = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
-    return eqx.combine(arrays, static)
-
-
-def init_sharded_state(
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    mesh: jax.sharding.Mesh | None,
-    rules: Sequence[Rule] = DEFAULT_RULES,
-) -> TrainState:
-    """`fresh_train_state`, computed by one jitted init whose `out_shardings` follow
-    `rules` on `mesh`: each device only ever holds its own shards (no full host copy).
-    Values equal the eager `fresh_train_state`. `mesh=None`: the default device."""
-    if mesh is None:
-        abstract = eqx.filter_eval_shape(fresh_train_state, model_config, train_config)
-        (_, static), shardings = eqx.partition(abstract, _is_abstract), None
-    else:
-        _, static, shardings = _state_shardings(model_config, train_config, mesh, rules)
-
-    def init():
-        return eqx.filter(fresh_train_state(model_config, train_config), eqx.is_array)
-
-    return eqx.combine(jax.jit(init, out_shardings=shardings)(), static)
-
-
-def abstract_batch(train_config: TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """A packed global batch as the data pipeline gives it, split over the batch axes."""
-    shape = (train_config.batch_size, train_config.seq_len)
-    sharding = jax.sharding.NamedSharding(mesh, batch_spec(mesh, 2))
-    ints = ("tokens", "targets", "segment_ids", "positions")
-    batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for name in ints}
-    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-    return batch
-
+from .parallel.sharding import DEFAULT_RULES, Rule, batch_shards
+from .train.state import abstract_batch as abstract_batch
+from .train.state import abstract_train_state as abstract_train_state
+from .train.state import fresh_train_state as fresh_train_state
+from .train.state import init_sharded_state as init_sharded_state
+from .train.step import train_update
 
 # ---------------------------------------------------------------- compiling
 
@@ -204,7 +56,7 @@ def compile_train_step(
     donated) for `mesh`, from abstract inputs only. Returns `(compiled, seconds)`."""
     update = train_update(model_config, train_config)
     state = abstract_train_state(model_config, train_config, mesh, rules)
-    arrays, static = eqx.partition(state, _is_abstract)
+    arrays, static = eqx.partition(state, is_abstract)
 
     def run(arrays, batch):
         new_state, metrics = update((batch, None), eqx.combine(arrays, static))
@@ -238,8 +90,8 @@ def tpu_devices(topology: str) -> list[jax.Device]:
     generation, sep, shape = topology.partition(":")
     dims = shape.split("x") if sep else []
     if not sep or not dims or not all(d.isdigit() and int(d) > 0 for d in dims):
-        raise ValueError(f"topology {topology!r}: expected GENERATION:SHAPE such as v5p:4x4x4, v5e:4x4 or "
-                         "v6e:8x8.")
+        raise InvalidValueError(f"topology {topology!r}: expected GENERATION:SHAPE such as v5p:4x4x4, v5e:4x4 or "
+                                "v6e:8x8.")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -255,8 +107,8 @@ def tpu_devices(topology: str) -> list[jax.Device]:
             desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as error:  # libtpu raises XlaRuntimeError / ValueError with its own text
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"topology {topology!r} is not one libtpu knows ({first}); use e.g. v5p:2x2x1, "
-                         "v5p:4x4x4, v5e:2x2, v5e:16x16, v6e:8x8 (3 dims for v4/v5p, 2 for v5e/v6e).") from None
+        raise InvalidValueError(f"topology {topology!r} is not one libtpu knows ({first}); use e.g. v5p:2x2x1, "
+                                "v5p:4x4x4, v5e:2x2, v5e:16x16, v6e:8x8 (3 dims for v4/v5p, 2 for v5e/v6e).") from None
     return list(desc.devices)
 
 
@@ -276,11 +128,6 @@ def _quiet_native_stderr():
 
 
 # ----------------------------------------------------------------- planning
-
-_REMAT_RECOMPUTE = {"none": 1.0, "dots_saveable": 1.0, "save_attention_output": 1.25, "offload_dots": 1.0,
-                    "full": 4.0 / 3.0}
-"""Hardware FLOPs / model FLOPs per remat policy (full: the forward runs twice, 8N vs 6N)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -327,19 +174,21 @@ def _per_chip_state_bytes(state) -> int:
     """Bytes one chip holds of an abstract sharded tree (the largest shard of each leaf)."""
     total = 0
     for leaf in jax.tree_util.tree_leaves(state):
-        if _is_abstract(leaf):
+        if is_abstract(leaf):
             shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
             total += math.prod(shard) * leaf.dtype.itemsize
     return total
 
 
-@functools.cache  # a search asks once per candidate; the config is frozen (hashable)
+def _routed_ffn(model_config: ModelConfig) -> int:
+    """The FFN width a token's top-k experts run (the dense MLP's in a dense model)."""
+    return model_config.expert_ffn_dim if model_config.is_moe else model_config.ffn_dim
+
+
 def _weight_counts(model_config: ModelConfig) -> tuple[int, int]:
     """(dense parameters, routed-expert parameters) of the model."""
-    abstract = eqx.filter_eval_shape(VishwamAI, model_config, key=jax.random.key(0))
-    routed = sum(math.prod(x.shape) for stage in abstract.stages for block in stage.blocks if block.is_moe
-                 for x in jax.tree_util.tree_leaves(block.mlp.experts) if _is_abstract(x))
-    return count_parameters(model_config)["total"] - routed, routed
+    counts = count_parameters(model_config)
+    return counts["total"] - counts["routed"], counts["routed"]
 
 
 def estimated_collective_bytes(model_config: ModelConfig, train_config: TrainConfig,
@@ -389,21 +238,10 @@ def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, 
     passes = 4 if model_config.remat_policy == "full" else 3
     chips = math.prod(mesh_sizes.values())
     tokens_per_chip = train_config.batch_size * train_config.seq_len / max(chips // tensor, 1)
-    per_token = 12 * model_config.hidden_size + 3 * model_config.ffn_dim * model_config.experts_per_token
+    per_token = 12 * model_config.hidden_size + 3 * _routed_ffn(model_config) * model_config.experts_per_token
     activations = tokens_per_chip * model_config.num_layers * per_token * compute_bytes * 3 / tensor
     return 7.0 / 3.0 * state_bytes_per_chip + weights * compute_bytes * passes * train_config.accum_steps \
         + activations
-
-
-_SAVED_PER_TOKEN_LAYER = {
-    # Values saved per token and layer for the backward, by remat policy (from what each
-    # policy keeps: the block input; matmul outputs; attention output; everything).
-    "full": lambda h, f, k: h,
-    "save_attention_output": lambda h, f, k: 2 * h,
-    "dots_saveable": lambda h, f, k: 6 * h + 3 * f * k,
-    "offload_dots": lambda h, f, k: h,
-    "none": lambda h, f, k: 16 * h + 5 * f * k,
-}
 
 
 def estimated_footprint(model_config: ModelConfig, train_config: TrainConfig, mesh_sizes: Mapping[str, int],
@@ -411,12 +249,12 @@ def estimated_footprint(model_config: ModelConfig, train_config: TrainConfig, me
     """Per-chip bytes from formulas (an estimate; the compile gives the real figure): the
     state (parameters and moments), fp32 gradients (a third of it), activations saved for
     the backward by the remat policy, plus one layer's working set and one logits chunk."""
-    h, f, k = model_config.hidden_size, model_config.ffn_dim, model_config.experts_per_token
+    h, f, k = model_config.hidden_size, _routed_ffn(model_config), model_config.experts_per_token
     compute_bytes = jnp.dtype(model_config.compute_dtype).itemsize
     chips = math.prod(mesh_sizes.values())
     tensor = mesh_sizes.get("tensor", 1)
     tokens = train_config.micro_batch_size * train_config.seq_len / max(chips // tensor, 1)
-    saved = _SAVED_PER_TOKEN_LAYER.get(model_config.remat_policy, _SAVED_PER_TOKEN_LAYER["none"])(h, f, k)
+    saved = REMAT[model_config.remat_policy].saved_values(h, f, k)
     activations = tokens * model_config.num_layers * saved * compute_bytes / tensor
     working = tokens * (16 * h + 5 * f * k) * 4 / tensor
     chunk = min(train_config.loss_chunk_size or train_config.seq_len, train_config.seq_len)
@@ -453,7 +291,7 @@ def plan(
     state_bytes = _per_chip_state_bytes(state)
     flops = model_flops_per_token(model_config, train_config.seq_len) * train_config.batch_size \
         * train_config.seq_len
-    hardware_flops = flops * _REMAT_RECOMPUTE.get(model_config.remat_policy, 1.0)
+    hardware_flops = flops * REMAT[model_config.remat_policy].recompute
     traffic = estimated_hbm_traffic(model_config, train_config, sizes, state_bytes)
     collective = estimated_collective_bytes(model_config, train_config, sizes)
     if chip is not None:
@@ -491,15 +329,15 @@ def plan(
 
 def _check_divisible(model_config: ModelConfig, train_config: TrainConfig, sizes: Mapping[str, int]) -> None:
     shown = ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1) or "one chip"
-    shards = math.prod(sizes[axis] for axis in ("data", "fsdp", "expert"))
+    shards = batch_shards(sizes)
     if train_config.micro_batch_size % shards:
-        raise ValueError(f"mesh {shown}: the micro-batch of {train_config.micro_batch_size} rows (batch "
-                         f"{train_config.batch_size} / accum {train_config.accum_steps}) does not split over "
-                         f"data*fsdp*expert = {shards} chips; use a batch that is a multiple of "
-                         f"{shards * train_config.accum_steps}.")
+        raise InvalidValueError(f"mesh {shown}: the micro-batch of {train_config.micro_batch_size} rows (batch "
+                                f"{train_config.batch_size} / accum {train_config.accum_steps}) does not split over "
+                                f"data*fsdp*expert = {shards} chips; use a batch that is a multiple of "
+                                f"{shards * train_config.accum_steps}.")
     if model_config.is_moe and model_config.num_experts % sizes["expert"]:
-        raise ValueError(f"mesh {shown}: expert={sizes['expert']} does not divide num_experts="
-                         f"{model_config.num_experts}; use an expert size that divides it.")
+        raise InvalidValueError(f"mesh {shown}: expert={sizes['expert']} does not divide num_experts="
+                                f"{model_config.num_experts}; use an expert size that divides it.")
 
 
 def candidate_meshes(chips: int, model_config: ModelConfig, *, max_tensor: int = 8) -> list[dict[str, int]]:

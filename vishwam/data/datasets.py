@@ -1,6 +1,7 @@
 """`make_datasets`: source -> tokens -> split -> packed rows -> train and validation iterators."""
 
 import os
+import warnings
 from collections.abc import Sequence
 
 from vishwam.data.iterator import DataIterator
@@ -8,6 +9,8 @@ from vishwam.data.packing import PackedRows
 from vishwam.data.sources import Source
 from vishwam.data.split import split_documents
 from vishwam.data.token_cache import TokenizedCorpus, tokenize_source
+
+from ..errors import InvalidValueError
 
 
 def make_datasets(tokenizer: object,
@@ -30,10 +33,10 @@ def make_datasets(tokenizer: object,
     `jax.process_count()`) gets its share.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
+        raise InvalidValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
     for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+            raise InvalidValueError(f"{name} must be an integer >= 1, got {value!r}.")
     corpus = (source if isinstance(source, TokenizedCorpus)
               else tokenize_source(source, tokenizer, cache_dir=cache_dir, add_bos=add_bos))
     train_docs, val_docs = split_documents(corpus.doc_hashes, val_fraction)
@@ -41,6 +44,11 @@ def make_datasets(tokenizer: object,
     train = DataIterator(PackedRows(corpus, train_docs, seq_len=seq_len, drop_remainder=drop_remainder),
                          batch_size=batch_size, **common)
     if len(val_docs) == 0:
+        if val_fraction > 0:
+            warnings.warn(f"make_datasets: no validation data: the source has {len(corpus.doc_hashes)} document(s), "
+                          "too few to hold any out; training runs without evaluation. Split text files into "
+                          "documents (TextFiles(separator=...); --separator in scripts/train.py) or add files.",
+                          stacklevel=2)
         return train, None
     val = DataIterator(PackedRows(corpus, val_docs, seq_len=seq_len),
                        batch_size=val_batch_size or batch_size, shuffle=False, repeat=False, **common)

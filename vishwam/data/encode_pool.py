@@ -76,8 +76,8 @@ def encode_chunk(tokenizer: Any, documents: list[str], add_bos: bool, eos_id: in
                        count=int(lengths.sum()))
     vocab_size = int(tokenizer.vocab_size)
     if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
-        raise ValueError(f"the tokenizer produced ids in [{int(flat.min())}, {int(flat.max())}], outside its "
-                         f"vocab_size={vocab_size}; the tokenizer model and its vocab_size disagree.")
+        raise InvalidValueError(f"the tokenizer produced ids in [{int(flat.min())}, {int(flat.max())}], outside its "
+                                f"vocab_size={vocab_size}; the tokenizer model and its vocab_size disagree.")
     hashes = np.fromiter((doc_hash(d) for d in documents), dtype=np.uint64, count=len(ids))
     return flat.astype(dtype), lengths, hashes
 
@@ -92,7 +92,7 @@ class EncodePool:
     def __init__(self, tokenizer: Any, workers: int, *, add_bos: bool, dtype: np.dtype):
         spec = worker_spec(tokenizer)
         if spec is None:
-            raise ValueError(f"{type(tokenizer).__name__} cannot be rebuilt in a worker process (no _worker_spec).")
+            raise InvalidValueError(f"{type(tokenizer).__name__} cannot be rebuilt in a worker process (no _worker_spec).")
         self.dtype = np.dtype(dtype)
         spec = {**spec, "add_bos": bool(add_bos), "dtype": self.dtype.name}
         package_parent = str(Path(__file__).resolve().parents[2])
@@ -237,6 +237,8 @@ package = types.ModuleType("vishwam")
 package.__path__ = [sys.argv[1] + "/vishwam"]
 sys.modules["vishwam"] = package
 from vishwam.data.encode_pool import _worker_main
+
+from ..errors import InvalidValueError
 _worker_main()
 """
 

@@ -10,6 +10,8 @@ import numpy as np
 from vishwam.data.handoff import put_unless_stopped
 from vishwam.data.packing import Batch, PackedRows
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 
 class _End:
     """Queue marker: a finite iterator has no more batches."""
@@ -91,14 +93,14 @@ class DataIterator:
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+            raise InvalidValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+            raise InvalidValueError(f"process_index={process_index} is not in [0, process_count={process_count}).")
         if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} is the global batch and must be divisible by "
-                             f"process_count={process_count}; use a multiple of {process_count}.")
+            raise InvalidValueError(f"batch_size={batch_size} is the global batch and must be divisible by "
+                                    f"process_count={process_count}; use a multiple of {process_count}.")
         if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+            raise InvalidValueError(f"prefetch must be >= 0, got {prefetch}.")
         self.rows = rows
         self.batch_size = batch_size
         """Global batch size (all processes); each batch here has `local_batch_size` rows."""
@@ -114,7 +116,7 @@ class DataIterator:
 
     def __len__(self) -> int:
         if self.repeat:
-            raise TypeError("a repeating DataIterator is endless; len() exists only with repeat=False.")
+            raise InvalidTypeError("a repeating DataIterator is endless; len() exists only with repeat=False.")
         return -(-self.rows.num_rows // self.batch_size)
 
     @property
@@ -196,12 +198,12 @@ class DataIterator:
         mine = self.state()
         wrong = {k: (state.get(k), mine[k]) for k in mine if k != "position" and state.get(k) != mine[k]}
         if wrong:
-            raise ValueError(f"DataIterator.restore: the state was saved with other data or settings "
-                             f"(saved, current): {wrong}. Rebuild the iterator with the same source, "
-                             "tokenizer, seq_len, split, seed and batch_size, or start afresh.")
+            raise InvalidValueError(f"DataIterator.restore: the state was saved with other data or settings "
+                                    f"(saved, current): {wrong}. Rebuild the iterator with the same source, "
+                                    "tokenizer, seq_len, split, seed and batch_size, or start afresh.")
         position = state.get("position")
         if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise ValueError(f"DataIterator.restore: position must be an integer >= 0, got {position!r}.")
+            raise InvalidValueError(f"DataIterator.restore: position must be an integer >= 0, got {position!r}.")
         self._stop()
         self._position = position
 

@@ -6,6 +6,8 @@ import numpy as np
 
 from vishwam.data.token_cache import TokenizedCorpus
 
+from ..errors import InvalidValueError
+
 Batch = dict[str, np.ndarray]
 """`tokens, targets, segment_ids, positions` (int32) and `loss_mask` (float32), all `[batch, seq]`."""
 
@@ -31,10 +33,10 @@ class PackedRows:
     def __init__(self, corpus: TokenizedCorpus, documents: "np.ndarray | None" = None, *,
                  seq_len: int, drop_remainder: bool = False):
         if not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
+            raise InvalidValueError(f"seq_len must be an integer >= 2, got {seq_len!r}.")
         docs = np.arange(corpus.num_documents) if documents is None else np.asarray(documents, np.int64)
         if len(docs) == 0:
-            raise ValueError("PackedRows: no documents selected; the split or the source is empty.")
+            raise InvalidValueError("PackedRows: no documents selected; the split or the source is empty.")
         lengths = corpus.offsets[docs + 1] - corpus.offsets[docs]
         self.corpus = corpus
         self.seq_len = seq_len
@@ -46,8 +48,8 @@ class PackedRows:
         row = seq_len + 1
         self.num_rows = self.num_tokens // row if drop_remainder else -(-self.num_tokens // row)
         if self.num_rows == 0:
-            raise ValueError(f"PackedRows: {self.num_tokens} tokens do not fill one row of seq_len + 1 = "
-                             f"{row}; use a smaller seq_len, more data, or drop_remainder=False.")
+            raise InvalidValueError(f"PackedRows: {self.num_tokens} tokens do not fill one row of seq_len + 1 = "
+                                    f"{row}; use a smaller seq_len, more data, or drop_remainder=False.")
         self.fingerprint = hashlib.sha256(
             f"{corpus.key}:{seq_len}:{drop_remainder}:".encode() + docs.tobytes()).hexdigest()
         """Identifies the rows: corpus key, chosen documents and packing options."""

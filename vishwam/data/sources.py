@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 _TABLE_READERS = {
     ".jsonl": "read_json_auto",
     ".ndjson": "read_json_auto",
@@ -96,8 +98,8 @@ class Texts(Source):
 
     def __init__(self, texts: Sequence[str]):
         if isinstance(texts, str):
-            raise TypeError("Texts(texts) takes a sequence of documents, got one string; "
-                            "wrap it in a list: Texts([text]).")
+            raise InvalidTypeError("Texts(texts) takes a sequence of documents, got one string; "
+                                   "wrap it in a list: Texts([text]).")
         object.__setattr__(self, "texts", tuple(texts))
 
     def __repr__(self) -> str:
@@ -140,10 +142,10 @@ class TextFiles(Source):
                  separator: str | None = None, encoding: str = "utf-8",
                  errors: Literal["replace", "strict"] = "replace"):
         if errors not in ("replace", "strict"):
-            raise ValueError(f"TextFiles(errors={errors!r}): choose 'replace' or 'strict'.")
+            raise InvalidValueError(f"TextFiles(errors={errors!r}): choose 'replace' or 'strict'.")
         if separator == "":
-            raise ValueError("TextFiles(separator=''): an empty separator cannot split; "
-                             "pass None for one document per file.")
+            raise InvalidValueError("TextFiles(separator=''): an empty separator cannot split; "
+                                    "pass None for one document per file.")
         codecs.lookup(encoding)
         object.__setattr__(self, "patterns", _patterns(patterns))
         object.__setattr__(self, "separator", separator)
@@ -154,8 +156,8 @@ class TextFiles(Source):
         files = _expand(self.patterns)
         tables = [f for f in files if Path(f).suffix.lower() in _TABLE_READERS]
         if tables:
-            raise ValueError(f"TextFiles{self.patterns} matched table files {tables[:3]}; "
-                             "read those with TableFiles(...) (DuckDB) or narrow the glob to text files.")
+            raise InvalidValueError(f"TextFiles{self.patterns} matched table files {tables[:3]}; "
+                                    "read those with TableFiles(...) (DuckDB) or narrow the glob to text files.")
         return files
 
     def fingerprint(self) -> str:
@@ -216,9 +218,9 @@ class TextFiles(Source):
                     text = decoder.decode(block, final=not block)
                 except UnicodeDecodeError as e:
                     start = fed - pending + e.start
-                    raise ValueError(f"{path}: bytes {start}-{fed - pending + e.end} are not valid {self.encoding} "
-                                     f"({e.reason}). Pass encoding=... for the file's real encoding, or "
-                                     "errors='replace'.") from e
+                    raise InvalidValueError(f"{path}: bytes {start}-{fed - pending + e.end} are not valid {self.encoding} "
+                                            f"({e.reason}). Pass encoding=... for the file's real encoding, or "
+                                            "errors='replace'.") from e
                 fed += len(block)
                 text, bad = (text, 0) if strict else re.subn("[\udc80-\udcff]", "\ufffd", text)
                 carry += text
@@ -267,11 +269,11 @@ class TableFiles(Source):
         readers = {Path(f).suffix.lower(): _TABLE_READERS.get(Path(f).suffix.lower()) for f in files}
         unknown = sorted(ext or "(none)" for ext, reader in readers.items() if reader is None)
         if unknown:
-            raise ValueError(f"TableFiles{self.patterns}: cannot read extension(s) {unknown}; "
-                             f"supported: {sorted(_TABLE_READERS)}. Use TextFiles for plain text.")
+            raise InvalidValueError(f"TableFiles{self.patterns}: cannot read extension(s) {unknown}; "
+                                    f"supported: {sorted(_TABLE_READERS)}. Use TextFiles for plain text.")
         if len(set(readers.values())) > 1:
-            raise ValueError(f"TableFiles{self.patterns} matched files of several formats "
-                             f"({sorted(readers)}); use one TableFiles per format.")
+            raise InvalidValueError(f"TableFiles{self.patterns} matched files of several formats "
+                                    f"({sorted(readers)}); use one TableFiles per format.")
         return files, next(iter(readers.values()))
 
     def fingerprint(self) -> str:
@@ -317,9 +319,9 @@ class TableFiles(Source):
             sql = self.query if self.query is not None else "SELECT * FROM data"
             schema = con.execute(f"DESCRIBE {sql}").fetchall()
         except duckdb.Error as e:
-            raise ValueError(f"TableFiles{self.patterns}: DuckDB could not read {files[:3]} "
-                             f"with {reader}{' and the query ' + repr(self.query) if self.query else ''}: "
-                             f"{e}. Check the file format and encoding (UTF-8 only) and the SQL.") from e
+            raise InvalidValueError(f"TableFiles{self.patterns}: DuckDB could not read {files[:3]} "
+                                    f"with {reader}{' and the query ' + repr(self.query) if self.query else ''}: "
+                                    f"{e}. Check the file format and encoding (UTF-8 only) and the SQL.") from e
         columns = {name: kind for name, kind, *_ in schema}
         if self.text_column in columns:
             column = self.text_column
@@ -327,35 +329,65 @@ class TableFiles(Source):
             column = next(iter(columns))
         else:
             where = "the query result" if self.query is not None else f"{files[0]}"
-            raise ValueError(f"TableFiles: no column {self.text_column!r} in {where}; its columns are "
-                             f"{list(columns)}. Pass text_column=<one of those>, or a query "
-                             "selecting the text.")
+            raise InvalidValueError(f"TableFiles: no column {self.text_column!r} in {where}; its columns are "
+                                    f"{list(columns)}. Pass text_column=<one of those>, or a query "
+                                    "selecting the text.")
         if columns[column] != "VARCHAR":
-            raise ValueError(f"TableFiles: column {column!r} has type {columns[column]}, not text "
-                             f"(VARCHAR); choose a text column or cast it in query=...")
+            raise InvalidValueError(f"TableFiles: column {column!r} has type {columns[column]}, not text "
+                                    f"(VARCHAR); choose a text column or cast it in query=...")
         return f'SELECT {_sql_identifier(column)} AS "text" FROM ({sql})'
 
 
-def as_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None") -> Source:
+def as_source(source: "Source | str | os.PathLike | Sequence[str | os.PathLike] | None", *,
+              separator: str | None = None) -> Source:
     """Turns what a user passes as `source` into a `Source`.
 
     `None` is the default corpus; a `Source` is itself; a path or glob (or a
     list of them) is `TableFiles` when its extension is one DuckDB reads
-    (`.jsonl .ndjson .json .parquet .csv .tsv`), otherwise `TextFiles`.
-    In-memory documents must be wrapped: `Texts([...])`.
+    (`.jsonl .ndjson .json .parquet .csv .tsv`), otherwise `TextFiles` (split into
+    documents at `separator`, else one document per file); a list mixing both is
+    `Sources([TableFiles(...), TextFiles(...)])`. In-memory documents must be
+    wrapped: `Texts([...])`.
     """
     if source is None:
         return DefaultCorpus()
     if isinstance(source, Source):
         return source
     patterns = _patterns(source)
-    tables = [Path(p).suffix.lower() in _TABLE_READERS for p in patterns]
-    if all(tables):
-        return TableFiles(patterns)
-    if any(tables):
-        raise ValueError(f"as_source({list(patterns)}): mixes table files and text files; "
-                         "build a TextFiles and a TableFiles separately.")
-    return TextFiles(patterns)
+    tables = [p for p in patterns if Path(p).suffix.lower() in _TABLE_READERS]
+    texts = [p for p in patterns if Path(p).suffix.lower() not in _TABLE_READERS]
+    if not texts:
+        return TableFiles(tables)
+    if not tables:
+        return TextFiles(texts, separator=separator)
+    return Sources([TableFiles(tables), TextFiles(texts, separator=separator)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources(Source):
+    """Several sources read one after the other, as one."""
+
+    parts: tuple[Source, ...]
+
+    def __init__(self, parts: Sequence[Source]):
+        if not parts or not all(isinstance(p, Source) for p in parts):
+            raise InvalidTypeError(f"Sources(parts) takes a non-empty sequence of Source objects, got {parts!r}.")
+        object.__setattr__(self, "parts", tuple(parts))
+
+    def fingerprint(self) -> str:
+        return _hash_texts("Sources", [part.fingerprint() for part in self.parts])
+
+    def read(self) -> SourceText:
+        texts = [part.read() for part in self.parts]
+        return SourceText([d for t in texts for d in t.documents], sum(t.replaced for t in texts))
+
+    def stream(self, chunk_chars: int = 1 << 20) -> Iterator[SourceText]:
+        for part in self.parts:
+            yield from part.stream(chunk_chars)
+
+    def num_documents(self) -> int | None:
+        counts = [part.num_documents() for part in self.parts]
+        return None if None in counts else sum(counts)
 
 
 def _pieces(documents: Iterator, chunk_chars: int) -> Iterator[SourceText]:
@@ -379,11 +411,11 @@ def _patterns(value) -> tuple[str, ...]:
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     if not isinstance(value, Sequence):
-        raise TypeError(f"expected a path, a glob or a list of them, got {type(value).__name__}; "
-                        "wrap in-memory documents as Texts([...]).")
+        raise InvalidTypeError(f"expected a path, a glob or a list of them, got {type(value).__name__}; "
+                               "wrap in-memory documents as Texts([...]).")
     patterns = tuple(os.fspath(v) for v in value)
     if not patterns:
-        raise ValueError("no file patterns given; pass a path or a glob such as 'data/*.txt'.")
+        raise InvalidValueError("no file patterns given; pass a path or a glob such as 'data/*.txt'.")
     return patterns
 
 
@@ -405,11 +437,11 @@ def _expand(patterns: tuple[str, ...]) -> list[str]:
 def _refuse_binary(raw: bytes, path: str) -> None:
     """Text has no NUL bytes; a file with some is a database, an archive or an image, not a corpus."""
     if raw[8:12] == b"DUCK":
-        raise ValueError(f"{path} is a DuckDB database file, not a text or table file; export the table "
-                         "first (in duckdb: COPY my_table TO 'corpus.parquet') and pass that.")
+        raise InvalidValueError(f"{path} is a DuckDB database file, not a text or table file; export the table "
+                                "first (in duckdb: COPY my_table TO 'corpus.parquet') and pass that.")
     if b"\x00" in raw[:8192]:
-        raise ValueError(f"{path} is a binary file (it holds NUL bytes), not text; pass text files, or "
-                         ".jsonl/.parquet/.csv tables.")
+        raise InvalidValueError(f"{path} is a binary file (it holds NUL bytes), not text; pass text files, or "
+                                ".jsonl/.parquet/.csv tables.")
 
 
 def _decode(raw: bytes, encoding: str, errors: str, path: str) -> tuple[str, int]:
@@ -417,8 +449,8 @@ def _decode(raw: bytes, encoding: str, errors: str, path: str) -> tuple[str, int
         return raw.decode(encoding), 0
     except UnicodeDecodeError as e:
         if errors == "strict":
-            raise ValueError(f"{path}: bytes {e.start}-{e.end} are not valid {encoding} ({e.reason}). "
-                             "Pass encoding=... for the file's real encoding, or errors='replace'.") from e
+            raise InvalidValueError(f"{path}: bytes {e.start}-{e.end} are not valid {encoding} ({e.reason}). "
+                                    "Pass encoding=... for the file's real encoding, or errors='replace'.") from e
     # surrogateescape maps each undecodable byte to one lone surrogate, which valid
     # text never contains, so the substitutions can be counted exactly.
     text = raw.decode(encoding, "surrogateescape")

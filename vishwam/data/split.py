@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from ..errors import InvalidValueError
+
 
 def split_documents(doc_hashes: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/validation split by document.
@@ -17,7 +19,7 @@ def split_documents(doc_hashes: np.ndarray, val_fraction: float) -> tuple[np.nda
         `(train_indices, val_indices)`, int64 document indices in ascending order.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        raise InvalidValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     hashes = np.asarray(doc_hashes, dtype=np.uint64)
     unit = (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53
     is_val = unit < val_fraction
@@ -25,6 +27,6 @@ def split_documents(doc_hashes: np.ndarray, val_fraction: float) -> tuple[np.nda
         is_val[np.argmin(hashes)] = True
     train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(train) == 0:
-        raise ValueError(f"the split left no training documents ({len(hashes)} document(s), "
-                         f"val_fraction={val_fraction}); lower val_fraction or add documents.")
+        raise InvalidValueError(f"the split left no training documents ({len(hashes)} document(s), "
+                                f"val_fraction={val_fraction}); lower val_fraction or add documents.")
     return train, val

@@ -16,26 +16,16 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from vishwam.data.encode_pool import EncodePool, encode_chunk, usable_cores, worker_spec
 from vishwam.data.handoff import put_unless_stopped
 from vishwam.data.sources import Source, SourceText, as_source
+from vishwam.tokenizer.protocol import TokenizerLike as TokenizerLike
 
-
-@runtime_checkable
-class TokenizerLike(Protocol):
-    """What the pipeline needs from a tokenizer (`VishwamAITokenizer` has it)."""
-
-    eos_id: int
-    pad_id: int
-    vocab_size: int
-    fingerprint: str
-
-    def batch_encode(self, texts: list[str], add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]: ...
+from ..errors import InvalidTypeError, InvalidValueError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,14 +149,14 @@ def load_prepared(directory: "str | os.PathLike", tokenizer: object | None = Non
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{directory} is not a prepared corpus ({e}); make one with scripts/prepare_data.py.") from e
+        raise InvalidValueError(f"{directory} is not a prepared corpus ({e}); make one with scripts/prepare_data.py.") from e
     if tokenizer is not None and str(getattr(tokenizer, "fingerprint", None)) != meta.get("tokenizer"):
-        raise ValueError(f"{directory} was prepared with another tokenizer (fingerprint {meta.get('tokenizer')}); "
-                         f"train with its own ({directory / 'tokenizer'}) or prepare the data again.")
+        raise InvalidValueError(f"{directory} was prepared with another tokenizer (fingerprint {meta.get('tokenizer')}); "
+                                f"train with its own ({directory / 'tokenizer'}) or prepare the data again.")
     expected = {k: meta[k] for k in ("version", "key", "dtype", "eos_id", "pad_id", "vocab_size") if k in meta}
     if expected.get("version") != _CACHE_VERSION:
-        raise ValueError(f"{directory}: prepared-corpus version {meta.get('version')}, this vishwam reads "
-                         f"{_CACHE_VERSION}; prepare the data again.")
+        raise InvalidValueError(f"{directory}: prepared-corpus version {meta.get('version')}, this vishwam reads "
+                                f"{_CACHE_VERSION}; prepare the data again.")
     return _load_entry(directory, expected)
 
 
@@ -174,8 +164,8 @@ def _entry_meta(source: Source, tokenizer: object, add_bos: bool) -> dict[str, A
     if not isinstance(tokenizer, TokenizerLike):
         missing = [a for a in ("batch_encode", "eos_id", "pad_id", "vocab_size", "fingerprint")
                    if not hasattr(tokenizer, a)]
-        raise TypeError(f"tokenize_source: the tokenizer ({type(tokenizer).__name__}) lacks {missing}; "
-                        "pass a VishwamAITokenizer or an object with the same attributes.")
+        raise InvalidTypeError(f"tokenize_source: the tokenizer ({type(tokenizer).__name__}) lacks {missing}; "
+                               "pass a VishwamAITokenizer or an object with the same attributes.")
     vocab_size = int(tokenizer.vocab_size)
     dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
     meta = {
@@ -330,8 +320,8 @@ def _encode_stream(source: Source, tokenizer: TokenizerLike, meta: dict[str, Any
         if bar is not None:
             bar.close()
     if num_docs == 0:
-        raise ValueError(f"{source!r} produced no documents (every file or value was empty); "
-                         "check the files or the query.")
+        raise InvalidValueError(f"{source!r} produced no documents (every file or value was empty); "
+                                "check the files or the query.")
     meta = meta | {"num_documents": num_docs, "num_tokens": num_tokens, "replaced": replaced,
                    "source_repr": repr(source)}
     return (*sink.result(dtype), meta)
@@ -352,7 +342,7 @@ def _encoded(pieces: Iterator[SourceText], tokenizer: TokenizerLike, meta: dict[
     dtype, eos, add_bos = np.dtype(meta["dtype"]), meta["eos_id"], meta["add_bos"]
     workers = usable_cores() if workers is None else workers
     if workers < 1:
-        raise ValueError(f"workers must be None (one per core) or >= 1, got {workers}.")
+        raise InvalidValueError(f"workers must be None (one per core) or >= 1, got {workers}.")
     first = next(pieces, None)
     second = next(pieces, None) if first is not None else None
     pool = None
@@ -422,15 +412,15 @@ def _load_entry(entry: Path, expected: dict[str, Any]) -> TokenizedCorpus:
     meta = json.loads((entry / "meta.json").read_text())
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
-        raise ValueError(f"metadata mismatch (stored, expected): {wrong}")
+        raise InvalidValueError(f"metadata mismatch (stored, expected): {wrong}")
     tokens = np.load(entry / "tokens.npy", mmap_mode="r", allow_pickle=False)
     offsets = np.load(entry / "offsets.npy", allow_pickle=False)
     doc_hashes = np.load(entry / "doc_hashes.npy", allow_pickle=False)
     if (tokens.dtype.name != meta["dtype"] or len(tokens) != meta["num_tokens"]
             or len(doc_hashes) != meta["num_documents"] or len(offsets) != len(doc_hashes) + 1
             or offsets[-1] != len(tokens)):
-        raise ValueError(f"arrays do not match meta.json (tokens {tokens.dtype}{tokens.shape}, "
-                         f"offsets {offsets.shape}, doc_hashes {doc_hashes.shape})")
+        raise InvalidValueError(f"arrays do not match meta.json (tokens {tokens.dtype}{tokens.shape}, "
+                                f"offsets {offsets.shape}, doc_hashes {doc_hashes.shape})")
     return _corpus(tokens, offsets, doc_hashes, meta, from_cache=True)
 
 

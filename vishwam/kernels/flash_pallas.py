@@ -4,31 +4,17 @@ Three kernels behind one `custom_vjp` (FlashAttention-2 layout):
 
 - forward, grid `(q tiles, batch, heads)`: online softmax over kv tiles; writes
   the output and the per-row log-sum-exp (fp32).
-- dk/dv, grid `(kv tiles, batch, kv_heads)`: for one kv tile, loops over the
-  query heads of its GQA group and over the query tiles that can see it,
-  recomputing probabilities from the saved log-sum-exp.
+- dk/dv, grid `(kv tiles, batch, kv_heads)`: for one kv tile, loops over the query heads
+  of its GQA group and over the query tiles that can see it, recomputing probabilities
+  from the saved log-sum-exp. GQA: k/v blocks are picked by `head // group` in the
+  index map; nothing is repeated.
 - dq, grid `(q tiles, batch, heads)`: the same recomputation, accumulating dq.
 
-`delta = rowsum(out * d_out)` is computed in plain JAX between them.
-
-Tiles causally hidden are never visited and tiles entirely visible skip the
-mask (see `_masking.kv_tile_range` / `q_tile_range`); under a sliding window the
-tiles wholly outside its band are not visited either (`window_kv_start` /
-`window_q_stop`) and every visited tile is masked. GQA: k/v blocks are
-selected with `head // group` in the index map; nothing is repeated.
-
-Triton wants power-of-two tensor shapes of at least 16 for `dot`: tile lengths
-are `block_size` rounded down to a power of two (at least 16, at most the
-padded length; the backward kernels cap theirs at `_MAX_BACKWARD_TILE`),
-sequences are zero-padded to whole tiles (padded keys are masked) and head_dim
-is zero-padded to a power of two (zeros change no dot product). fp32 inputs use
-the backend's default matmul precision (TF32 on recent NVIDIA GPUs); softmax
-statistics and accumulators are always fp32.
-
-On CPU the same kernels run with `interpret=True` (slow; for tests), and the
-tests also export them for CUDA, which runs the Pallas->Triton lowering without
-a GPU. Neither says anything about speed on a GPU: that needs
-`benchmarks/attention.py` on one.
+`delta = rowsum(out * d_out)` is plain JAX between them. Tiles causally hidden, or wholly
+outside a sliding window's band, are never visited (`_masking.kv_tile_range`, `q_tile_range`,
+`window_kv_start`, `window_q_stop`); without a window, entirely visible tiles skip the mask.
+On CPU the kernels run with `interpret=True` (tests), and the tests export them for CUDA
+(the Pallas->Triton lowering without a GPU); speed on a GPU needs `benchmarks/attention.py`.
 """
 
 import dataclasses
@@ -63,6 +49,15 @@ def _next_pow2(n: int) -> int:
 
 
 def _tile(block_size: int, length: int) -> int:
+    """Tile length: `block_size` rounded down to a power of two, at least 16, at most the
+    padded length.
+
+    Triton wants power-of-two tensor shapes of at least 16 for `dot`, so sequences are
+    zero-padded to whole tiles (padded keys are masked) and head_dim is zero-padded to a
+    power of two (zeros change no dot product); the backward kernels cap their tiles at
+    `_MAX_BACKWARD_TILE`. fp32 inputs use the backend's default matmul precision (TF32 on
+    recent NVIDIA GPUs); softmax statistics and accumulators are always fp32.
+    """
     floor_pow2 = 1 << (max(block_size, 1).bit_length() - 1)
     return max(_MIN_TILE, min(floor_pow2, _next_pow2(length)))
 

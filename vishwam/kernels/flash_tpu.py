@@ -3,43 +3,18 @@
 Same contract as `reference.attention` (causal, segment ids, GQA, boolean mask,
 dropout with the shared position hash). Three kernels behind one `custom_vjp`:
 
-- forward, grid `(batch, head, q tile, kv tile)`: online softmax with the kv
-  tile as the innermost, sequential grid axis; running max, sum and output
-  live in VMEM scratch; writes the output and the log-sum-exp (fp32).
-- dk/dv, grid `(batch, kv head, kv tile, group head x q tile)`: the query heads
-  of the GQA group and the query tiles are one sequential axis; dk/dv
-  accumulate in scratch, probabilities are recomputed from the saved
-  log-sum-exp.
-- dq, grid `(batch, head, q tile, kv tile)`: the same recomputation into dq.
+- forward, grid `(batch, head, q tile, kv tile)`: online softmax with the kv tile as
+  the innermost, sequential grid axis; running max, sum and output live in VMEM
+  scratch; writes the output and the log-sum-exp (fp32).
+- dk/dv, grid `(batch, kv head, kv tile, group head x q tile)`: the GQA group's query
+  heads and the query tiles are one sequential axis; dk/dv accumulate in scratch.
+- dq, grid `(batch, head, q tile, kv tile)`: accumulates dq.
 
-`delta = rowsum(out * d_out)` is computed in plain JAX between them.
-
-Mosaic's rules shape the layout. The last two dims of every block must be
-multiples of (8, 128) or the whole array dim, so the kernels work on
-`[batch, heads, len, head_dim]` (the wrapper transposes) and a whole-head_dim
-block. Per-row statistics (log-sum-exp, delta, query segment ids) are stored
-broadcast over 128 lanes (`[..., len, 128]`) and key segment ids over 8
-sublanes (`[batch, 8, kv_len]`), so that a tile reads them as a column or a row
-with no relayout (the layout of `jax.experimental.pallas.ops.tpu`); the
-log-sum-exp is saved for the backward once per row. Tiles: kv tiles are
-multiples of 128 (`block_size` rounded down, clamped to [128, 512]); q tiles the
-same, or one tile of the whole query length rounded up to 16 when it is
-shorter; sequences are zero-padded to whole tiles and padded keys masked.
-head_dim over 128 is zero-padded to a multiple of 128.
-
-Tiles that causal masking hides are skipped (`pl.when`), and their index maps
-repeat the previous block so no copy is issued for them; entirely visible
-tiles skip the mask (see `_masking.kv_tile_range` / `q_tile_range`).
-
-Inside a mesh (`jax.set_mesh`) the kernels run under `jax.shard_map`: batch
-split over the mesh axes of `data, fsdp, expert` that divide it, heads over
-`tensor` when both head counts divide by it, everything else replicated
-(Mosaic calls cannot be partitioned automatically). Each shard is told where
-its batch rows and heads start, so dropout hashes the same global positions as
-`reference`.
-
-On CPU the kernels run with `interpret=True` (slow; for tests), and the tests
-compile them for an abstract TPU topology. Nothing here was timed on a TPU.
+Probabilities are recomputed from the saved log-sum-exp; `delta = rowsum(out * d_out)`
+is plain JAX. Tiles that causal masking hides are skipped (`pl.when`, their index maps
+repeat the previous block so no copy is issued); entirely visible tiles skip the mask
+(`_masking.kv_tile_range`, `q_tile_range`). On CPU the kernels run with `interpret=True`;
+the tests also compile them for an abstract TPU topology. Nothing here was timed on a TPU.
 """
 
 import dataclasses
@@ -61,7 +36,7 @@ from vishwam.kernels._masking import (
     q_tile_range,
     visible,
 )
-from vishwam.parallel.sharding import BATCH_AXES
+from vishwam.parallel.mesh import BATCH_AXES, TENSOR_AXIS
 
 _F32 = jnp.float32
 _LANES = 128
@@ -70,7 +45,6 @@ _MIN_Q_TILE = 16  # bf16 packs 16 rows per sublane tile
 # VMEM bound: tiles of 2048 ran out of v5e's scoped VMEM at head_dim 128 (AOT
 # compile), 1024 compiled at head_dim 256; 512 leaves room for wider heads.
 _MAX_TILE = 512
-_TENSOR_AXIS = "tensor"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -477,7 +451,21 @@ _flash.defvjp(_flash_fwd, _backward)
 def _local_attention(
     q, k, v, mask, q_seg, kv_seg, seed, offsets, *, causal, sm_scale, dropout_rate, global_heads, block_size, interpret
 ):
-    """One device's attention: pad and transpose into kernel layout, run, undo."""
+    """One device's attention: pad and transpose into kernel layout, run, undo.
+
+    Mosaic's rules shape the layout. The last two dims of every block must be
+    multiples of (8, 128) or the whole array dim, so the kernels work on
+    `[batch, heads, len, head_dim]` (transposed here) and a whole-head_dim block.
+    Per-row statistics (log-sum-exp, delta, query segment ids) are stored broadcast
+    over 128 lanes (`[..., len, 128]`) and key segment ids over 8 sublanes
+    (`[batch, 8, kv_len]`), so that a tile reads them as a column or a row with no
+    relayout (the layout of `jax.experimental.pallas.ops.tpu`); the log-sum-exp is saved
+    for the backward once per row. Tiles (`_tiles`): kv
+    tiles are multiples of 128 (`block_size` rounded down, clamped to [128, 512]); q
+    tiles the same, or one tile of the whole query length rounded up to 16 when it is
+    shorter; sequences are zero-padded to whole tiles and padded keys masked. head_dim
+    over 128 is zero-padded to a multiple of 128.
+    """
     _, q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     bq, bk = _tiles(block_size, q_len, kv_len)
@@ -529,9 +517,9 @@ def _mesh_split(mesh, free: set, batch: int, heads: int, kv_heads: int):
         if axis in free and sizes[axis] > 1 and batch % (shards * sizes[axis]) == 0:
             batch_axes.append(axis)
             shards *= sizes[axis]
-    t = sizes.get(_TENSOR_AXIS, 1)
-    split_heads = _TENSOR_AXIS in free and t > 1 and heads % t == 0 and kv_heads % t == 0
-    return tuple(batch_axes), _TENSOR_AXIS if split_heads else None
+    t = sizes.get(TENSOR_AXIS, 1)
+    split_heads = TENSOR_AXIS in free and t > 1 and heads % t == 0 and kv_heads % t == 0
+    return tuple(batch_axes), TENSOR_AXIS if split_heads else None
 
 
 def attention(
@@ -550,7 +538,14 @@ def attention(
     interpret: bool,
 ) -> jax.Array:
     """Same contract as `reference.attention`; `block_size` is the tile length,
-    rounded down to a multiple of 128 in [128, 512]."""
+    rounded down to a multiple of 128 in [128, 512].
+
+    Inside a mesh (`jax.set_mesh`) the kernels run under `jax.shard_map`: batch split
+    over the mesh axes of `data, fsdp, expert` that divide it, heads over `tensor` when
+    both head counts divide by it, everything else replicated (Mosaic calls cannot be
+    partitioned automatically). Each shard is told where its batch rows and heads
+    start, so dropout hashes the same global positions as `reference`.
+    """
     local = functools.partial(
         _local_attention,
         causal=causal,

@@ -1,24 +1,18 @@
 """Blockwise flash attention in pure JAX: online softmax over kv tiles.
 
-Memory is O(length): the forward pass keeps, per query row, only the running
-max, the running sum and the output accumulator, and saves the log-sum-exp;
-the backward pass (a `custom_vjp`) recomputes each tile's probabilities from it.
+Memory is O(length): the forward pass keeps, per query row, only the running max, the
+running sum and the output accumulator, and saves the log-sum-exp; the backward pass (a
+`custom_vjp`) recomputes each tile's probabilities from it.
 
-Work is skipped, not masked: for each query tile the kv tiles fall into three
-ranges computed from the tile index (`_masking.kv_tile_range`): `[0, full_hi)`
-(every pair visible: no mask is computed), `[full_hi, hi)` (partly visible: the
-mask is applied) and `[hi, nk)` (causally hidden: never visited). A sliding
-window also skips the tiles wholly before its band (`_masking.window_kv_start`)
-and masks every visited tile. The backward pass does the same per kv tile over
-query tiles. The loops are
-`lax.fori_loop`s with traced bounds (while loops), so the compiled program has
-a fixed size whatever the length, and causal attention costs about half of
-non-causal. Tiles hidden only by `mask` or `segment_ids` are still visited.
-
-Tiles are laid out tile-major (`[n_tiles, batch, kv_heads, group * block, d]`)
-so that fetching one is a contiguous slice of the leading axis, and the query
-heads that share a kv head are stacked into the rows of one matmul (GQA without
-repeating k/v).
+Work is skipped, not masked: for each query tile the kv tiles `[0, full_hi)` are wholly
+visible (no mask computed), `[full_hi, hi)` partly (masked) and `[hi, nk)` causally hidden
+(never visited); a sliding window also skips the tiles before its band and masks every
+visited tile (`_kv_range`); the backward does the same per kv tile over query tiles. The
+loops are `lax.fori_loop`s with traced bounds, so the program has a fixed size whatever the
+length and causal attention costs about half of non-causal. Tiles hidden only by `mask` or
+`segment_ids` are still visited. Tiles are laid out tile-major (`_to_q_tiles`: fetching one
+is a contiguous slice), and the query heads that share a kv head are stacked into the rows
+of one matmul (GQA without repeating k/v).
 """
 
 import dataclasses

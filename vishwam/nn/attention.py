@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..errors import InvalidValueError
 from ..kernels import flash_attention
 from .linear import Linear
 from .rope import apply_rope
@@ -97,7 +98,7 @@ class TPUMultiHeadAttention(eqx.Module):
 
     def __check_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise InvalidValueError(
                 f"TPUMultiHeadAttention: num_heads={self.num_heads} is not divisible by "
                 f"num_kv_heads={self.num_kv_heads}; choose a divisor of num_heads."
             )

@@ -47,11 +47,14 @@ class Block(eqx.Module):
         self.mlp_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
         if is_moe:
             self.mlp = MoE(
-                config.hidden_size, config.ffn_dim, config.num_experts, config.experts_per_token,
+                config.hidden_size, config.expert_ffn_dim, config.num_experts, config.experts_per_token,
                 router_type=config.router_type, renormalize=config.router_renormalize,
                 dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
                 jitter=config.router_jitter, num_shared_experts=config.num_shared_experts,
-                aux_free_bias=config.aux_free_bias, use_fp8=fp8_mlp,
+                shared_expert_ffn_dim=config.shared_expert_ffn_dim,
+                shared_gate=config.shared_expert_gate, n_groups=config.n_groups,
+                topk_groups=config.topk_groups, routed_scaling_factor=config.routed_scaling_factor,
+                balance_loss=config.load_balance_loss, aux_free_bias=config.aux_free_bias, use_fp8=fp8_mlp,
                 fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
                 init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=km,
             )

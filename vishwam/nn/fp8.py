@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ..errors import InvalidValueError
+
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 _SCALINGS = ("tensor", "block")
@@ -159,11 +161,11 @@ def _padded_matmul(x, w, scaling, block):
 
 def _check(name, x, w, scaling, block_size):
     if scaling not in _SCALINGS:
-        raise ValueError(f"{name}(scaling={scaling!r}): choose 'tensor' or 'block'.")
+        raise InvalidValueError(f"{name}(scaling={scaling!r}): choose 'tensor' or 'block'.")
     if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"{name}(block_size={block_size!r}): must be a positive integer.")
+        raise InvalidValueError(f"{name}(block_size={block_size!r}): must be a positive integer.")
     if x.shape[-1] != w.shape[-2]:
-        raise ValueError(
+        raise InvalidValueError(
             f"{name}: contraction sizes differ, x {x.shape} vs w {w.shape}; "
             "x's last dim must equal w's second-to-last."
         )
@@ -208,7 +210,7 @@ def fp8_batched_matmul(
     """
     _check("fp8_batched_matmul", x, w, scaling, block_size)
     if x.shape[0] != w.shape[0]:
-        raise ValueError(
+        raise InvalidValueError(
             f"fp8_batched_matmul: group counts differ, x {x.shape} vs w {w.shape}; "
             "both need the same leading (expert) axis."
         )

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ..errors import InvalidValueError
+
 
 class Linear(eqx.Module):
     """`y = x @ weight (+ bias)` over any leading dims.
@@ -51,13 +53,13 @@ class Linear(eqx.Module):
 
     def __check_init__(self):
         if self.fp8_scaling not in ("tensor", "block"):
-            raise ValueError(f"Linear(fp8_scaling={self.fp8_scaling!r}): choose 'tensor' or 'block'.")
+            raise InvalidValueError(f"Linear(fp8_scaling={self.fp8_scaling!r}): choose 'tensor' or 'block'.")
         if self.block_size <= 0:
-            raise ValueError(f"Linear(block_size={self.block_size}): must be a positive integer.")
+            raise InvalidValueError(f"Linear(block_size={self.block_size}): must be a positive integer.")
 
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         if x.shape[-1] != self.in_features:
-            raise ValueError(
+            raise InvalidValueError(
                 f"Linear expects inputs with last dim {self.in_features}, got shape {x.shape}."
             )
         weight = self.weight.astype(x.dtype)

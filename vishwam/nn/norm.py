@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ..errors import InvalidValueError
+
 
 def rms_norm(x, scale, epsilon: float):
     xf = x.astype(jnp.float32)
@@ -12,6 +14,13 @@ def rms_norm(x, scale, epsilon: float):
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def check_last_dim(where: str, x, dim: int) -> None:
+    """A cheap trace-time check that `x` ends in the layer's width."""
+    if x.ndim < 1 or x.shape[-1] != dim:
+        raise InvalidValueError(f"{where}: input of shape {tuple(x.shape)} must end in the layer's width {dim}; "
+                                "check the hidden size of what you feed it against the config's.")
 
 
 def layer_norm(x, scale, bias, epsilon: float):
@@ -43,9 +52,10 @@ class TPULayerNorm(eqx.Module):
 
     def __check_init__(self):
         if self.epsilon <= 0:
-            raise ValueError(f"TPULayerNorm(epsilon={self.epsilon}): epsilon must be > 0.")
+            raise InvalidValueError(f"TPULayerNorm(epsilon={self.epsilon}): epsilon must be > 0.")
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        check_last_dim("TPULayerNorm", x, self.dim)
         return layer_norm(x, self.scale, self.bias, self.epsilon)
 
 
@@ -63,9 +73,10 @@ class RMSNorm(eqx.Module):
 
     def __check_init__(self):
         if self.epsilon <= 0:
-            raise ValueError(f"RMSNorm(epsilon={self.epsilon}): epsilon must be > 0.")
+            raise InvalidValueError(f"RMSNorm(epsilon={self.epsilon}): epsilon must be > 0.")
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        check_last_dim("RMSNorm", x, self.dim)
         return rms_norm(x, self.scale, self.epsilon)
 
 
@@ -77,4 +88,4 @@ def make_norm(norm_type: str, dim: int, epsilon: float, *, dtype=jnp.float32):
         return RMSNorm(dim, epsilon, dtype=dtype)
     if norm_type == "layer":
         return TPULayerNorm(dim, epsilon, dtype=dtype)
-    raise ValueError(f"Unknown norm_type {norm_type!r}; choose 'rms' or 'layer'.")
+    raise InvalidValueError(f"Unknown norm_type {norm_type!r}; choose 'rms' or 'layer'.")

@@ -8,6 +8,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ..errors import InvalidValueError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -15,7 +17,7 @@ def dtype_from_name(name: str) -> jnp.dtype:
     try:
         return jnp.dtype(_DTYPES[name])
     except KeyError:
-        raise ValueError(f"Unknown dtype name {name!r}; choose one of {sorted(_DTYPES)}.") from None
+        raise InvalidValueError(f"Unknown dtype name {name!r}; choose one of {sorted(_DTYPES)}.") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,8 +50,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from ..errors import InvalidValueError
 from .mesh import axis_size, check_experts_divisible
-from .sharding import batch_axes
+from .sharding import batch_axes, batch_shards
 
 
 def expert_capacity(tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int:
@@ -133,11 +134,6 @@ def _mesh_or_current(mesh):
     return jax.sharding.get_abstract_mesh() if mesh is None else mesh
 
 
-def batch_shards(mesh) -> int:
-    """How many slices the tokens are split into: the product of the batch axes."""
-    return math.prod(axis_size(mesh, axis) for axis in batch_axes(mesh))
-
-
 def use_expert_parallel(tokens: int, mesh=None) -> bool:
     """Whether a MoE layer on `tokens` tokens runs expert-parallel on `mesh`
     (default: the mesh set by `jax.set_mesh`): an `expert` axis > 1 that is not
@@ -169,8 +165,11 @@ def expert_parallel_dispatch(
 
     Arguments:
         x: the layer's tokens (global view; split over the batch axes inside).
-        indices, weights: the top-k routing of each token.
-        gate, up, down: stacked expert weights (global view).
+        indices: the top-k experts of each token.
+        weights: their routing weights.
+        gate: stacked expert weights (global view), as `up` and `down`.
+        up: see `gate`.
+        down: see `gate`.
         ffn: `ffn(buffers [e, rows, hidden], gate [e, hidden, f], up, down [e, f, hidden])`
             -> `[e, rows, hidden]`, each expert's MLP on its rows. It receives an
             ffn-dim slice of the weights under a `tensor` axis, so it must be a sum
@@ -186,7 +185,7 @@ def expert_parallel_dispatch(
     check_experts_divisible(num_experts, mesh)
     shards = batch_shards(mesh)
     if tokens % shards:
-        raise ValueError(
+        raise InvalidValueError(
             f"expert_parallel_dispatch: {tokens} tokens do not split over {shards} batch shards "
             f"(data x fsdp x expert of mesh {dict(mesh.shape)}); use a batch * seq that is a multiple of {shards}."
         )

@@ -16,8 +16,16 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from ..errors import InvalidValueError
+
 AXES = ("data", "fsdp", "expert", "tensor")
 """Mesh axis names, outermost first."""
+
+BATCH_AXES = AXES[:3]
+"""The axes a batch is split over: `data`, `fsdp` and `expert` (all but `tensor`)."""
+
+TENSOR_AXIS = AXES[3]
+"""The tensor-parallel axis: attention heads and the ffn dim are split over it."""
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -28,25 +36,25 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     """
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
-        raise ValueError(f"make_mesh: unknown axis name(s) {unknown}; the axes are {list(AXES)}.")
+        raise InvalidValueError(f"make_mesh: unknown axis name(s) {unknown}; the axes are {list(AXES)}.")
     resolved = {axis: sizes.get(axis, 1) for axis in AXES}
     for axis, size in resolved.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
-            raise ValueError(f"make_mesh: {axis}={size!r} must be a positive integer, or -1 to fill.")
+            raise InvalidValueError(f"make_mesh: {axis}={size!r} must be a positive integer, or -1 to fill.")
     fill = [axis for axis, size in resolved.items() if size == -1]
     if len(fill) > 1:
-        raise ValueError(f"make_mesh: only one axis may be -1 (fill), got {fill}; give the others sizes.")
+        raise InvalidValueError(f"make_mesh: only one axis may be -1 (fill), got {fill}; give the others sizes.")
     fixed = math.prod(size for size in resolved.values() if size != -1)
     shown = " x ".join(f"{axis}={size}" for axis, size in resolved.items())
     if fill:
         if num_devices % fixed:
-            raise ValueError(
+            raise InvalidValueError(
                 f"make_mesh: cannot fill {fill[0]}=-1: the other axes ({shown}) multiply to {fixed}, "
                 f"which does not divide the {num_devices} devices; pick sizes whose product divides {num_devices}."
             )
         resolved[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
+        raise InvalidValueError(
             f"make_mesh: axis sizes {shown} multiply to {fixed}, but there are {num_devices} devices; "
             f"make the product {num_devices}, or set one axis to -1 to fill the rest."
         )
@@ -98,7 +106,7 @@ def check_experts_divisible(num_experts: int, mesh: jax.sharding.Mesh | jax.shar
     ep = axis_size(mesh, "expert")
     if num_experts % ep:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ValueError(
+        raise InvalidValueError(
             f"num_experts={num_experts} is not divisible by the mesh's expert axis size {ep}: each device "
             f"must hold num_experts / expert whole experts. Use an expert axis size in {divisors} "
             f"(e.g. make_mesh(expert={max(d for d in divisors if d <= ep)}, data=-1)) or change num_experts."

@@ -42,13 +42,17 @@ identical on every host, so `shard_model(model, mesh)` needs no broadcast.
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import equinox as eqx
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from ..arrays import is_array_like
+from ..errors import InvalidValueError
+from .mesh import BATCH_AXES as BATCH_AXES
 from .mesh import axis_size, check_experts_divisible
 
 Rule = tuple[str, tuple[str | tuple[str, ...] | None, ...]]
@@ -59,8 +63,9 @@ ZERO = ("fsdp", "expert")
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|\.)experts\.(gate|up)$", ("expert", "fsdp", "tensor")),  # [E, D, F]
     (r"(^|\.)experts\.down$", ("expert", "tensor", "fsdp")),  # [E, F, D]
-    # The router ([D, E]) and the selection bias are tiny and read by every token.
-    (r"(^|\.)(router|selection_bias)$", ()),
+    # The router ([D, E]), the selection bias and the shared experts' gate ([D, 1]) are tiny
+    # and read by every token.
+    (r"(^|\.)(router|selection_bias|shared_gate)$", ()),
     # Weights every token uses are split over `fsdp` and `expert` together: outside the MoE
     # layers the expert axis is data parallelism, so ZeRO-3 spans both.
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", (ZERO, "tensor")),  # [D, H*hd] / [D, F]
@@ -70,8 +75,6 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|\.)lm_head\.weight$", (ZERO, "tensor")),  # [D, V]
 )
 """Rules for `VishwamAI` (norm scales and biases not listed are replicated)."""
-
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def path_string(path: Sequence) -> str:
@@ -87,8 +90,11 @@ def path_string(path: Sequence) -> str:
     return ".".join(parts)
 
 
-def _is_leaf_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+def rules_for(model) -> Sequence[Rule]:
+    """The sharding rules of a model: its own `sharding_rules` attribute (rules in the format
+    above, for a user's module whose parameters are named otherwise), else `DEFAULT_RULES`."""
+    rules = getattr(model, "sharding_rules", None)
+    return DEFAULT_RULES if rules is None else tuple(rules)
 
 
 def partition_spec(path: str, shape: Sequence[int], mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> P:
@@ -126,7 +132,7 @@ def _split_over(dim: int, axes: tuple[str, ...], mesh) -> str | tuple[str, ...] 
 def tree_specs(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES):
     """`PartitionSpec` for every array (or `ShapeDtypeStruct`) leaf of `tree`; other leaves `None`."""
     def spec(path, leaf):
-        if _is_leaf_array(leaf):
+        if is_array_like(leaf):
             return partition_spec(path_string(path), leaf.shape, mesh, rules)
         return None
 
@@ -178,11 +184,20 @@ def batch_spec(mesh, ndim: int = 2) -> P:
     return P(batch_axes(mesh), *([None] * (ndim - 1)))
 
 
+def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | Mapping[str, int]) -> int:
+    """How many slices a batch is split into: the product of the batch axes' sizes.
+
+    `mesh` may also be a mapping of axis sizes (a candidate mesh not built yet).
+    """
+    sizes = mesh if isinstance(mesh, Mapping) else dict(mesh.shape)
+    return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES)
+
+
 def _check_batch(shape, mesh, name: str):
-    shards = math.prod(axis_size(mesh, axis) for axis in batch_axes(mesh))
+    shards = batch_shards(mesh)
     if not shape or shape[0] % shards:
         sizes = " x ".join(f"{axis}={axis_size(mesh, axis)}" for axis in batch_axes(mesh))
-        raise ValueError(
+        raise InvalidValueError(
             f"{name}: batch dim of shape {tuple(shape)} is not divisible by {sizes} = {shards} "
             f"batch shards; use a (global) batch size that is a multiple of {shards}."
         )

@@ -1,41 +1,38 @@
 """Orbax checkpoints of a training state: async saves, keep-last-K, exact restore.
 
-A checkpoint step holds three orbax items:
-
-- `state`: the array leaves of the state pytree, stored flat under their leaf index.
-  Typed PRNG keys (`jax.random.key`) are stored as their raw `uint32` key data.
-- `manifest`: JSON, one entry per leaf (`jax.tree_util.keystr` path, shape, dtype,
-  key implementation). Restore matches the target against it by path, so a target
-  that does not fit fails with the paths named instead of restoring half a state.
-- `meta`: the caller's JSON (config dict, data-iterator state, tokenizer path, ...).
-
-Flattening ourselves is also what avoids orbax's silent `None`-leaf skip: `None`
-is an empty subtree to `jax.tree_util`, so an `eqx.partition`ed model saves and
-restores with its `None`s kept as structure.
-
-Typical use (the order matters for exact resume, see `MetricsDB`):
+A checkpoint step holds three orbax items: `state`, the array leaves of the state pytree
+stored flat under their leaf index (typed PRNG keys as their raw `uint32` key data);
+`manifest`, one JSON entry per leaf (`jax.tree_util.keystr` path, shape, dtype, key
+implementation), against which a restore target is matched by path, so a target that does
+not fit fails with the paths named instead of restoring half a state; and `meta`, the
+caller's JSON (config dict, data-iterator state, tokenizer path, ...). Flattening ourselves
+also avoids orbax's silent `None`-leaf skip: an `eqx.partition`ed model keeps its `None`s.
 
     with Checkpointer(run_dir / "checkpoints", keep=3) as ckpt:
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(None, abstract_state, expected_config=config)
-        ...
-        metrics_db.flush()
+        metrics_db.flush()  # before every save: see `MetricsDB`
         ckpt.save(step, state, {"config": config, "data": loader.state()})
 """
 
-import asyncio
-import contextlib
 import json
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
+
+from ..arrays import abstract_arrays as abstract_arrays
+from ..arrays import combine_arrays as combine_arrays
+from ..arrays import is_array_like as is_array_like
+from ..arrays import partition_arrays as partition_arrays
+from ..config import config_diff as config_diff
+from ..errors import InvalidTypeError, InvalidValueError
+from ._orbax_loops import pending_reads_cancelled_on_failure
 
 _STATE, _META, _MANIFEST = "state", "meta", "manifest"
 _FORMAT = 1
@@ -56,88 +53,6 @@ def _close_open_checkpointers() -> None:
 threading._register_atexit(_close_open_checkpointers)
 
 
-# --------------------------------------------------------------- orbax's event loops
-class _DrainingLoopPolicy(asyncio.AbstractEventLoopPolicy):
-    """`base`'s event loops, made to end quietly when the restore run in them fails.
-
-    Orbax runs each restore in a fresh loop (`run_until_complete`, then `close`) and, unlike
-    `asyncio.run`, does not cancel what is still pending. When one read of a damaged
-    checkpoint fails, the error propagates while its sibling reads are still in flight, and
-    "Event loop is closed", "Task exception was never retrieved" and "Exception ignored in
-    <coroutine ...>" tracebacks follow our one-line error (measured: 7 of 80 runs of
-    `generate.py` on a truncated array file, 9 of 10 on a truncated OCDBT manifest). So a
-    loop of this policy:
-
-    - on `close`, first cancels its pending tasks and awaits them, which also cancels the
-      TensorStore reads they wait on (asyncio.run does the same);
-    - drops a callback that TensorStore's threads send after `close` (a read that completed
-      just before its cancel): it could only resolve a future nobody awaits any more, and
-      asyncio itself drops a `concurrent.futures` result that arrives after `close`;
-    - does not log "exception was never retrieved" for the failed siblings of the read whose
-      error `_read` reports (every other report goes to asyncio's default handler).
-    """
-
-    def __init__(self, base: asyncio.AbstractEventLoopPolicy):
-        self._base = base
-
-    def get_event_loop(self) -> asyncio.AbstractEventLoop:
-        return self._base.get_event_loop()
-
-    def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._base.set_event_loop(loop)
-
-    def get_child_watcher(self) -> Any:  # asyncio subprocesses on Unix, Python < 3.14
-        return self._base.get_child_watcher()
-
-    def set_child_watcher(self, watcher: Any) -> None:
-        self._base.set_child_watcher(watcher)
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._base.new_event_loop()
-        close, call_soon_threadsafe = loop.close, loop.call_soon_threadsafe
-
-        def cancel_pending_then_close():
-            pending = asyncio.all_tasks(loop) if not loop.is_closed() and not loop.is_running() else ()
-            if pending:
-                for task in pending:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            close()
-
-        def call_soon_threadsafe_unless_closed(callback, *args, context=None):
-            try:
-                return call_soon_threadsafe(callback, *args, context=context)
-            except RuntimeError:
-                if loop.is_closed():  # checked after the failure: a loop never reopens
-                    return None
-                raise
-
-        def report(_, context):
-            if not context.get("message", "").endswith("exception was never retrieved"):
-                loop.default_exception_handler(context)
-
-        loop.close = cancel_pending_then_close
-        loop.call_soon_threadsafe = call_soon_threadsafe_unless_closed
-        loop.set_exception_handler(report)
-        return loop
-
-
-# The policy is process-wide: restores take turns, so that each one puts back the policy it found.
-_POLICY_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _pending_reads_cancelled_on_failure():
-    """Within: new event loops (orbax's restore loops) are `_DrainingLoopPolicy`'s."""
-    with _POLICY_LOCK:
-        previous = asyncio.get_event_loop_policy()
-        asyncio.set_event_loop_policy(_DrainingLoopPolicy(previous))
-        try:
-            yield
-        finally:
-            asyncio.set_event_loop_policy(previous)
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be saved or restored as asked."""
 
@@ -147,37 +62,15 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 
 
 class IncompatibleConfigError(CheckpointError, ValueError):
-    """The checkpoint was written by a run whose config differs from this one."""
+    """The checkpoint was written by a run whose config differs from this one; `diff` holds
+    `{dotted field: (checkpoint value, current value)}`."""
+
+    def __init__(self, message: str, diff: dict[str, tuple[Any, Any]] | None = None):
+        super().__init__(message)
+        self.diff = dict(diff or {})
 
 
 # ----------------------------------------------------------------------------- configs
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose values differ, nested dicts flattened to dotted names.
-
-    Returns `{field: (saved_value, current_value)}`; a field present on one side
-    only has the string `"<absent>"` on the other.
-    """
-    absent = "<absent>"
-    diff: dict[str, tuple[Any, Any]] = {}
-
-    def walk(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str):
-        for name in sorted(set(a) | set(b), key=str):
-            x, y = a.get(name, absent), b.get(name, absent)
-            field = f"{prefix}{name}"
-            if isinstance(x, Mapping) and isinstance(y, Mapping):
-                walk(x, y, field + ".")
-            elif _json_normal(x) != _json_normal(y):
-                diff[field] = (x, y)
-
-    walk(saved, current, "")
-    return diff
-
-
-def _json_normal(value: Any) -> Any:
-    # A config that went through JSON has lists where the live one has tuples.
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
 def check_compatible(saved_config: Mapping[str, Any] | None, config: Mapping[str, Any], *,
                      ignore: Iterable[str] = ()) -> None:
     """Raise `IncompatibleConfigError` listing every differing field.
@@ -199,45 +92,7 @@ def check_compatible(saved_config: Mapping[str, Any] | None, config: Mapping[str
         raise IncompatibleConfigError(
             f"Cannot resume: {len(diff)} config field(s) differ from the checkpoint's:\n{lines}\n"
             "Use the checkpoint's config (it is in the checkpoint meta), start a new run "
-            "directory, or list fields that may change in `ignore=`.")
-
-
-# ------------------------------------------------------------------ equinox <-> arrays
-def is_array_like(x: Any) -> bool:
-    """True for arrays and for `jax.ShapeDtypeStruct` (which `eqx.is_array` rejects)."""
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
-def partition_arrays(model: PyTree) -> tuple[PyTree, PyTree]:
-    """Split a model (concrete or abstract) into `(arrays, static)`.
-
-    Works on `eqx.filter_eval_shape` output too, where `eqx.partition(model,
-    eqx.is_array)` would give an all-`None` tree that restores nothing.
-    """
-    return eqx.partition(model, is_array_like)
-
-
-def combine_arrays(arrays: PyTree, static: PyTree) -> PyTree:
-    """Inverse of `partition_arrays`."""
-    return eqx.combine(arrays, static)
-
-
-def abstract_arrays(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None = None) -> PyTree:
-    """A `jax.ShapeDtypeStruct` per array leaf, for use as a restore target.
-
-    Arguments:
-        tree: arrays or `ShapeDtypeStruct`s (e.g. `jax.eval_shape` output).
-        shardings: one `Sharding` for every leaf, or a tree of them matching
-            `tree`; `None` keeps each leaf's own sharding (if it has one).
-    """
-    def to_struct(x, sharding=None):
-        if sharding is None:
-            sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: to_struct(x, shardings), tree)
-    return jax.tree.map(to_struct, tree, shardings)
+            "directory, or list fields that may change in `ignore=`.", diff)
 
 
 # ------------------------------------------------------------------------- leaves
@@ -265,7 +120,7 @@ def _flatten(tree: PyTree, *, what: str, allow_structs: bool) -> tuple[list[tupl
             allow_structs and isinstance(leaf, jax.ShapeDtypeStruct))
         if not ok:
             kinds = "arrays or jax.ShapeDtypeStruct" if allow_structs else "arrays"
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{what}: leaf {name} is a {type(leaf).__name__} ({leaf!r:.60}); only {kinds} "
                 "go into checkpoint state. Wrap numbers with jnp.asarray, put JSON-able "
                 "values in `meta`, and split Equinox modules with `partition_arrays`.")
@@ -292,7 +147,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int | None = 3, async_save: bool = True):
         if keep is not None and keep < 1:
-            raise ValueError(f"Checkpointer(keep={keep}): keep at least 1 step, or None for all.")
+            raise InvalidValueError(f"Checkpointer(keep={keep}): keep at least 1 step, or None for all.")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -366,12 +221,12 @@ class Checkpointer:
         if not leaves:
             raise CheckpointError(f"save(step={step}): the state has no array leaves; nothing to save.")
         if not isinstance(meta, Mapping):
-            raise TypeError(f"save(step={step}): meta must be a dict of JSON values, got {type(meta).__name__}.")
+            raise InvalidTypeError(f"save(step={step}): meta must be a dict of JSON values, got {type(meta).__name__}.")
         try:
             meta = json.loads(json.dumps(dict(meta)))
         except (TypeError, ValueError) as err:
-            raise TypeError(f"save(step={step}): meta is not JSON-serialisable ({err}); store "
-                            "paths as str and configs as dicts (e.g. `config.to_dict()`).") from err
+            raise InvalidTypeError(f"save(step={step}): meta is not JSON-serialisable ({err}); store "
+                                   "paths as str and configs as dicts (e.g. `config.to_dict()`).") from err
 
         arrays, manifest = {}, []
         for i, (path, leaf) in enumerate(leaves):
@@ -477,9 +332,9 @@ class Checkpointer:
     def _read(self, step: int, items: dict[str, Any]) -> Any:
         """Orbax's restore of `items`; a damaged step (a truncated or half-copied file) raises
         `CheckpointError` naming it. Orbax and TensorStore report these as bare exceptions, and
-        leave the failed read's sibling reads pending unless `_DrainingLoopPolicy` cancels them."""
+        leave the failed read's sibling reads pending unless `pending_reads_cancelled_on_failure` cancels them."""
         try:
-            with _pending_reads_cancelled_on_failure():
+            with pending_reads_cancelled_on_failure():
                 return self._manager.restore(step, args=ocp.args.Composite(**items))
         except (CheckpointError, FileNotFoundError):
             raise

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ..config import ModelConfig
+from ..errors import InvalidValueError
 
 
 def token_cross_entropy(
@@ -131,7 +132,7 @@ def distillation_kl(
     (the `0 * log 0 = 0` convention), so very confident teachers give no NaN.
     """
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(
+        raise InvalidValueError(
             f"distillation_kl: student vocabulary {student_logits.shape[-1]} != teacher vocabulary "
             f"{teacher_logits.shape[-1]}; the teacher must produce logits over the student's vocabulary."
         )
@@ -187,3 +188,11 @@ def moe_aux_loss(aux: dict, config: ModelConfig) -> Float[Array, ""]:
     (both are already means over MoE layers; zero for a dense model)."""
     return (config.router_aux_loss_coef * aux["load_balancing_loss"].astype(jnp.float32)
             + config.router_z_loss_coef * aux["router_z_loss"].astype(jnp.float32))
+
+
+def model_aux_loss(aux: dict, config: ModelConfig | None) -> Float[Array, ""]:
+    """The auxiliary loss the step adds to the task loss: `moe_aux_loss` for a model with a
+    `ModelConfig`; for any other model its aux's `aux_loss` entry (already weighted), or 0."""
+    if config is not None:
+        return moe_aux_loss(aux, config)
+    return jnp.asarray(aux.get("aux_loss", 0.0), jnp.float32)

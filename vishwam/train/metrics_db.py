@@ -43,6 +43,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..config import config_diff
+from ..errors import InvalidTypeError, InvalidValueError
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY, started_at TIMESTAMP, updated_at TIMESTAMP,
@@ -142,11 +145,11 @@ class MetricsDB:
                  flush_every: int = 100, process_index: int | None = None,
                  on_locked: Literal["raise", "fallback"] = "raise"):
         if flush_every < 1:
-            raise ValueError(f"MetricsDB(flush_every={flush_every}): must be >= 1.")
+            raise InvalidValueError(f"MetricsDB(flush_every={flush_every}): must be >= 1.")
         if on_locked not in ("raise", "fallback"):
-            raise ValueError(f"MetricsDB(on_locked={on_locked!r}): choose 'raise' or 'fallback'.")
+            raise InvalidValueError(f"MetricsDB(on_locked={on_locked!r}): choose 'raise' or 'fallback'.")
         if not run_id:
-            raise ValueError("MetricsDB: run_id must be a non-empty string.")
+            raise InvalidValueError("MetricsDB: run_id must be a non-empty string.")
         if process_index is None:
             import jax
 
@@ -199,9 +202,6 @@ class MetricsDB:
                 "UPDATE runs SET status = 'running', updated_at = ?, config = ?, host = ?, pid = ?, "
                 "versions = ?, resumes = resumes + 1 WHERE run_id = ?",
                 [now, self._config_json, *identity, self.run_id])
-            # Lazy: the orbax import is only worth paying when a run resumes.
-            from vishwam.train.checkpoint import config_diff
-
             changed = config_diff(json.loads(previous[0][0]), config)
             if changed:
                 self.event(None, "config_changed", {k: list(v) for k, v in changed.items()})
@@ -219,16 +219,16 @@ class MetricsDB:
         self._check_open("log")
         step = operator.index(step)
         if not isinstance(values, Mapping):
-            raise TypeError(f"log(step={step}, ...): values must be a dict name -> scalar, "
-                            f"got {type(values).__name__}.")
+            raise InvalidTypeError(f"log(step={step}, ...): values must be a dict name -> scalar, "
+                                   f"got {type(values).__name__}.")
         now = time.time()
         for name, value in values.items():
             if not isinstance(name, str):
-                raise TypeError(f"log(step={step}): metric names are str, got {name!r}.")
+                raise InvalidTypeError(f"log(step={step}): metric names are str, got {name!r}.")
             if not (isinstance(value, (int, float, np.number)) or getattr(value, "shape", None) == ()):
-                raise TypeError(f"log(step={step}): {name!r} must be a scalar, got "
-                                f"{type(value).__name__} with shape {getattr(value, 'shape', None)}; "
-                                "reduce it (e.g. .mean()) or log its parts under separate names.")
+                raise InvalidTypeError(f"log(step={step}): {name!r} must be a scalar, got "
+                                       f"{type(value).__name__} with shape {getattr(value, 'shape', None)}; "
+                                       "reduce it (e.g. .mean()) or log its parts under separate names.")
             self._steps.append(step)
             self._names.append(name)
             self._values.append(value)
@@ -367,7 +367,7 @@ def _reading(path: str | Path) -> Iterator[Any]:
 def _resolve_run(con: Any, path: str | Path, run_id: str | None) -> str:
     known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY started_at").fetchall()]
     if not known:
-        raise ValueError(f"{path} holds no runs.")
+        raise InvalidValueError(f"{path} holds no runs.")
     if run_id is None:
         return known[-1]
     if run_id not in known:

@@ -1,13 +1,17 @@
-"""The optimiser from a `TrainConfig`: AdamW, warm-up + cosine schedule, masked decay, clipping."""
+"""The built-in optimiser from a `TrainConfig`: clipping + AdamW with masked decay, the learning-rate
+schedules, and which parameters train."""
 
 import functools
+import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PyTree
 
 from ..config import TrainConfig
+from ..parallel.sharding import path_string
 
 # Leaves whose path names one of these are gains/offsets, never decayed even when
 # stacking over layers gives them two dimensions.
@@ -17,21 +21,31 @@ _NO_DECAY_NAMES = ("bias", "scale", "norm")
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Learning rate of the optimiser update number `count` (0-based).
 
-    Linear warm-up `peak * (count + 1) / warmup_steps` for the first
-    `warmup_steps` updates (so the first update already moves the weights), then
-    a cosine from the peak at `count = warmup_steps` to `peak * min_lr_ratio` at
-    `count = total_steps`, constant afterwards. Pure `jnp`: `count` may be traced.
+    Linear warm-up `peak * (count + 1) / warmup_steps` for the first `warmup_steps`
+    updates (so the first update already moves the weights), then by `config.lr_schedule`:
+    `cosine` from the peak at `count = warmup_steps` to `peak * min_lr_ratio` at
+    `count = total_steps`; `linear` the same in a straight line; `wsd` the peak until the
+    last `decay_fraction * total_steps` updates, then linearly down to the floor; `constant`
+    the peak. Constant after `total_steps`. Pure `jnp`: `count` may be traced.
     """
     peak = config.learning_rate
     floor = peak * config.min_lr_ratio
-    warmup, total = config.warmup_steps, config.total_steps
+    warmup, total, kind = config.warmup_steps, config.total_steps, config.lr_schedule
+    # wsd: the decay starts here, never before the end of the warm-up.
+    decay_start = max(warmup, total - round(config.decay_fraction * total))
 
     def schedule(count) -> Float[Array, ""]:
         count = jnp.asarray(count, jnp.float32)
         warm = peak * (count + 1.0) / max(warmup, 1)
-        progress = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
-        cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(count < warmup, warm, cosine)
+        start = decay_start if kind == "wsd" else warmup
+        progress = jnp.clip((count - start) / max(total - start, 1), 0.0, 1.0)
+        if kind == "cosine":
+            after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        elif kind == "constant":
+            after = jnp.full_like(count, peak)
+        else:  # linear, wsd
+            after = peak + (floor - peak) * progress
+        return jnp.where(count < warmup, warm, after)
 
     return schedule
 
@@ -62,6 +76,21 @@ def weight_decay_mask(params: PyTree, *, decay_embeddings: bool = False) -> PyTr
         if names == ["embed"]:
             return decay_embeddings
         return True
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def trainable_mask(params: PyTree, config: TrainConfig) -> PyTree[bool]:
+    """True for the floating-point array leaves that train under `config.trainable` /
+    `config.frozen` (regular expressions searched in each leaf's dotted path)."""
+    keep = re.compile(config.trainable) if config.trainable is not None else None
+    drop = re.compile(config.frozen) if config.frozen is not None else None
+
+    def decide(path, leaf) -> bool:
+        if not eqx.is_inexact_array(leaf):
+            return False
+        name = path_string(path)
+        return (keep is None or keep.search(name) is not None) and (drop is None or drop.search(name) is None)
 
     return jax.tree_util.tree_map_with_path(decide, params)
 

@@ -1,5 +1,7 @@
 """One optimiser step as one filtered-jit function; the evaluation step beside it.
 
+The model is any Equinox module following `vishwam.model.LanguageModel` (`VishwamAI` does);
+the optimiser any `optax.GradientTransformation` (default: the built-in clip + AdamW).
 `make_train_step` returns `step(state, batch) -> (state, metrics)`. Inside one
 `eqx.filter_jit` (the state is donated) it splits the batch into `accum_steps`
 micro-batches and accumulates gradients over them with `jax.lax.scan`, so only
@@ -26,65 +28,38 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float
 
 from ..config import ModelConfig, TrainConfig
+from ..errors import InvalidTypeError, InvalidValueError
 from ..model import VishwamAI
-from ..parallel.sharding import shard_model
-from .losses import chunked_lse_and_target, distillation_kl, masked_sum, moe_aux_loss, token_cross_entropy
-from .optim import learning_rate_schedule, make_optimizer
-
-# Scalar loss terms summed over micro-batches (plus `expert_load`, a matrix).
-_TERMS = ("loss", "ce", "z", "distill", "aux", "dropped_fraction")
+from ..parallel.sharding import rules_for, shard_model
+from .losses import chunked_lse_and_target, distillation_kl, masked_sum, model_aux_loss, token_cross_entropy
+from .optim import learning_rate_schedule, make_optimizer, trainable_mask
+from .state import TrainState as TrainState
+from .state import init_train_state as init_train_state
 
 REQUIRED_BATCH_KEYS = ("tokens", "targets", "loss_mask")
 OPTIONAL_BATCH_KEYS = ("segment_ids", "positions")
 
 
-class TrainState(eqx.Module):
-    """Everything that changes during training; resumable bit for bit.
-
-    `opt_state` covers only the model's floating-point arrays; static fields
-    (the config, hyperparameters) live in the tree structure. `key` is a typed
-    PRNG key, split every step (dropout and router jitter draw from it).
-    """
-
-    model: VishwamAI
-    opt_state: PyTree
-    step: Int[Array, ""]
-    key: PRNGKeyArray
-
-
-def init_train_state(model: VishwamAI, train_config: TrainConfig, *, key: PRNGKeyArray) -> TrainState:
-    """A fresh state at step 0: optimiser moments zero, `key` kept for the step's randomness."""
-    if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        raise TypeError(
-            f"init_train_state: `key` must be a typed PRNG key, got {type(key).__name__} "
-            f"with dtype {getattr(key, 'dtype', None)}; pass `jax.random.key(seed)` "
-            "(or `jax.random.wrap_key_data(raw)` for a legacy uint32 key)."
-        )
-    params = eqx.filter(model, eqx.is_inexact_array)
-    opt_state = make_optimizer(train_config).init(params)
-    return TrainState(model, opt_state, jnp.zeros((), jnp.int32), key)
-
-
 # --------------------------------------------------------------------- checks
 def _check_batch(batch: dict, accum_steps: int) -> None:
     if not isinstance(batch, dict):
-        raise TypeError(f"train step: the batch must be a dict of arrays, got {type(batch).__name__}.")
+        raise InvalidTypeError(f"train step: the batch must be a dict of arrays, got {type(batch).__name__}.")
     missing = [k for k in REQUIRED_BATCH_KEYS if k not in batch]
     unknown = sorted(set(batch) - set(REQUIRED_BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
     if missing or unknown:
-        raise ValueError(
+        raise InvalidValueError(
             f"train step: batch keys {sorted(batch)}: missing {missing}, unknown {unknown}; "
             f"expected {list(REQUIRED_BATCH_KEYS)} and optionally {list(OPTIONAL_BATCH_KEYS)}."
         )
     shape = batch["tokens"].shape
     shapes = {k: tuple(v.shape) for k, v in batch.items()}
     if len(shape) != 2 or any(s != shape for s in shapes.values()):
-        raise ValueError(f"train step: every batch array must be [batch, seq] of one shape, got {shapes}.")
+        raise InvalidValueError(f"train step: every batch array must be [batch, seq] of one shape, got {shapes}.")
     if shape[0] % accum_steps:
-        raise ValueError(
+        raise InvalidValueError(
             f"train step: batch of {shape[0]} rows does not split into accum_steps={accum_steps} "
             "equal micro-batches; make the batch a multiple of accum_steps."
         )
@@ -106,15 +81,16 @@ def teacher_logits(teacher, micro: dict) -> Float[Array, "batch seq vocab"]:
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
-def _check_teacher(teacher, model_config: ModelConfig, train_config: TrainConfig) -> None:
+def _check_teacher(teacher, model_config: ModelConfig | None, train_config: TrainConfig) -> None:
     """Abstract evaluation only (nothing compiled or allocated)."""
     seq = train_config.seq_len
     probe = {name: jax.ShapeDtypeStruct((1, seq), jnp.int32) for name in ("tokens", "segment_ids", "positions")}
     shape = eqx.filter_eval_shape(teacher_logits, teacher, probe).shape
-    if shape != (1, seq, model_config.vocab_size):
-        raise ValueError(
+    vocab = shape[-1] if model_config is None else model_config.vocab_size
+    if shape != (1, seq, vocab):
+        raise InvalidValueError(
             f"make_train_step: the teacher maps tokens [1, {seq}] to logits {list(shape)}, but the student "
-            f"needs [1, {seq}, vocab_size={model_config.vocab_size}]; distillation needs a teacher over the "
+            f"needs [1, {seq}, vocab_size={vocab}]; distillation needs a teacher over the "
             "same vocabulary (same tokenizer)."
         )
 
@@ -128,7 +104,41 @@ def _split_micro_batches(x: Array, accum_steps: int) -> Array:
     return x.reshape(rows, accum_steps, *x.shape[1:]).swapaxes(0, 1)  # (A, B/A, ...)
 
 
-def train_update(model_config: ModelConfig, train_config: TrainConfig):
+def _forward(model, micro: dict, key, *, inference: bool = False):
+    """`model(...)` by the call protocol: `(hidden, aux, fused)` where `fused` says whether
+    `hidden` are final hidden states for the fused head (`features` + `head_weight`) or logits."""
+    kwargs = dict(segment_ids=micro.get("segment_ids"), positions=micro.get("positions"), key=key,
+                  inference=inference)
+    if fuses_head(model):
+        hidden, aux = model.features(micro["tokens"], **kwargs)
+        return hidden, aux, True
+    out = model(micro["tokens"], **kwargs)
+    logits, aux = out if isinstance(out, tuple) else (out, {})
+    return logits, aux, False
+
+
+def fuses_head(model) -> bool:
+    """Whether the step can fuse `model`'s LM head with the loss (`vishwam.model.FusedHeadModel`)."""
+    return all(callable(getattr(model, name, None)) for name in ("features", "logits")) and hasattr(model, "head_weight")
+
+
+def uses_random_key(model_config: ModelConfig | None) -> bool:
+    """Whether the model draws randomness in training (dropout, router jitter). A model without
+    a `ModelConfig` always gets a key."""
+    return model_config is None or model_config.dropout > 0 or model_config.router_jitter > 0
+
+
+def learning_rate(train_config: TrainConfig, optimizer, opt_state, step) -> Float[Array, ""] | None:
+    """The learning rate of the update at `step`: the built-in schedule's, or the `learning_rate`
+    hyperparameter of an optimiser built with `optax.inject_hyperparams`; None if unknown."""
+    if optimizer is None:
+        return learning_rate_schedule(train_config)(step)
+    value = optax.tree_utils.tree_get(opt_state, "learning_rate", None)
+    return None if value is None else jnp.asarray(value, jnp.float32)
+
+
+def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
+                 optimizer: optax.GradientTransformation | None = None):
     """The un-jitted step `update((batch, teacher), state) -> (state, metrics)` that
     `make_train_step` jits (see there for the metrics; `teacher` may be None).
     `vishwam.plan` lowers it from abstract inputs for pods this machine does not have.
@@ -137,17 +147,16 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
     sharding rules' layouts, so parameters and moments come back sharded as they went in.
     """
     accum = train_config.accum_steps
-    optimizer = make_optimizer(train_config)
-    schedule = learning_rate_schedule(train_config)
+    transform = make_optimizer(train_config) if optimizer is None else optimizer
     alpha, temperature = train_config.distill_alpha, train_config.distill_temperature
     z_coef = train_config.z_loss_coef
     chunk = train_config.loss_chunk_size
     # Without dropout or jitter a key changes nothing but adds RNG code to compile.
-    uses_key = model_config.dropout > 0 or model_config.router_jitter > 0
+    uses_key = uses_random_key(model_config)
 
     def update(inputs, state: TrainState):
         batch, teacher = inputs
-        params, static = eqx.partition(state.model, eqx.is_inexact_array)
+        params, static = eqx.partition(state.model, trainable_mask(state.model, train_config))
         key, step_key = jax.random.split(state.key)
         num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         normalizer = jnp.maximum(num_tokens, 1.0)
@@ -156,18 +165,16 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
             model = eqx.combine(params, static)
             mask = micro["loss_mask"]
             zero = jnp.zeros((), jnp.float32)
+            out, aux, fused = _forward(model, micro, micro_key if uses_key else None)
             if teacher is None:
-                hidden, aux = model.features(micro["tokens"], segment_ids=micro.get("segment_ids"),
-                                             positions=micro.get("positions"), key=micro_key if uses_key else None)
                 with jax.named_scope("lm_head"):  # fused with the loss: see _token_nll
-                    nll, lse = _token_nll(model, hidden, micro["targets"], chunk)
+                    nll, lse = _token_nll(model, out, fused, micro["targets"], chunk)
                 with jax.named_scope("loss"):
                     distill = zero
                     ce = masked_sum(nll, mask) / normalizer
                     main = ce
             else:
-                logits, aux = model(micro["tokens"], segment_ids=micro.get("segment_ids"),
-                                    positions=micro.get("positions"), key=micro_key if uses_key else None)
+                logits = model.logits(out) if fused else out.astype(jnp.float32)
                 with jax.named_scope("loss"):
                     lse = jax.nn.logsumexp(logits, axis=-1)
                     ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
@@ -176,10 +183,12 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
                     main = alpha * ce + (1.0 - alpha) * distill
             with jax.named_scope("loss"):
                 z = z_coef * masked_sum(jnp.square(lse), mask) / normalizer if z_coef else zero
-                aux_loss = moe_aux_loss(aux, model_config) / accum
+                aux_loss = model_aux_loss(aux, model_config) / accum
                 loss = main + z + aux_loss
-            terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss,
-                         expert_load=aux["expert_load"] / accum, dropped_fraction=aux["dropped_fraction"] / accum)
+            terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss)
+            for name in ("expert_load", "dropped_fraction"):
+                if name in aux:
+                    terms[name] = aux[name].astype(jnp.float32) / accum
             return loss, terms
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -190,22 +199,23 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
             (_, terms), grads = grad_fn(params, *xs)
             return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (grads, terms)), None
 
+        first = jax.tree.map(lambda x: x[0], (micro_batches, micro_keys))
+        _, term_shapes = jax.eval_shape(lambda: loss_fn(params, *first))
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        zero_terms = {name: jnp.zeros((), jnp.float32) for name in _TERMS}
-        zero_terms["expert_load"] = jnp.zeros((model_config.num_moe_layers, model_config.num_experts), jnp.float32)
+        zero_terms = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), term_shapes)
         (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty:
             # Gradients, moments and new parameters stay in the parameters' shardings (the
             # rules of `vishwam.parallel.sharding`), whatever the compiler would pick.
-            grads = shard_model(grads, mesh)
+            grads = shard_model(grads, mesh, rules_for(state.model))
 
         with jax.named_scope("optimizer"):
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+            updates, opt_state = transform.update(grads, state.opt_state, params)
             model = eqx.combine(optax.apply_updates(params, updates), static)
-        if model_config.aux_free_bias:
+        if model_config is not None and model_config.aux_free_bias:
             model = model.update_router_bias(terms["expert_load"])
         new_state = TrainState(model, opt_state, state.step + 1, key)
 
@@ -213,26 +223,33 @@ def train_update(model_config: ModelConfig, train_config: TrainConfig):
         if train_config.nan_policy == "skip":
             new_state = _keep_old_if(nonfinite, state, new_state)
         if not mesh.empty:
-            new_state = shard_model(new_state, mesh)
-        metrics = dict(terms, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                       tokens=num_tokens, nonfinite=nonfinite)
+            new_state = shard_model(new_state, mesh, rules_for(state.model))
+        metrics = dict(terms, grad_norm=grad_norm, tokens=num_tokens, nonfinite=nonfinite)
+        rate = learning_rate(train_config, optimizer, state.opt_state, state.step)
+        if rate is not None:
+            metrics["learning_rate"] = rate
         return new_state, metrics
 
     return update
 
 
 def make_train_step(
-    model_config: ModelConfig,
+    model_config: ModelConfig | None,
     train_config: TrainConfig,
     *,
     teacher=None,
+    optimizer: optax.GradientTransformation | None = None,
     max_traces: int | None = None,
 ):
     """Build `step(state, batch) -> (state, metrics)`: one `eqx.filter_jit`, state donated.
 
     Arguments:
-        model_config: the student's config (must equal `state.model.config`).
-        train_config: optimiser, schedule, accumulation, loss weights, NaN policy.
+        model_config: the student's config (must equal `state.model.config`), or None for a
+            model without a `ModelConfig` (any module following `vishwam.model.LanguageModel`).
+        train_config: schedule, accumulation, loss weights, NaN policy, and the optimiser
+            unless `optimizer` is given; `trainable` / `frozen` pick the parameters that train.
+        optimizer: any `optax.GradientTransformation` (the state must come from
+            `init_train_state(..., optimizer=optimizer)`); default the built-in clip + AdamW.
         teacher: frozen teacher for distillation (a `VishwamAI` or any callable
             returning logits over the same vocabulary); checked abstractly here,
             before anything compiles. It is a jit argument, not a baked constant.
@@ -245,22 +262,24 @@ def make_train_step(
         differentiated: `ce`, or `alpha*ce + (1-alpha)*distill` with a teacher,
         plus `z` plus `aux`), `ce`, `distill` (`T**2 * KL`, 0 without teacher),
         `z` (weighted logit z-loss), `aux` (weighted MoE losses), `grad_norm`
-        (before clipping), `learning_rate` (of this update), `tokens` (loss-mask
-        sum), `expert_load` `[num_moe_layers, experts]`, `dropped_fraction`, and
+        (before clipping), `learning_rate` (of this update; with a custom optimiser only
+        when built with `optax.inject_hyperparams`), `tokens` (loss-mask sum),
+        `expert_load` `[num_moe_layers, experts]` and `dropped_fraction` (when the model's
+        aux has them), and
         `nonfinite` (bool: loss or gradients had a NaN/inf; with
         `nan_policy="skip"` the returned state is then the input state unchanged).
     """
     accum = train_config.accum_steps
     if teacher is not None:
         _check_teacher(teacher, model_config, train_config)
-    update = train_update(model_config, train_config)
+    update = train_update(model_config, train_config, optimizer=optimizer)
     if max_traces is not None:
         update = eqx.debug.assert_max_traces(update, max_traces=max_traces)
     compiled = eqx.filter_jit(update, donate="all-except-first")
 
     def check(state: TrainState, batch: dict) -> None:
-        if state.model.config != model_config:
-            raise ValueError(
+        if model_config is not None and getattr(state.model, "config", model_config) != model_config:
+            raise InvalidValueError(
                 "train step: state.model.config differs from the step's model_config in "
                 f"{state.model.config.diff(model_config)} (state, step); build the step with the model's config."
             )
@@ -280,15 +299,16 @@ def make_train_step(
     return step
 
 
-def _token_nll(model: VishwamAI, hidden, targets, chunk: int | None):
-    """Per-position `-log p(target)` and `logsumexp(logits)` from final hidden states:
-    fused and chunked over positions when `chunk` is set, else from full logits."""
-    if chunk is None:
-        logits = model.logits(hidden)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return token_cross_entropy(logits, targets), lse
-    lse, target_logit = chunked_lse_and_target(hidden, model.head_weight, targets, chunk)
-    return lse - target_logit, lse
+def _token_nll(model, out, fused: bool, targets, chunk: int | None):
+    """Per-position `-log p(target)` and `logsumexp(logits)`: from final hidden states, fused
+    with the head and chunked over positions when `chunk` is set (else from full logits);
+    or from the logits a model without `features` returned."""
+    if fused and chunk is not None:
+        lse, target_logit = chunked_lse_and_target(out, model.head_weight, targets, chunk)
+        return lse - target_logit, lse
+    logits = model.logits(out) if fused else out.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return token_cross_entropy(logits, targets), lse
 
 
 def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> TrainState:
@@ -300,7 +320,7 @@ def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> Tra
 
 
 # ----------------------------------------------------------------------- eval
-def make_eval_step(model_config: ModelConfig, loss_chunk_size: int | None = None):
+def make_eval_step(model_config: ModelConfig | None, loss_chunk_size: int | None = None):
     """Build `eval_step(model, batch) -> metrics`, jitted, no gradients.
 
     The model runs in inference mode (no dropout, MoE drops no tokens); with
@@ -310,18 +330,17 @@ def make_eval_step(model_config: ModelConfig, loss_chunk_size: int | None = None
     """
 
     @eqx.filter_jit
-    def evaluate(model: VishwamAI, batch: dict) -> dict:
-        hidden, _ = model.features(batch["tokens"], segment_ids=batch.get("segment_ids"),
-                                   positions=batch.get("positions"), inference=True)
-        nll, _ = _token_nll(model, hidden, batch["targets"], loss_chunk_size)
+    def evaluate(model, batch: dict) -> dict:
+        out, _, fused = _forward(model, batch, None, inference=True)
+        nll, _ = _token_nll(model, out, fused, batch["targets"], loss_chunk_size)
         nll_sum = masked_sum(nll, batch["loss_mask"])
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss = nll_sum / jnp.maximum(tokens, 1.0)
         return dict(loss=loss, perplexity=jnp.exp(loss), tokens=tokens, nll_sum=nll_sum)
 
-    def eval_step(model: VishwamAI, batch: dict) -> dict:
-        if model.config != model_config:
-            raise ValueError(
+    def eval_step(model, batch: dict) -> dict:
+        if model_config is not None and getattr(model, "config", model_config) != model_config:
+            raise InvalidValueError(
                 f"eval step: model.config differs from the step's model_config in "
                 f"{model.config.diff(model_config)} (model, step); build the step with the model's config."
             )

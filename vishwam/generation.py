@@ -1,32 +1,17 @@
 """Autoregressive generation: KV-cache prefill + decode loop in one jit, and sampling.
 
-`generate` runs the whole loop (prefill of the padded prompts, then one token
-per row per step) inside a single `eqx.filter_jit`-compiled `lax.while_loop`
-that stops as soon as every row has produced its EOS. `generate_stream` yields
-the same tokens step by step from Python (for streaming callbacks), and
-`generate_without_cache` recomputes the full sequence every step (the oracle
-for the tests and the baseline of `benchmarks/generate.py`).
+`generate` runs prefill and the decode loop inside one `eqx.filter_jit`-compiled
+`lax.while_loop` that stops once every row has produced an EOS; `generate_stream` yields
+the same tokens step by step from Python; `generate_without_cache` recomputes the whole
+sequence every step (the tests' oracle). Output `tokens [batch, prompt + max_new_tokens]`:
+row `i` holds its prompt, its generated tokens right after it, then `pad_id`; `lengths[i]`
+counts both, EOS included. Step `t` samples with `jax.random.fold_in(key, t)` (a row's draw
+depends on the batch's shape; greedy decoding does not).
 
-Layout of the output `tokens [batch, prompt + max_new_tokens]`: row `i` holds its
-`prompt_lengths[i]` prompt tokens, then its generated tokens immediately after
-them, then `pad_id` up to the end. `lengths[i]` counts the prompt and the
-generated tokens, the EOS included.
-
-Sampling at step `t` uses `jax.random.fold_in(key, t)`, so every entry point
-draws the same tokens from the same key. Note the draw for a row depends on the
-whole batch's shape: the same prompt in another batch samples differently
-(greedy decoding does not).
-
-Speed on CPU: the decode steps run on `VishwamAI.decode_layers()` (each layer's
-weights, and each expert's, as arrays of their own: XLA:CPU would otherwise copy
-them out of the stacked arrays at every token), kept for the last model used, so
-generation holds a second copy of the layer weights while that model lives; the
-KV cache is updated in place and attention reads only its filled blocks
-(`vishwam.nn.attention.cached_attention`). Other backends scan over the stacked weights.
-
-A new compile happens per prompt width `P`, `max_new_tokens`, `top_k`, and
-whether decoding is greedy or uses top-p; the values of `temperature`, `top_p`
-and of the `eos_id`s are traced, so changing them does not recompile (their number does).
+On one CPU device the decode steps run on `VishwamAI.decode_layers()` (per-layer and
+per-expert arrays, kept for the last model used: a second copy of the layer weights),
+other backends scan over the stacked weights. A new compile happens per prompt width,
+`max_new_tokens`, `top_k` and greedy-or-not; `temperature`, `top_p` and the EOS ids are traced.
 """
 
 import functools
@@ -39,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .errors import InvalidValueError
 from .model import KVCache, VishwamAI
 
 _PromptLike = Int[Array, "batch prompt"] | Int[np.ndarray, "batch prompt"]
@@ -71,15 +57,15 @@ def _check_sampling(temperature, top_k, top_p, key, vocab_size: int, where: str)
     """Validate sampling options; returns the static flags `(greedy, top_k, use_top_p)`."""
     temperature = float(temperature)
     if not temperature >= 0:
-        raise ValueError(f"{where}: temperature must be >= 0 (0 = greedy), got {temperature}.")
+        raise InvalidValueError(f"{where}: temperature must be >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
-        raise ValueError(f"{where}: top_k must be None or an int in [1, vocab_size={vocab_size}], got {top_k!r}.")
+        raise InvalidValueError(f"{where}: top_k must be None or an int in [1, vocab_size={vocab_size}], got {top_k!r}.")
     if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"{where}: top_p must be None or in (0, 1], got {top_p}.")
+        raise InvalidValueError(f"{where}: top_p must be None or in (0, 1], got {top_p}.")
     greedy = temperature == 0.0
     if not greedy and key is None:
-        raise ValueError(f"{where}: sampling (temperature={temperature} > 0) needs a PRNG key; pass "
-                         "key=jax.random.key(seed), or temperature=0 for greedy decoding.")
+        raise InvalidValueError(f"{where}: sampling (temperature={temperature} > 0) needs a PRNG key; pass "
+                                "key=jax.random.key(seed), or temperature=0 for greedy decoding.")
     return greedy, (None if greedy else top_k), (not greedy and top_p is not None and float(top_p) < 1.0)
 
 
@@ -106,16 +92,16 @@ def _prepare(model: VishwamAI, prompt_tokens, max_new_tokens, prompt_lengths, te
     config = model.config
     prompt = jnp.asarray(prompt_tokens)
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"{where}: prompt_tokens must be an integer array [batch, prompt_len], got "
-                         f"shape {prompt.shape} and dtype {prompt.dtype}.")
+        raise InvalidValueError(f"{where}: prompt_tokens must be an integer array [batch, prompt_len], got "
+                                f"shape {prompt.shape} and dtype {prompt.dtype}.")
     batch, width = prompt.shape
     if batch == 0 or width == 0:
-        raise ValueError(f"{where}: empty prompt batch of shape {prompt.shape}; every row needs at least "
-                         "one token (e.g. the tokenizer's BOS id).")
+        raise InvalidValueError(f"{where}: empty prompt batch of shape {prompt.shape}; every row needs at least "
+                                "one token (e.g. the tokenizer's BOS id).")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"{where}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+        raise InvalidValueError(f"{where}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
     if width + max_new_tokens > config.max_seq_len:
-        raise ValueError(
+        raise InvalidValueError(
             f"{where}: prompt length {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} "
             f"exceeds the model's max_seq_len={config.max_seq_len} (the KV cache size); shorten the prompt "
             f"or ask for at most {config.max_seq_len - width} new tokens.")
@@ -124,19 +110,19 @@ def _prepare(model: VishwamAI, prompt_tokens, max_new_tokens, prompt_lengths, te
     else:
         lengths = np.asarray(prompt_lengths)
         if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
-            raise ValueError(f"{where}: prompt_lengths must be integers of shape ({batch},), got shape "
-                             f"{lengths.shape} and dtype {lengths.dtype}.")
+            raise InvalidValueError(f"{where}: prompt_lengths must be integers of shape ({batch},), got shape "
+                                    f"{lengths.shape} and dtype {lengths.dtype}.")
         if lengths.min() < 1 or lengths.max() > width:
-            raise ValueError(f"{where}: prompt_lengths must lie in [1, {width}] (empty prompts are not "
-                             f"allowed; start a row with BOS instead), got {lengths.tolist()}.")
+            raise InvalidValueError(f"{where}: prompt_lengths must lie in [1, {width}] (empty prompts are not "
+                                    f"allowed; start a row with BOS instead), got {lengths.tolist()}.")
     eos_ids = _eos_ids(eos_id, config.vocab_size, where)
     if not (isinstance(pad_id, int) and 0 <= pad_id < config.vocab_size):
-        raise ValueError(f"{where}: pad_id must be an int in [0, vocab_size={config.vocab_size}), got {pad_id!r}.")
+        raise InvalidValueError(f"{where}: pad_id must be an int in [0, vocab_size={config.vocab_size}), got {pad_id!r}.")
     # Only the prompts themselves: whatever fills the padding is replaced by pad_id.
     real = np.asarray(prompt)[np.arange(width)[None, :] < lengths[:, None]]
     if real.min() < 0 or real.max() >= config.vocab_size:
-        raise ValueError(f"{where}: prompt token ids span [{real.min()}, {real.max()}], outside the model's "
-                         f"vocabulary [0, {config.vocab_size}).")
+        raise InvalidValueError(f"{where}: prompt token ids span [{real.min()}, {real.max()}], outside the model's "
+                                f"vocabulary [0, {config.vocab_size}).")
     greedy, top_k, use_top_p = _check_sampling(temperature, top_k, top_p, key, config.vocab_size, where)
     dynamic = dict(
         prompt=prompt.astype(jnp.int32),
@@ -157,8 +143,8 @@ def _eos_ids(eos_id, vocab_size: int, where: str) -> tuple[int, ...]:
         return ()
     ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id) if isinstance(eos_id, (list, tuple)) else ()
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise ValueError(f"{where}: eos_id must be None or an int in [0, vocab_size={vocab_size}) (or a non-empty "
-                         f"list of such ints), got {eos_id!r}.")
+        raise InvalidValueError(f"{where}: eos_id must be None or an int in [0, vocab_size={vocab_size}) (or a non-empty "
+                                f"list of such ints), got {eos_id!r}.")
     return ids
 
 

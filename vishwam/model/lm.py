@@ -1,42 +1,20 @@
 """`VishwamAI`: token embedding -> scanned stacks of blocks -> final norm -> LM head."""
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .config import ModelConfig
-from .nn.attention import default_positions
-from .nn.block import Block
-from .nn.linear import Linear
-from .nn.moe import split_experts
-from .nn.norm import RMSNorm, TPULayerNorm, make_norm
-from .nn.precision import Precision, dtype_from_name
-
-
-def stage_plan(config: ModelConfig) -> list[tuple[tuple[bool, ...], int]]:
-    """The layer stack as `(pattern, repeats)` stages; `pattern[j]` says whether
-    the j-th block of one repeat is MoE. Layers run stage by stage, each stage
-    scanning `repeats` times over its pattern."""
-    if not config.is_moe:
-        return [((False,), config.num_layers)]
-    plan = []
-    if config.first_dense_layers:
-        plan.append(((False,), config.first_dense_layers))
-    rest = config.num_layers - config.first_dense_layers
-    if rest:
-        n = config.moe_every
-        plan.append(((False,) * (n - 1) + (True,), rest // n))
-    return plan
-
-
-class Stage(eqx.Module):
-    """A repeated pattern of blocks; each block's arrays carry a leading `repeats` axis."""
-
-    blocks: tuple[Block, ...]
-    repeats: int = eqx.field(static=True)
+from ..arrays import partition_arrays
+from ..config import ModelConfig
+from ..errors import InvalidValueError
+from ..nn.attention import default_positions
+from ..nn.block import Block
+from ..nn.linear import Linear
+from ..nn.moe import split_experts
+from ..nn.norm import RMSNorm, TPULayerNorm, make_norm
+from ..nn.precision import Precision, dtype_from_name
+from ..nn.stack import Stage, build_stages, run_stages, split_layers, split_moe_rows, unstack_layers
 
 
 class KVCache(eqx.Module):
@@ -52,7 +30,7 @@ class KVCache(eqx.Module):
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         if max_len > config.max_seq_len:
-            raise ValueError(
+            raise InvalidValueError(
                 f"KVCache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}."
             )
         dtype = dtype_from_name(config.compute_dtype) if dtype is None else dtype
@@ -62,24 +40,6 @@ class KVCache(eqx.Module):
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-
-_REMAT_POLICIES = {
-    "dots_saveable": lambda: jax.checkpoint_policies.dots_saveable,
-    "save_attention_output": lambda: jax.checkpoint_policies.save_only_these_names("attention_output"),
-    "offload_dots": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
-
-
-def apply_remat(fn, policy: str):
-    """Wrap a scan body in `jax.checkpoint` according to the config's remat policy."""
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn, prevent_cse=False)
-    if policy in _REMAT_POLICIES:
-        return jax.checkpoint(fn, prevent_cse=False, policy=_REMAT_POLICIES[policy]())
-    raise ValueError(f"Unknown remat policy {policy!r}; choose none, full, {', '.join(_REMAT_POLICIES)}.")
 
 
 def _empty_aux(config: ModelConfig) -> dict:
@@ -136,18 +96,7 @@ class VishwamAI(eqx.Module):
         dtype = dtype_from_name(config.param_dtype)
         k_embed, k_head, k_layers = jax.random.split(key, 3)
         self.embed = (config.init_std * jax.random.normal(k_embed, (config.vocab_size, config.hidden_size))).astype(dtype)
-        layer_keys = jax.random.split(k_layers, config.num_layers)
-        stages, offset = [], 0
-        for pattern, repeats in stage_plan(config):
-            n = len(pattern) * repeats
-            keys = layer_keys[offset:offset + n].reshape(repeats, len(pattern))
-            offset += n
-            blocks = tuple(
-                eqx.filter_vmap(lambda k, m=is_moe: Block(config, m, key=k))(keys[:, j])
-                for j, is_moe in enumerate(pattern)
-            )
-            stages.append(Stage(blocks, repeats))
-        self.stages = tuple(stages)
+        self.stages = build_stages(config, key=k_layers)
         self.final_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
         self.lm_head = (
             None if config.tie_embeddings
@@ -175,37 +124,6 @@ class VishwamAI(eqx.Module):
             head = self.head_weight
             return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
                               preferred_element_type=jnp.float32)
-
-    def _run_stages(self, body, x, xs_per_stage):
-        """Run `body(x, blocks, xs) -> (x, ys)` over every layer repeat of every stage."""
-        outputs = []
-        for stage, xs in zip(self.stages, xs_per_stage):
-            params, static = eqx.partition(stage.blocks, eqx.is_array)
-
-            def step(carry, scanned, static=static):
-                layer_params, layer_xs = scanned
-                return body(carry, eqx.combine(layer_params, static), layer_xs)
-
-            step = apply_remat(step, self.config.remat_policy)
-            if self.config.scan_layers:
-                x, ys = jax.lax.scan(step, x, (params, xs))
-            else:
-                ys_list = []
-                for i in range(stage.repeats):
-                    x, y = step(x, jax.tree_util.tree_map(lambda a: a[i], (params, xs)))
-                    ys_list.append(y)
-                ys = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys_list)
-            outputs.append(ys)
-        return x, outputs
-
-    def _split_layers(self, array):
-        """Split a `[num_layers, ...]` array into per-stage `[repeats, pattern, ...]` pieces."""
-        pieces, offset = [], 0
-        for stage in self.stages:
-            n = stage.repeats * len(stage.blocks)
-            pieces.append(array[offset:offset + n].reshape(stage.repeats, len(stage.blocks), *array.shape[1:]))
-            offset += n
-        return pieces
 
     # -------------------------------------------------------------------- calls
     def __call__(
@@ -255,8 +173,11 @@ class VishwamAI(eqx.Module):
         Returns:
             `(hidden, aux)` with aux as in `__call__`.
         """
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise InvalidValueError(f"VishwamAI: tokens must be integer ids [batch, seq], got {tokens.dtype} of shape "
+                                    f"{tuple(tokens.shape)}; add a batch axis with tokens[None] / cast with .astype(jnp.int32).")
         if tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(
+            raise InvalidValueError(
                 f"VishwamAI: sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}."
             )
         if positions is None:
@@ -272,8 +193,9 @@ class VishwamAI(eqx.Module):
                     auxes.append(aux)
             return x, auxes
 
-        xs = [None] * len(self.stages) if layer_keys is None else self._split_layers(layer_keys)
-        x, per_stage = self._run_stages(body, self._embed(tokens), xs)
+        xs = [None] * len(self.stages) if layer_keys is None else split_layers(self.stages, layer_keys)
+        x, per_stage = run_stages(self.stages, body, self._embed(tokens), xs, remat=self.config.remat_policy,
+                                  scan=self.config.scan_layers)
         return self.final_norm(x), _merge_aux(self.config, per_stage)
 
     def decode(
@@ -301,25 +223,14 @@ class VishwamAI(eqx.Module):
             for layer, block in enumerate(layers):
                 x, k, v = block.decode(x, positions, k, v, layer)
             return self.logits(self.final_norm(x)), KVCache(k, v)
-        first_layer = 0
-        for stage in self.stages:
-            params, static = eqx.partition(stage.blocks, eqx.is_array)
-            pattern = len(stage.blocks)
+        def body(carry, blocks, layer_numbers):
+            x, k, v = carry
+            for j, block in enumerate(blocks):
+                x, k, v = block.decode(x, positions, k, v, layer_numbers[j])
+            return (x, k, v), None
 
-            def step(carry, scanned, static=static, first_layer=first_layer, pattern=pattern):
-                x, k, v = carry
-                layer_params, repeat = scanned
-                for j, block in enumerate(eqx.combine(layer_params, static)):
-                    x, k, v = block.decode(x, positions, k, v, first_layer + repeat * pattern + j)
-                return (x, k, v), None
-
-            repeats = jnp.arange(stage.repeats, dtype=jnp.int32)
-            if self.config.scan_layers:
-                (x, k, v), _ = jax.lax.scan(step, (x, k, v), (params, repeats))
-            else:
-                for i in range(stage.repeats):
-                    (x, k, v), _ = step((x, k, v), (jax.tree_util.tree_map(lambda a: a[i], params), i))
-            first_layer += stage.repeats * pattern
+        layer_numbers = split_layers(self.stages, jnp.arange(self.config.num_layers, dtype=jnp.int32))
+        (x, k, v), _ = run_stages(self.stages, body, (x, k, v), layer_numbers, scan=self.config.scan_layers)
         return self.logits(self.final_norm(x)), KVCache(k, v)
 
     def decode_layers(self) -> tuple[Block, ...]:
@@ -333,28 +244,24 @@ class VishwamAI(eqx.Module):
         Separate arrays are read in place (measured: a 6-layer dense decode loop ~1.35x
         faster on the 2-core CPU).
         """
-        layers = []
-        for stage in self.stages:
-            for i in range(stage.repeats):
-                for block in stage.blocks:
-                    layer = jax.tree_util.tree_map(lambda a, i=i: jnp.array(a[i]) if eqx.is_array(a) else a, block)
-                    if layer.is_moe:
-                        layer = eqx.tree_at(lambda b: b.mlp.experts, layer, split_experts(layer.mlp.experts))
-                    layers.append(layer)
-        return tuple(layers)
+        def split(layer: Block) -> Block:
+            if not layer.is_moe:
+                return layer
+            return eqx.tree_at(lambda b: b.mlp.experts, layer, split_experts(layer.mlp.experts))
+
+        return unstack_layers(self.stages, split)
 
     def with_config(self, config: ModelConfig) -> "VishwamAI":
         """The same weights under a config that changes only how they are run
         (scan/unroll, remat, compute dtype, attention backend, MoE dispatch, dropout,
         fp8 flags...). Raises if the new config changes any parameter's shape."""
-        abstract = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
-        new_arrays, new_static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        new_arrays, new_static = partition_arrays(abstract_model(config))
         new_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_arrays)
         old_leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(self, eqx.is_array))
         new_sig = [(jax.tree_util.keystr(p), x.shape) for p, x in new_leaves]
         old_sig = [(jax.tree_util.keystr(p), x.shape) for p, x in old_leaves]
         if new_sig != old_sig:
-            raise ValueError(
+            raise InvalidValueError(
                 "VishwamAI.with_config: the new config changes the parameters, so the weights cannot be "
                 f"reused; differing fields: {self.config.diff(config)}. Build a new model instead."
             )
@@ -372,7 +279,7 @@ class VishwamAI(eqx.Module):
             return self
         target = 1.0 / self.config.num_experts
         update = self.config.aux_free_bias_rate * jnp.sign(target - jax.lax.stop_gradient(expert_load))
-        pieces = iter(self._split_moe_rows(update))
+        pieces = iter(split_moe_rows(self.stages, update))
         stages = []
         for stage in self.stages:
             blocks = []
@@ -385,31 +292,10 @@ class VishwamAI(eqx.Module):
             stages.append(Stage(tuple(blocks), stage.repeats))
         return eqx.tree_at(lambda m: m.stages, self, tuple(stages))
 
-    def _split_moe_rows(self, rows):
-        """`[num_moe_layers, ...]` rows in layer order -> one `[repeats, ...]` piece per MoE
-        block of each stage, in the order the stages and blocks are stored."""
-        pieces, offset = [], 0
-        for stage in self.stages:
-            n_moe = sum(block.is_moe for block in stage.blocks)
-            chunk = rows[offset:offset + stage.repeats * n_moe].reshape(stage.repeats, n_moe, *rows.shape[1:])
-            offset += stage.repeats * n_moe
-            pieces.extend(chunk[:, j] for j in range(n_moe))
-        return pieces
-
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, self.config.max_seq_len if max_len is None else max_len, dtype)
 
 
-def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Total and active-per-token parameter counts, from abstract shapes only
-    (`eqx.filter_eval_shape`: nothing is allocated, so the seed preset is instant)."""
-    model = eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))
-    total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(model)
-                if isinstance(x, jax.ShapeDtypeStruct))
-    routed = 0
-    for stage in model.stages:
-        for block in stage.blocks:
-            if block.is_moe:
-                routed += sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(block.mlp.experts))
-    inactive = routed * (config.num_experts - config.experts_per_token) // config.num_experts if routed else 0
-    return {"total": total, "active": total - inactive}
+def abstract_model(config: ModelConfig) -> VishwamAI:
+    """The model of `config` as `jax.ShapeDtypeStruct` leaves: `eqx.filter_eval_shape`, nothing allocated."""
+    return eqx.filter_eval_shape(VishwamAI, config, key=jax.random.key(0))

@@ -1,0 +1,107 @@
+"""The map between vishwam's array leaves and the tensors of an HF checkpoint:
+
+    HF name (layer N)                                HF shape   vishwam leaf                     shape
+    model.embed_tokens.weight                        [V, D]     embed                            [V, D]
+    model.layers.N.input_layernorm.weight            [D]        stages.*.attn_norm.scale         [L, D]
+    model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in]  stages.*.attn.{q,k,v,o}_proj     [L, in, out]
+    model.layers.N.self_attn.{q,k,v}_proj.bias       [out]      stages.*.attn.{q,k,v}_proj.bias  [L, out]
+    model.layers.N.post_attention_layernorm.weight   [D]        stages.*.mlp_norm.scale          [L, D]
+    model.layers.N.mlp.{gate,up,down}_proj.weight    [out, in]  stages.*.mlp.{gate,up,down}_proj [L, in, out]
+    the family's router (`Family.router`)            [X, D]     stages.*.mlp.router              [L, D, X]
+    the family's experts (`Family.experts`)          [out, in]  stages.*.mlp.experts.*           [L, X, in, out]
+    model.norm.weight                                [D]        final_norm.scale                 [D]
+    lm_head.weight (absent when tied)                [V, D]     lm_head.weight                   [D, V]
+
+`L` is the scanned `repeats` axis of a stage: HF layer N is repeat r of block j of stage s,
+N = the stage's first layer (`vishwam.nn.stack.stage_offsets`) + r * blocks + j.
+"""
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from ..arrays import is_array_like
+from ..errors import InvalidValueError
+from ..nn.stack import stage_offsets
+from ..parallel.sharding import path_string
+from .families import Family
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One HF tensor: the slice `index` of the vishwam leaf at `leaf` (dotted path),
+    transposed when `transpose` (HF `[out, in]` vs vishwam `[in, out]`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    leaf: str
+    index: tuple[int, ...]
+    transpose: bool
+
+
+# Block-relative leaf -> (HF name within `model.layers.N.`, transposed?); the MoE leaves are the family's.
+_BLOCK_TENSORS = {
+    "attn_norm.scale": ("input_layernorm.weight", False),
+    "attn.q_proj.weight": ("self_attn.q_proj.weight", True),
+    "attn.k_proj.weight": ("self_attn.k_proj.weight", True),
+    "attn.v_proj.weight": ("self_attn.v_proj.weight", True),
+    "attn.o_proj.weight": ("self_attn.o_proj.weight", True),
+    "attn.q_proj.bias": ("self_attn.q_proj.bias", False),
+    "attn.k_proj.bias": ("self_attn.k_proj.bias", False),
+    "attn.v_proj.bias": ("self_attn.v_proj.bias", False),
+    "mlp_norm.scale": ("post_attention_layernorm.weight", False),
+    "mlp.gate_proj.weight": ("mlp.gate_proj.weight", True),
+    "mlp.up_proj.weight": ("mlp.up_proj.weight", True),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight", True),
+}
+_TOP_TENSORS = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm.scale": ("model.norm.weight", False),
+    "lm_head.weight": ("lm_head.weight", True),
+}
+_STAGE_LEAF = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+
+
+def _leaf_paths(tree) -> Iterator[tuple[str, Any]]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(eqx.filter(tree, is_array_like))[0]:
+        yield path_string(path), leaf
+
+
+def _tensor_map(model, family: Family) -> list[_Piece]:
+    """Every HF tensor of `model` (concrete or abstract) as `family` names it, in
+    transformers' order: embedding, layer by layer, final norm, head."""
+    layers: dict[int, list[_Piece]] = {}
+    top: list[_Piece] = []
+    offsets = stage_offsets(model.stages)
+    block_tensors = {**_BLOCK_TENSORS, **({"mlp.router": (family.router, True)} if family.router else {})}
+    for path, leaf in _leaf_paths(model):
+        shape = tuple(leaf.shape)
+        if path in _TOP_TENSORS:
+            name, transpose = _TOP_TENSORS[path]
+            top.append(_Piece(name, shape[::-1] if transpose else shape, path, (), transpose))
+            continue
+        match = _STAGE_LEAF.match(path)
+        rel = match.group(3) if match else None
+        if rel not in block_tensors and rel not in family.experts:
+            raise InvalidValueError(f"HF export: the vishwam leaf {path} {list(shape)} has no HF {family.name} tensor.")
+        s, j = int(match.group(1)), int(match.group(2))
+        stage = model.stages[s]
+        for r in range(stage.repeats):
+            n = offsets[s] + r * len(stage.blocks) + j
+            if rel in block_tensors:
+                name, transpose = block_tensors[rel]
+                inner = shape[1:]
+                layers.setdefault(n, []).append(_Piece(f"model.layers.{n}.{name}",
+                                                       inner[::-1] if transpose else inner, path, (r,), transpose))
+            else:
+                inner = shape[2:]
+                for e in range(shape[1]):
+                    name = f"model.layers.{n}.{family.experts[rel].format(e=e)}"
+                    layers.setdefault(n, []).append(_Piece(name, inner[::-1], path, (r, e), True))
+    first = [p for p in top if p.name == "model.embed_tokens.weight"]
+    last = [p for name in ("model.norm.weight", "lm_head.weight") for p in top if p.name == name]
+    return first + [p for n in sorted(layers) for p in layers[n]] + last
