@@ -37,10 +37,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    cache = os.environ.get("VISHWAM_JAX_CACHE", os.path.expanduser("~/.cache/vishwam-jax"))
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from vishwam.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
 
     from vishwam.config import ModelConfig, TrainConfig
     from vishwam.data import default_corpus, make_datasets

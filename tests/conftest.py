@@ -31,13 +31,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from vishwam.compile_cache import enable_compile_cache  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
-# A cache folder outside the clone: repeated runs on one machine skip most
-# compiles; a fresh machine simply fills it.
-_cache = os.environ.get("VISHWAM_JAX_CACHE", os.path.expanduser("~/.cache/vishwam-jax"))
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# A cache folder outside the clone: repeated runs on one machine skip most compiles; a
+# fresh machine simply fills it. Locked, so the suite's concurrent processes share it safely.
+enable_compile_cache()
 
 
 @pytest.fixture

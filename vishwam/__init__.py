@@ -19,7 +19,7 @@ Training:
 Everything loads on first use, subpackages included (`vishwam.train.make_train_step` works
 after `import vishwam`): nn, kernels, parallel, model, config, tokenizer, data, train, hf, plan,
 memory, generation, pipeline, launch, files, cli, arrays, errors (`InputError`: what bad input
-raises). `help(vishwam.<name>)` lists each API.
+raises), compile_cache, commands (the command lines). `help(vishwam.<name>)` lists each API.
 """
 
 import importlib
@@ -30,7 +30,8 @@ from .runtime_checks import enable_runtime_checks as enable_runtime_checks
 __version__ = "0.1.0"
 
 _SUBMODULES = ("nn", "kernels", "parallel", "model", "config", "tokenizer", "data", "train", "hf", "plan",
-               "memory", "generation", "pipeline", "launch", "files", "cli", "arrays", "runtime_checks", "errors")
+               "memory", "generation", "pipeline", "launch", "files", "cli", "arrays", "runtime_checks", "errors",
+               "compile_cache", "commands")
 _NAMES = {
     "VishwamAI": "model", "KVCache": "model", "count_parameters": "model",
     "ModelConfig": "config", "TrainConfig": "config",

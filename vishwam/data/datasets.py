@@ -47,7 +47,7 @@ def make_datasets(tokenizer: object,
         if val_fraction > 0:
             warnings.warn(f"make_datasets: no validation data: the source has {len(corpus.doc_hashes)} document(s), "
                           "too few to hold any out; training runs without evaluation. Split text files into "
-                          "documents (TextFiles(separator=...); --separator in scripts/train.py) or add files.",
+                          "documents (TextFiles(separator=...); --separator of vishwam-train) or add files.",
                           stacklevel=2)
         return train, None
     val = DataIterator(PackedRows(corpus, val_docs, seq_len=seq_len),

@@ -149,7 +149,7 @@ def load_prepared(directory: "str | os.PathLike", tokenizer: object | None = Non
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise InvalidValueError(f"{directory} is not a prepared corpus ({e}); make one with scripts/prepare_data.py.") from e
+        raise InvalidValueError(f"{directory} is not a prepared corpus ({e}); make one with vishwam-prepare-data.") from e
     if tokenizer is not None and str(getattr(tokenizer, "fingerprint", None)) != meta.get("tokenizer"):
         raise InvalidValueError(f"{directory} was prepared with another tokenizer (fingerprint {meta.get('tokenizer')}); "
                                 f"train with its own ({directory / 'tokenizer'}) or prepare the data again.")

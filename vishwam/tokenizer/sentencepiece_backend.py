@@ -420,7 +420,7 @@ def _load_processor(path: Path) -> spm.SentencePieceProcessor:
     if not path.is_file():
         raise FileNotFoundError(
             f"SentencePiece model file not found: {path}. Train one with VishwamAITokenizer.train(...) "
-            "or scripts/train_tokenizer.py."
+            "or vishwam-train-tokenizer."
         )
     processor = spm.SentencePieceProcessor()
     try:
