@@ -10,11 +10,11 @@ GPU (when `jax.default_backend() == "gpu"`): `pallas` against
 `jax.nn.dot_product_attention(implementation="cudnn")` and `"xla"`, bf16, causal,
 head_dim 128, TFLOP/s forward and forward+backward.
 
-Goals (issue 8): at 8192, xla fwd+bwd temp memory <= 1/4 of the reference's; at
+Goals: at 8192, xla fwd+bwd temp memory <= 1/4 of the reference's; at
 2048 causal fwd+bwd, xla time <= 0.7x the faster of reference and jax.nn; on an
 H100, pallas >= 0.7x cuDNN.
 
-Sliding window (`--window W`, issue 19): only the window's band of tiles is visited,
+Sliding window (`--window W`): only the window's band of tiles is visited,
 so the blockwise path (xla on CPU, pallas on GPU) with a window `W` should take about
 `(W + block) / (length / 2)` of its causal time. Reported instead of the tables above.
 

@@ -1,6 +1,6 @@
 """Data pipeline throughput vs. what a `small`-preset train step consumes.
 
-Claim (issue 4): the pipeline delivers tokens at least 20x faster than a train
+Claim: the pipeline delivers tokens at least 20x faster than a train
 step of `ModelConfig.preset("small")` consumes them, so it is never the bottleneck.
 
 Measured in one process:
@@ -15,7 +15,7 @@ per copy (so the tokenizer's encode cache cannot answer from memory).
 
     python benchmarks/data.py [--copies 8 --batch-size 8 --seq-len 256 --steps 5]
 
-Streaming preparation (issue 17), with `--prepare-mb SIZE [SIZE ...]`: for each size, a
+Streaming preparation, with `--prepare-mb SIZE [SIZE ...]`: for each size, a
 generated JSONL corpus of about SIZE MB of text (and the same rows as parquet) is
 prepared by `scripts/prepare_data.py`-equivalent code (`vishwam.data.prepare_corpus`) in
 a fresh subprocess each, reporting its peak RSS and its encoding workers' (goal <= 1.5 GB whatever the size) and

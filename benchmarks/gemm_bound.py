@@ -1,4 +1,4 @@
-"""The dense train step's matrix products alone, XLA:CPU (jax) vs torch, and the bound they set (issue 16).
+"""The dense train step's matrix products alone, XLA:CPU (jax) vs torch, and the bound they set.
 
 Issue 16 asks for a vishwam train step >= 1.2x the transformers/torch step at equal
 shapes and fp32. Both steps do the same matrix products (the same model); a step can

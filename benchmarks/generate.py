@@ -32,9 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from vishwam import ModelConfig, VishwamAI
-from vishwam.generation import generate, generate_stream, generate_without_cache
+
 # The jitted pieces of `generate_stream`, to time single steps at chosen positions.
-from vishwam.generation import _prepare, _stream_first, _stream_fixed, _stream_step
+from vishwam.generation import (
+    _prepare,
+    _stream_first,
+    _stream_fixed,
+    _stream_step,
+    generate,
+    generate_stream,
+    generate_without_cache,
+)
 
 
 def timed(fn, repeats: int) -> float:

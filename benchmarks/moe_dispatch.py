@@ -3,7 +3,7 @@
     python benchmarks/moe_dispatch.py [--tokens 1024 4096] [--hidden 256] [--ffn 512] [--reps 5]
     python benchmarks/moe_dispatch.py --tokens 4096 --hidden 512 --ffn 704 --reps 3 --no-expert-parallel
 
-(the second: issue 16's Mixtral shape, one device only).
+(the second: the Mixtral shape of benchmarks/vs_transformers.py, one device only).
 
 Part 1 (one device): `dense` (oracle), `capacity` with factor 1.25, `capacity`
 dropless (capacity = tokens), `ragged` (`jax.lax.ragged_dot`) and `grouped`

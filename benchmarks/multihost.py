@@ -1,4 +1,4 @@
-"""Step time of 2 processes x 4 CPU devices vs 1 process x 8 devices, the same mesh (issue 17).
+"""Step time of 2 processes x 4 CPU devices vs 1 process x 8 devices, the same mesh.
 
 The same `scripts/train.py` job (preset `--preset`, mesh `data=2,expert=4`) runs once as one
 process holding 8 simulated CPU devices and once as two processes of 4 (`python -m

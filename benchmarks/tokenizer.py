@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from vishwam.tokenizer import VishwamAITokenizer

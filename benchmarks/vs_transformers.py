@@ -137,7 +137,7 @@ def check_greedy(hf_model, model, rng, new: int = 32) -> dict:
 
 
 # ----------------------------------------------------------------------- training
-# The issue-16 shapes: hidden 512, 6 layers, 8 heads, vocab 8192, batch 8 x 512, fp32, AdamW;
+# The comparison shapes: hidden 512, 6 layers, 8 heads, vocab 8192, batch 8 x 512, fp32, AdamW;
 # and the `small` preset's (hidden 256, 4 layers, 4 heads / 2 kv, ffn 512, 4 experts top-2,
 # vocab 4096, tied embeddings) at the main job's batch 8 x 256.
 TRAIN_SHAPES = {
@@ -268,7 +268,7 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
 
 
 # --------------------------------------------------------------------- generation
-# (shape, batch, prompt, new tokens, sampled): the issue-20 table (prompt 32 + 256 new,
+# (shape, batch, prompt, new tokens, sampled): the generation table (prompt 32 + 256 new,
 # greedy, batch 1 and 8), sampling at batch 8, prompt 512 + 512 new, sampling at batch 1.
 GENERATE_CASES = [
     ("dense", 1, 32, 256, False), ("dense", 8, 32, 256, False),

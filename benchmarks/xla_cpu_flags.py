@@ -3,7 +3,7 @@
     python benchmarks/xla_cpu_flags.py                   # in the `compare` venv (it reuses
     python benchmarks/xla_cpu_flags.py --shapes dense,mixtral --rounds 2   # vs_transformers.py)
 
-Each flag set (`FLAG_SETS`, passed through `XLA_FLAGS`) trains the issue-16 shapes of
+Each flag set (`FLAG_SETS`, passed through `XLA_FLAGS`) trains the comparison shapes of
 `benchmarks/vs_transformers.py` (`--train-one vishwam SHAPE`: the same weights, fp32,
 AdamW, dropless MoE) in a fresh process: median step time of `--steps` steps after
 the compile (with `vishwam.memory.keep_host_memory`, as `vs_transformers.py`'s timed

@@ -28,6 +28,9 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 # for TPU hardware first (seconds each, and warnings). Subprocesses inherit it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
+
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -37,6 +40,20 @@ jax.config.update("jax_num_cpu_devices", 8)
 # A cache folder outside the clone: repeated runs on one machine skip most compiles; a
 # fresh machine simply fills it. Locked, so the suite's concurrent processes share it safely.
 enable_compile_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """XLA:CPU maps every compiled program's code into this process. The whole suite in one
+    process compiles thousands of programs and passed the kernel's limit of memory mappings
+    (`vm.max_map_count`, 65530 here; 20 K after the test files up to test_hf): the next compile
+    or cache read then died with a segmentation fault inside XLA. Dropping JAX's and Equinox's
+    caches after each test module frees them (about 1 K mappings stay); the persistent compile
+    cache makes the recompiles cheap."""
+    yield
+    jax.clear_caches()
+    eqx.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

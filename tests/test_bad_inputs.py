@@ -39,9 +39,9 @@ from vishwam.model import VishwamAI
 from vishwam.pipeline import VishwamAIPipeline, load_model_weights
 from vishwam.tokenizer import VishwamAITokenizer
 from vishwam.train.checkpoint import (
+    Checkpointer,
     CheckpointError,
     CheckpointMismatchError,
-    Checkpointer,
     IncompatibleConfigError,
     check_compatible,
     partition_arrays,
@@ -209,9 +209,9 @@ def _trainer_with_mesh(root: Path, mesh: dict[str, int]) -> VishwamAITrainer:
 
 
 def _restore_into_other_config(root: Path):
-    from vishwam.train.step import init_train_state
-
     import equinox as eqx
+
+    from vishwam.train.step import init_train_state
 
     saved = json.loads((root / "runs" / "run" / "config.json").read_text())
     config = ModelConfig.from_dict({**saved["model"], "num_layers": 1})
@@ -642,3 +642,28 @@ def test_random_config_dicts_build_and_run_or_name_a_field():
     check()
     # Both branches were exercised (the draws are derandomised, so this is stable).
     assert outcomes["built"] >= 3 and outcomes["refused"] >= 3, outcomes
+
+
+def test_run_script_tells_bad_input_from_system_errors_and_bugs(capsys):
+    """Exit 2 for what validation refuses and for OS errors (a system one named as such); exit 1,
+    "a bug", for any other exception, a plain ValueError from deep inside a dependency included."""
+    import errno
+
+    from vishwam.cli import run_script
+    from vishwam.errors import InvalidValueError
+
+    def failing(error):
+        def main(argv):
+            raise error
+        return main
+
+    cases = [(InvalidValueError("--steps 0: must be positive"), 2, "error: --steps 0: must be positive"),
+             (FileNotFoundError("--config x.json: no such file."), 2, "error: --config x.json: no such file."),
+             (OSError(errno.ENOSPC, "No space left on device"), 2, "error: OSError: [Errno 28] No space left"),
+             (ValueError("operands could not be broadcast"), 1, "error: internal error: ValueError: operands"),
+             (KeyError("oops"), 1, "error: internal error: KeyError")]
+    for error, code, first_line in cases:
+        assert run_script(failing(error), []) == code, error
+        err = capsys.readouterr().err
+        assert err.startswith(first_line), (error, err)
+        assert ("this is a bug in vishwam" in err) == (code == 1)

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vishwam.train._orbax_loops import pending_reads_cancelled_on_failure
 from vishwam.train.checkpoint import (
+    Checkpointer,
     CheckpointError,
     CheckpointMismatchError,
-    Checkpointer,
     IncompatibleConfigError,
     abstract_arrays,
     check_compatible,

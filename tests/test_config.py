@@ -35,6 +35,12 @@ from vishwam.model.params import parameter_counts_closed_form
         (dict(n_groups=4, topk_groups=1), "topk_groups"),  # one expert eligible, top-2 asked for
         (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
         (dict(load_balance_loss="global"), "load_balance_loss"),
+        (dict(qk_norm="layer"), "qk_norm"),
+        (dict(rope_scaling="longrope"), "rope_scaling"),
+        (dict(rope_scaling="linear", rope_factor=0.0), "rope_factor"),
+        (dict(rope_scaling="yarn", rope_original_max_seq_len=0), "rope_original_max_seq_len"),
+        (dict(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=4.0), "rope_high_freq_factor"),
+        (dict(rope_scaling="yarn", rope_attention_factor=-1.0), "rope_attention_factor"),
     ],
 )
 def test_contradictions_name_the_field(changes, field):
@@ -68,7 +74,8 @@ def test_moe_layer_pattern():
      ("tiny", dict(qkv_bias=True, num_experts=1, experts_per_token=1)),
      ("tiny", dict(num_layers=3, first_dense_layers=1, num_experts=8, moe_ffn_dim=16, n_groups=4, topk_groups=2,
                    num_shared_experts=2, shared_expert_ffn_dim=24, shared_expert_gate=True)),
-     ("tiny", dict(moe_ffn_dim=16, num_shared_experts=1))],
+     ("tiny", dict(moe_ffn_dim=16, num_shared_experts=1)),
+     ("tiny", dict(qk_norm="head", head_dim=16)), ("tiny", dict(qk_norm="full", num_kv_heads=1))],
 )
 def test_parameter_count_matches_closed_form(name, overrides):
     config = ModelConfig.preset(name, **overrides)
@@ -102,3 +109,23 @@ def test_expert_widths_default_to_ffn_dim():
     dense = count_parameters(ModelConfig.preset("tiny", num_shared_experts=2))
     # Each MoE layer: 4 experts and 2 shared experts of 3 * h * (64 - 16) fewer weights each.
     assert dense["total"] - counts["total"] == moe_layers * (4 + 2) * 3 * h * (64 - 16)
+
+
+# Published totals and actives (embeddings and head included), and the exact counts of the presets.
+PUBLISHED = {
+    "qwen3-30b-a3b": (30.5e9, 3.3e9, 30_532_122_624, 3_353_032_704),
+    "olmoe-1b-7b": (6.9e9, 1.3e9, 6_919_161_856, 1_282_017_280),
+    "qwen2-57b-a14b": (57.4e9, 14.2e9, 57_408_658_944, 14_249_270_784),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_moe_presets_match_the_published_parameter_counts(name):
+    total, active, exact_total, exact_active = PUBLISHED[name]
+    config = ModelConfig.preset(name)
+    counts = count_parameters(config)
+    assert counts == parameter_counts_closed_form(config)
+    assert (counts["total"], counts["active"]) == (exact_total, exact_active)
+    # The published figures are rounded to 0.1B: within 1% of the total, 2% of the active count.
+    assert abs(counts["total"] / total - 1) < 0.01
+    assert abs(counts["active"] / active - 1) < 0.02

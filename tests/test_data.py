@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vishwam import data
-from vishwam.data import DataIterator, PackedRows, TableFiles, Texts, TextFiles
+from vishwam.data import DataIterator, PackedRows, TableFiles, TextFiles, Texts
 
 
 class ByteTokenizer:

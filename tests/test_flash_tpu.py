@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from vishwam import ModelConfig, VishwamAI
+from vishwam import ModelConfig, VishwamAI, plan
 from vishwam.kernels import flash_attention, target_platform
-from vishwam import plan
 from vishwam.parallel import make_mesh
 
 MOSAIC_CALL = "tpu_custom_call"

@@ -19,6 +19,9 @@ CONFIGS = {
     # slot 12) with a window of 5: decode steps start past block 0 and skip the blocks after a row.
     "window_blocks": ModelConfig.preset("tiny", init_std=0.1, sliding_window=5,
                                         attention_block_size=4),
+    # q/k norms over the whole width (OLMoE) and Llama 3.1's RoPE scaling (pretrained on 4 positions).
+    "qk_norm_llama3": ModelConfig.preset("tiny", init_std=0.1, qk_norm="full", rope_scaling="llama3",
+                                         rope_factor=8.0, rope_original_max_seq_len=4),
 }
 NEW = 8
 LENGTHS = np.array([6, 3, 3], np.int32)  # rows 1 and 2 share a width alone: one compile less

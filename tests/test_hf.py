@@ -1,6 +1,7 @@
 """HF interop: hand-built Llama/Mixtral checkpoints (written with safetensors.numpy)
 against an independent numpy forward pass, exact round trips, sharded indexes,
-both RoPE config forms, and every refusal. No torch or transformers needed."""
+both RoPE config forms, and every refusal. No torch or transformers needed, except by
+the training-loss test against transformers, which skips without them."""
 
 import importlib.util
 import json
@@ -307,8 +308,48 @@ def test_qwen2_and_mistral_config_rules():
     assert config_from_hf(_mistral_hf_config(sliding_window=64)).sliding_window is None  # hides nothing
     with pytest.raises(ValueError, match="use_sliding_window=true"):
         config_from_hf(_qwen2_hf_config(use_sliding_window=True))
-    with pytest.raises(ValueError, match="qkv_bias=True with MoE or a sliding_window"):
+    with pytest.raises(ValueError, match="Qwen2-MoE has one gated shared expert"):  # MoE + qkv_bias: Qwen2-MoE
         config_to_hf(ModelConfig.preset("tiny", qkv_bias=True))
+    with pytest.raises(ValueError, match="sliding_window=5 with qkv_bias=True"):
+        config_to_hf(ModelConfig.preset("tiny", qkv_bias=True, num_experts=1, experts_per_token=1, sliding_window=5))
+
+
+def _moe_hf_config(model_type, **changes):
+    architecture = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                    "olmoe": "OlmoeForCausalLM"}[model_type]
+    return {"architectures": [architecture], "model_type": model_type, "vocab_size": V, "hidden_size": D,
+            "intermediate_size": F, "num_hidden_layers": 4, "num_attention_heads": H, "num_key_value_heads": KV,
+            "num_experts": E, "num_experts_per_tok": TOP_K, "moe_intermediate_size": 16, **changes}
+
+
+def test_moe_family_config_rules():
+    # Qwen's MoE layers: (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+    every = config_from_hf(_moe_hf_config("qwen3_moe", decoder_sparse_step=2))
+    assert (every.first_dense_layers, every.moe_every, [every.layer_is_moe(i) for i in range(4)]) == (
+        0, 2, [False, True, False, True])
+    prefix = config_from_hf(_moe_hf_config("qwen2_moe", mlp_only_layers=[0, 1]))
+    assert (prefix.first_dense_layers, prefix.moe_every, prefix.shared_expert_ffn_dim) == (2, 1, 5632)
+    hf = config_to_hf(prefix)
+    assert (hf["architectures"], hf["mlp_only_layers"], hf["decoder_sparse_step"]) == (
+        ["Qwen2MoeForCausalLM"], [0, 1], 1)
+    assert config_from_hf(hf) == prefix
+    assert config_from_hf(_moe_hf_config("olmoe")).qk_norm == "full"
+    # transformers 5 writes num_local_experts.
+    local = {k: v for k, v in _moe_hf_config("qwen3_moe", num_local_experts=8).items() if k != "num_experts"}
+    assert config_from_hf(local).num_experts == 8
+    for bad, match in ((_moe_hf_config("qwen3_moe", mlp_only_layers=[2]), r"mlp_only_layers=\[2\]"),
+                       (_moe_hf_config("qwen2_moe", use_sliding_window=True), "use_sliding_window=true"),
+                       (_moe_hf_config("olmoe", clip_qkv=8.0), "clip_qkv=8.0"),
+                       (_moe_hf_config("olmoe", head_dim=16), "head_dim=16"),
+                       (_moe_hf_config("qwen3_moe", num_experts=1), "num_experts >= 2")):
+        with pytest.raises(ValueError, match=match):
+            config_from_hf(bad)
+    with pytest.raises(ValueError, match="no HF family.*dense model with qk_norm='head'"):
+        config_to_hf(ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, qk_norm="head"))
+    with pytest.raises(ValueError, match="num_shared_experts=1 \\(Qwen3-MoE has none\\).*qkv_bias=True"):
+        config_to_hf(ModelConfig.preset("tiny", qk_norm="head", num_shared_experts=1, qkv_bias=True))
+    with pytest.raises(ValueError, match="router_type='sigmoid'.*moe_ffn_dim=16"):
+        config_to_hf(ModelConfig.preset("tiny", qk_norm="full", router_type="sigmoid", moe_ffn_dim=16))
 
 
 def test_llama_round_trip_is_byte_identical(llama, llama_dir, tmp_path):
@@ -321,6 +362,40 @@ def test_llama_round_trip_is_byte_identical(llama, llama_dir, tmp_path):
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     np.testing.assert_array_equal(forward(again, jnp.asarray(TOKENS)), forward(model, jnp.asarray(TOKENS)))
+
+
+def test_mixtral_training_loss_equals_transformers(mixtral, mixtral_dir):
+    """An imported Mixtral's training loss (CE + router_aux_loss_coef x aux) is transformers' `loss`
+    with `output_router_logits=True` on the same padded batch: the `hf` balance loss pools both
+    layers' non-padding tokens, as `load_balancing_loss_func` does with an attention mask."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from vishwam.config import TrainConfig
+    from vishwam.train import init_train_state, make_train_step
+
+    model, config = mixtral
+    assert config.load_balance_loss == "hf" and config.router_z_loss_coef == 0.0
+    hf_model = transformers.MixtralForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32).eval()
+    ids = TOKENS.astype(np.int64)
+    real = np.ones(ids.shape, bool)
+    real[1, 8:] = False  # row 1: 8 tokens and 4 of padding
+    labels = np.where(real, ids, -100)
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(real.astype(np.int64)),
+                       labels=torch.from_numpy(labels), output_router_logits=True)
+
+    batch = {"tokens": jnp.asarray(ids, jnp.int32),
+             "targets": jnp.asarray(np.pad(ids[:, 1:], ((0, 0), (0, 1))), jnp.int32),
+             "loss_mask": jnp.asarray(np.pad(real[:, 1:], ((0, 0), (0, 1))), jnp.float32),
+             "segment_ids": jnp.asarray(real, jnp.int32)}
+    train_config = TrainConfig(batch_size=2, seq_len=ids.shape[1], warmup_steps=0, total_steps=10)
+    own = jax.tree_util.tree_map(lambda a: jnp.array(a) if eqx.is_array(a) else a, model)  # the step donates it
+    _, metrics = make_train_step(config, train_config)(init_train_state(own, train_config, key=jax.random.key(0)),
+                                                       batch)
+    aux_loss = float(out.aux_loss)
+    assert aux_loss > 1.5  # transformers' loss counts both of the top-2 slots: about 2, not 1
+    np.testing.assert_allclose(float(metrics["aux"]), config.router_aux_loss_coef * aux_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), float(out.loss), rtol=0, atol=1e-5)
 
 
 def test_mixtral_sharded_round_trip(mixtral, tmp_path):
@@ -347,7 +422,7 @@ def test_mixtral_sharded_round_trip(mixtral, tmp_path):
 
 def test_vishwam_model_round_trip_keeps_dtypes(tmp_path):
     config = ModelConfig.preset("tiny", param_dtype="bfloat16", compute_dtype="float32", moe_dispatch="capacity",
-                                router_z_loss_coef=0.0)
+                                router_z_loss_coef=0.0, load_balance_loss="hf")
     model = VishwamAI(config, key=jax.random.key(3))
     save_hf_checkpoint(model, config, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
@@ -379,16 +454,32 @@ def test_load_onto_a_mesh(mixtral, mixtral_dir):
     assert replicated.embed.sharding.is_fully_replicated and len(replicated.embed.sharding.device_set) == 8
 
 
-def test_rope_config_forms_and_scaling_refused():
+def test_rope_config_forms_and_scaling():
     top = config_from_hf(_llama_hf_config(rope_theta=123.0))
     nested = config_from_hf({k: v for k, v in _llama_hf_config(
         rope_parameters={"rope_theta": 123.0, "rope_type": "default"}).items() if k != "rope_theta"})
     assert top.rope_theta == nested.rope_theta == 123.0 and top == nested
     assert config_from_hf(_mixtral_hf_config(rope_parameters=None)).rope_theta == 1e6  # Mixtral's default
-    for bad in ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
-                {"rope_scaling": {"type": "linear", "factor": 2.0}}):
-        with pytest.raises(ValueError, match="RoPE type '(llama3|linear)'.*not implemented"):
+    # transformers 4's rope_scaling with "type", and 5's rope_parameters, read alike.
+    old = config_from_hf(_llama_hf_config(rope_scaling={"type": "linear", "factor": 2.0}))
+    new = config_from_hf({k: v for k, v in _llama_hf_config(rope_parameters={
+        "rope_theta": 5000.0, "rope_type": "linear", "factor": 2.0}).items() if k != "rope_theta"})
+    assert old == new and (old.rope_scaling, old.rope_factor) == ("linear", 2.0)
+    # yarn: factor from the context lengths when absent; DeepSeek's mscale pair gives the attention factor.
+    yarn = config_from_hf(_llama_hf_config(rope_scaling={
+        "rope_type": "yarn", "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.5}))
+    scale = lambda m: 0.1 * m * np.log(4.0) + 1.0  # noqa: E731
+    assert (yarn.rope_factor, yarn.rope_original_max_seq_len) == (4.0, 16)
+    np.testing.assert_allclose(yarn.rope_attention_factor, scale(1.0) / scale(0.5))
+    assert config_to_hf(yarn)["rope_scaling"]["attention_factor"] == yarn.rope_attention_factor
+    for bad, match in (({"rope_parameters": {"rope_theta": 5e5, "rope_type": "longrope", "factor": 8.0}},
+                        "RoPE type 'longrope'.*not implemented"),
+                       ({"rope_scaling": {"type": "linear"}}, "needs a numeric 'factor'"),
+                       ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5")):
+        with pytest.raises(ValueError, match=match):
             config_from_hf(_llama_hf_config(**bad))
+    with pytest.raises(ValueError, match="rope_original_max_seq_len=8 with dynamic RoPE"):
+        config_to_hf(ModelConfig.preset("tiny", rope_scaling="dynamic", rope_factor=2.0, rope_original_max_seq_len=8))
 
 
 def test_config_fields_and_export():
@@ -741,3 +832,117 @@ def test_convert_script_carries_a_tokenizer_json_and_the_stop_ids(json_hf_dir, t
     assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert tok.fingerprint == pipeline.tokenizer.fingerprint
     assert (tmp_path / "back/model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------- checkpoints made by transformers
+# Tiny random models built by transformers (CPU torch) and saved with `save_pretrained`: logits
+# within 1e-4 of transformers', greedy generation identical, and the export loads back in
+# transformers with the same logits. Skipped without torch and transformers.
+MOE_FAMILIES = {
+    # Qwen2-MoE: shared expert with a sigmoid gate, a dense first layer, no top-k renormalisation.
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                         mlp_only_layers=[0], norm_topk_prob=False)),
+    # Qwen3-MoE: per-head q/k norms, head_dim != hidden / heads, renormalised top-k.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         head_dim=16, norm_topk_prob=True)),
+    # OLMoE: q/k norms over the whole projected width.
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+}
+ROPE_SCALINGS = {  # Llama with each RoPE scaling; original context 8 < the 12 tokens of TOKENS
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=8.0, beta_slow=1.0),
+    "linear": dict(rope_type="linear", factor=3.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+}
+GENERATED = 6
+
+
+def _transformers():
+    torch = pytest.importorskip("torch")
+    return torch, pytest.importorskip("transformers")
+
+
+def _transformers_checkpoint(folder: Path, config_class: str, **fields):
+    """A transformers model of `config_class` with random weights far from init (sharp routing,
+    norms away from one), saved to `folder`; returns the model."""
+    torch, transformers = _transformers()
+    torch.manual_seed(0)
+    base = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
+                num_key_value_heads=KV, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = getattr(transformers, config_class)(**{**base, **fields})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, (3.0 if name.endswith("mlp.gate.weight") else 1.0) / p.shape[-1] ** 0.5)
+    model.save_pretrained(folder)
+    return model
+
+
+def _transformers_logits(model, tokens):
+    torch, _ = _transformers()
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def _transformers_greedy(model, tokens):
+    torch, _ = _transformers()
+    with torch.no_grad():
+        ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        # An explicit mask: transformers would otherwise mask every prompt token equal to pad_token_id.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENERATED, do_sample=False,
+                             min_new_tokens=GENERATED, pad_token_id=0)
+    return out.numpy()
+
+
+def _check_against_transformers(hf_model, folder: Path, tmp_path: Path, widen_to: int | None = None):
+    """vishwam's logits and greedy tokens equal transformers'; its export loads in transformers
+    with the same logits. Returns the vishwam config."""
+    from vishwam import generate
+
+    _, transformers = _transformers()
+    model, config = load_hf_checkpoint(folder)
+    if widen_to is not None:  # a longer cache than the checkpoint's max_position_embeddings
+        model = model.with_config(config.replace(max_seq_len=widen_to))
+    expected = _transformers_logits(hf_model, TOKENS)
+    np.testing.assert_allclose(forward(model, jnp.asarray(TOKENS)), expected, rtol=1e-4, atol=1e-4)
+    tokens, _ = generate(model, jnp.asarray(TOKENS), GENERATED, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(tokens), _transformers_greedy(hf_model, TOKENS))
+    model, config = load_hf_checkpoint(folder)
+    save_hf_checkpoint(model, config, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").eval()
+    np.testing.assert_allclose(_transformers_logits(back, TOKENS), expected, rtol=1e-5, atol=1e-5)
+    assert load_hf_checkpoint(tmp_path / "export")[1] == config
+    return config
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_moe_family_matches_transformers(family, tmp_path):
+    config_class, fields = MOE_FAMILIES[family]
+    hf_model = _transformers_checkpoint(tmp_path / family, config_class, **fields)
+    config = _check_against_transformers(hf_model, tmp_path / family, tmp_path)
+    assert (config.num_experts, config.experts_per_token) == (fields["num_experts"], 2)
+    assert config.router_renormalize == fields["norm_topk_prob"]
+    assert config.qk_norm == {"qwen2_moe": "none", "qwen3_moe": "head", "olmoe": "full"}[family]
+    if family == "qwen2_moe":
+        assert (config.first_dense_layers, config.moe_every, config.qkv_bias) == (1, 1, True)
+        assert (config.num_shared_experts, config.shared_expert_ffn_dim, config.shared_expert_gate) == (1, 24, True)
+    if family != "olmoe":
+        assert config.expert_ffn_dim == 16
+
+
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_llama_rope_scaling_matches_transformers(scaling, tmp_path):
+    max_positions = 8 if scaling == "dynamic" else 64  # dynamic scales past max_position_embeddings
+    hf_model = _transformers_checkpoint(tmp_path / scaling, "LlamaConfig", head_dim=LLAMA_HEAD_DIM,
+                                        max_position_embeddings=max_positions,
+                                        rope_parameters={"rope_theta": 500.0, **ROPE_SCALINGS[scaling]})
+    config = _check_against_transformers(hf_model, tmp_path / scaling, tmp_path,
+                                         widen_to=64 if scaling == "dynamic" else None)
+    assert (config.rope_scaling, config.rope_factor) == (scaling, ROPE_SCALINGS[scaling]["factor"])
+    assert config.rope_original_max_seq_len == (None if scaling == "linear" else 8)

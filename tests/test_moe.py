@@ -590,7 +590,9 @@ def test_layer_reports_the_sequence_loss_per_row_of_its_batch():
     np.testing.assert_allclose(aux_a["load_balancing_loss"], load_balancing_loss(r, E), rtol=1e-6)
     np.testing.assert_allclose(aux_b["load_balancing_loss"], moe_module.sequence_balance_loss(r, E, 3), rtol=1e-6)
     with pytest.raises(ValueError, match="balance_loss"):
-        MoE(D, F, E, K, balance_loss="hf", key=jax.random.key(0))
+        MoE(D, F, E, K, balance_loss="global", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="capacity_priority"):
+        MoE(D, F, E, K, capacity_priority="random", key=jax.random.key(0))
 
 
 def _swiglu(x, gate, up, down):
@@ -725,3 +727,119 @@ def test_tiny_model_with_every_option_trains():
     assert losses[-1] < losses[0] - 0.1, losses
     bias = state.model.stages[-1].blocks[0].mlp.selection_bias
     assert float(jnp.max(jnp.abs(bias))) > 0  # the aux-free update ran
+
+
+def test_position_priority_rule_on_a_hand_example(layer):
+    # As `test_capacity_rule_on_a_hand_example`, ranked by position: expert 0 keeps its first
+    # two tokens' assignments (tokens 0 and 1) and drops token 2's 0.9 and token 3's.
+    assert moe_module.position_priority(2, 3).tolist() == [0, 2, 4, 1, 3, 5]  # position * rows + row
+    indices = jnp.array([[0, 1], [2, 0], [0, 3], [0, 4]], jnp.int32)
+    weights = jnp.array([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.7, 0.3]])
+    routing = Routing(weights, indices, jnp.zeros((4, E)))
+    xs = jax.random.normal(jax.random.key(2), (4, D))
+    keep = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], bool)
+    (y, dropped), (y_ref, _) = jax.jit(lambda xs, experts: (
+        dispatch_capacity(xs, experts, routing, capacity=2, priority=moe_module.position_priority(1, 4)),
+        dispatch_dense(xs, experts, routing._replace(weights=weights * keep))))(xs, layer.experts)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-7)
+    assert float(dropped) == pytest.approx(2 / 8)
+
+
+def _leak(logits_fn, a, b, row, t):
+    """Largest change of row `row`'s outputs at positions <= t, and of every row's."""
+    ya, yb = logits_fn(a), logits_fn(b)
+    return float(jnp.max(jnp.abs(ya[row, :t + 1] - yb[row, :t + 1]))), float(jnp.max(jnp.abs(ya[:, :t + 1] -
+                                                                                             yb[:, :t + 1])))
+
+
+@pytest.mark.parametrize("priority", ["position", "score"])
+def test_capacity_by_position_never_looks_at_later_tokens(priority):
+    """Training with tokens dropped: changing row 1's tokens after position t changes no logits at
+    positions <= t with `capacity_priority="position"`; with `"score"` (the largest weights first)
+    it does, so the test can fail."""
+    config = ModelConfig.preset("tiny", capacity_factor=0.5, moe_dispatch="capacity", capacity_priority=priority,
+                                attention_impl="reference")
+    model = VishwamAI(config, key=jax.random.key(50))
+    run = eqx.filter_jit(lambda model, tokens: model(tokens))
+    tokens = jax.random.randint(jax.random.key(51), (4, 16), 0, config.vocab_size)
+    _, aux = run(model, tokens)
+    assert float(aux["dropped_fraction"]) > 0.2
+    leaks = []
+    for t in (3, 8, 12):
+        changed = tokens.at[1, t + 1:].set(jax.random.randint(jax.random.key(t), (15 - t,), 0, config.vocab_size))
+        leaks.append(_leak(lambda x: run(model, x)[0], tokens, changed, 1, t))
+    if priority == "position":
+        assert max(max(pair) for pair in leaks) == 0.0, leaks
+    else:
+        assert max(own for own, _ in leaks) > 1e-3, leaks
+
+
+def test_expert_parallel_capacity_by_position_is_the_per_device_rule_and_causal(layer):
+    """Under an `expert=8` mesh each device ranks its own rows by position, as the single-device
+    dispatch does on that slice; so changing a row's later tokens changes none of its earlier outputs."""
+    from vishwam.parallel import make_mesh, shard_batch, shard_model
+
+    capped = MoE(D, F, E, K, dispatch="capacity", capacity_factor=1.0, key=jax.random.key(52))
+    rows, seq = 8, 16
+    xs = jax.random.normal(jax.random.key(53), (rows, seq, D))
+    mesh = make_mesh(expert=8)
+    with jax.set_mesh(mesh):
+        run = eqx.filter_jit(lambda m, x: m(x))
+        sharded = shard_model(capped, mesh)
+        y, aux = run(sharded, shard_batch(xs, mesh))
+        changed = xs.at[2, 6:].set(jax.random.normal(jax.random.key(54), (seq - 6, D)))
+        y_changed, _ = run(sharded, shard_batch(changed, mesh))
+    assert float(aux["dropped_fraction"]) > 0
+    np.testing.assert_array_equal(np.asarray(y_changed)[2, :6], np.asarray(y)[2, :6])
+    np.testing.assert_array_equal(np.asarray(y_changed)[[0, 1, 3, 4, 5, 6, 7]], np.asarray(y)[[0, 1, 3, 4, 5, 6, 7]])
+    # Each device holds one row: the single-device layer on that row alone.
+    per_row = jax.vmap(lambda x: capped(x[None])[0][0])(xs)
+    np.testing.assert_allclose(y, per_row, rtol=1e-5, atol=1e-6)
+
+
+def _transformers_balance_loss(logits_per_layer, k, mask):
+    """transformers' `load_balancing_loss_func` with an attention mask, transcribed to numpy."""
+    experts = logits_per_layer[0].shape[-1]
+    counts, probs, rows = np.zeros(experts), np.zeros(experts), 0.0
+    for logits in logits_per_layer:
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top = np.argsort(-p, axis=-1)[:, :k]
+        for t in range(len(p)):
+            counts[top[t]] += mask[t]
+        probs += (p * mask[:, None]).sum(0)
+        rows += mask.sum()
+    return experts * np.sum(counts / rows * probs / rows)
+
+
+def test_pooled_balance_loss_is_transformers_loss_over_all_layers():
+    layers = [np.asarray(jax.random.normal(jax.random.key(55 + n), (30, E)) * 2, np.float32) for n in range(3)]
+    mask = np.arange(30) % 7 != 3
+    sums = [moe_module.balance_sums(*route(jnp.asarray(l), K)[1:], E, jnp.asarray(mask)) for l in layers]
+    pooled = jax.tree_util.tree_map(lambda *xs: sum(xs), *sums)
+    np.testing.assert_allclose(float(moe_module.pooled_balance_loss(pooled, E)),
+                               _transformers_balance_loss(layers, K, mask.astype(np.float64)), rtol=1e-5)
+    # Not the mean of the layers' own losses, and K times the Switch loss for one layer.
+    own = [float(moe_module.pooled_balance_loss(s, E)) for s in sums]
+    assert abs(np.mean(own) - float(moe_module.pooled_balance_loss(pooled, E))) > 1e-4
+    r = route(jnp.asarray(layers[0]), K)
+    np.testing.assert_allclose(own[0], K * float(load_balancing_loss(r, E, jnp.asarray(mask))), rtol=1e-5)
+
+
+@pytest.mark.parametrize("balance", ["switch", "sequence", "hf"])
+def test_moe_statistics_ignore_padding(balance):
+    """Appending padding (segment 0: more positions, and a row of nothing else) leaves the balance
+    loss, the router z-loss and `expert_load` unchanged when the model gets the token mask."""
+    config = ModelConfig.preset("tiny", load_balance_loss=balance, attention_impl="reference")
+    model = VishwamAI(config, key=jax.random.key(56))
+    tokens = jax.random.randint(jax.random.key(57), (2, 12), 0, config.vocab_size)
+    segments = jnp.array([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+    padded_tokens = jnp.zeros((3, 20), jnp.int32).at[:2, :12].set(tokens)
+    padded_segments = jnp.zeros((3, 20), jnp.int32).at[:2, :12].set(segments)
+    run = eqx.filter_jit(lambda m, t, s, mask: m(t, segment_ids=s, token_mask=mask)[1])
+    want = run(model, tokens, segments, segments != 0)
+    got = run(model, padded_tokens, padded_segments, padded_segments != 0)
+    counted_padding = run(model, padded_tokens, padded_segments, None)
+    for name in ("load_balancing_loss", "router_z_loss", "expert_load"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        assert np.abs(np.asarray(counted_padding[name]) - np.asarray(want[name])).max() > 1e-4, name

@@ -171,11 +171,8 @@ def test_launcher_environment_and_exit_codes():
 
 
 def test_incomplete_distributed_flags_are_refused_with_the_fix():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from vishwam.commands import train
+
     args = train.build_parser().parse_args(["--coordinator", "127.0.0.1:1234", "--num-processes", "2"])
     with pytest.raises(ValueError, match="--process-id missing: --coordinator, --num-processes and --process-id"):
         train._init_distributed(args)

@@ -18,6 +18,7 @@ from vishwam.nn import (
     router_z_loss,
 )
 from vishwam.nn.attention import positions_from_segments
+from vishwam.nn.rope import RopeScaling, rope_frequencies
 
 
 def test_linear_any_leading_dims_and_alias(getkey):
@@ -61,13 +62,23 @@ def test_positions_restart_per_segment():
     np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 1, 2]])
 
 
+def _rms(x, scale, eps=1e-6):
+    return x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + eps) * scale
+
+
 def plain_mha(attn: TPUMultiHeadAttention, x):
-    """Textbook multi-head causal attention with the module's weights."""
+    """Textbook multi-head causal attention with the module's weights (and its q/k norms)."""
     b, t, _ = x.shape
     h, d = attn.num_heads, attn.head_dim
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    q = apply_rope((x @ attn.q_proj.weight).reshape(b, t, h, d), pos)
-    k = apply_rope((x @ attn.k_proj.weight).reshape(b, t, h, d), pos)
+    q, k = x @ attn.q_proj.weight, x @ attn.k_proj.weight
+    if attn.qk_norm == "full":
+        q, k = _rms(q, attn.q_norm.scale), _rms(k, attn.k_norm.scale)
+    q, k = q.reshape(b, t, h, d), k.reshape(b, t, h, d)
+    if attn.qk_norm == "head":
+        q, k = _rms(q, attn.q_norm.scale), _rms(k, attn.k_norm.scale)
+    q = apply_rope(q, pos, attn.rope_theta, attn.rope_scaling)
+    k = apply_rope(k, pos, attn.rope_theta, attn.rope_scaling)
     v = (x @ attn.v_proj.weight).reshape(b, t, h, d)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
@@ -92,6 +103,50 @@ def test_gqa_equals_mha_with_repeated_kv_heads(getkey):
     np.testing.assert_allclose(gqa(x), mha(x), atol=1e-5)
     with pytest.raises(ValueError, match="num_kv_heads"):
         TPUMultiHeadAttention(32, 4, 8, num_kv_heads=3, key=getkey())
+
+
+@pytest.mark.parametrize("qk_norm, widths", [("head", (8, 8)), ("full", (32, 32))])
+def test_qk_norm_normalises_q_and_k_before_rope(getkey, qk_norm, widths):
+    key = getkey()
+    attn = TPUMultiHeadAttention(32, 4, 8, num_kv_heads=4, qk_norm=qk_norm, implementation="reference", key=key)
+    assert (attn.q_norm.dim, attn.k_norm.dim) == widths
+    attn = eqx.tree_at(lambda m: (m.q_norm.scale, m.k_norm.scale), attn,
+                       (1 + jax.random.normal(getkey(), widths[:1]), 1 + jax.random.normal(getkey(), widths[1:])))
+    x = 3 * jax.random.normal(getkey(), (2, 10, 32))
+    np.testing.assert_allclose(attn(x), plain_mha(attn, x), atol=1e-5)
+    plain = TPUMultiHeadAttention(32, 4, 8, num_kv_heads=4, implementation="reference", key=key)
+    assert plain.q_norm is None and plain.q_proj.weight is not None
+    assert np.abs(plain(x) - attn(x)).max() > 1e-2
+    with pytest.raises(ValueError, match="qk_norm='layer'"):
+        TPUMultiHeadAttention(32, 4, qk_norm="layer", key=getkey())
+
+
+def test_rope_scalings_keep_and_stretch_the_right_frequencies():
+    d, theta, plain = 16, 500.0, rope_frequencies(16, 500.0)
+    np.testing.assert_allclose(rope_frequencies(d, theta, RopeScaling("linear", 3.0, 8)), plain / 3, rtol=1e-6)
+    for kind in ("llama3", "yarn"):  # the fastest rotation is kept, the slowest divided by the factor
+        freqs = rope_frequencies(d, theta, RopeScaling(kind, 4.0, 64, beta_fast=8.0))
+        np.testing.assert_allclose([freqs[0], freqs[-1]], [plain[0], plain[-1] / 4], rtol=1e-6)
+        assert np.all(freqs <= plain + 1e-7) and np.all(np.diff(freqs) < 0)
+    dynamic = RopeScaling("dynamic", 2.0, 8)
+    short, long = jnp.arange(8)[None], jnp.arange(12)[None]
+    np.testing.assert_allclose(rope_frequencies(d, theta, dynamic, short), plain, rtol=1e-6)
+    base = theta * (2.0 * 12 / 8 - 1) ** (d / (d - 2))  # NTK: the base grows with the longest position
+    np.testing.assert_allclose(rope_frequencies(d, theta, dynamic, long), rope_frequencies(d, base), rtol=1e-5)
+    # yarn multiplies cos and sin by its attention factor (0.1 ln 4 + 1 by default).
+    x = jax.random.normal(jax.random.key(0), (1, 12, 2, d))
+    yarn = apply_rope(x, long, theta, RopeScaling("yarn", 4.0, 8))
+    np.testing.assert_allclose(jnp.linalg.norm(yarn, axis=-1), (0.1 * np.log(4) + 1) * jnp.linalg.norm(x, axis=-1),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="RopeScaling.kind"):
+        RopeScaling("longrope", 2.0, 8)
+
+
+def test_attention_with_qk_norm_and_yarn_is_plain_mha(getkey):
+    attn = TPUMultiHeadAttention(32, 4, 8, num_kv_heads=4, qk_norm="head", implementation="reference",
+                                 rope_scaling=RopeScaling("yarn", 4.0, 4), key=getkey())
+    x = jax.random.normal(getkey(), (2, 10, 32))
+    np.testing.assert_allclose(attn(x), plain_mha(attn, x), atol=1e-5)
 
 
 def test_single_expert_top1_moe_is_the_dense_mlp(getkey):

@@ -16,8 +16,15 @@ import pytest
 from vishwam import ModelConfig
 from vishwam.config import TrainConfig
 from vishwam.parallel import make_mesh, shard_batch, tree_shardings
-from vishwam.plan import (abstract_train_state, candidate_meshes, fresh_train_state, init_sharded_state, plan,
-                          search_plans, tpu_devices)
+from vishwam.plan import (
+    abstract_train_state,
+    candidate_meshes,
+    fresh_train_state,
+    init_sharded_state,
+    plan,
+    search_plans,
+    tpu_devices,
+)
 from vishwam.train.step import make_train_step
 
 MODEL = ModelConfig.preset("tiny", moe_dispatch="capacity", capacity_factor=2.0)

@@ -63,9 +63,9 @@ def test_cheap_checks_without_the_switch():
     assert got["fine"] is None
     for case in ("tokens_1d", "tokens_float"):
         kind, message = got[case]
-        assert kind == "ValueError" and "tokens must be integer ids [batch, seq]" in message, got[case]
+        assert kind == "InvalidValueError" and "tokens must be integer ids [batch, seq]" in message, got[case]
     kind, message = got["norm_width"]
-    assert kind == "ValueError" and "(2, 16)" in message and "width 8" in message
+    assert kind == "InvalidValueError" and "(2, 16)" in message and "width 8" in message
     assert got["norm_dtype"] is None  # a dtype slip passes unchecked without the switch
 
 

@@ -364,3 +364,26 @@ def test_lowered_step_names_each_part_of_the_model(state0, step1, batch):
     for scope in ("attention", "moe_route", "moe_dispatch/moe_experts", "lm_head", "loss", "optimizer"):
         # Under autodiff a scope reads `jvp(loss)/...`, `transpose(jvp(lm_head))/...`.
         assert any(re.search(rf"(^|[/(]){scope}([/)]|$)", name) for name in names), scope
+
+
+def test_padding_changes_no_moe_statistic_nor_the_step():
+    """Appending padding (out of the loss, segment 0: more positions, and a row of nothing else)
+    leaves the loss, the MoE aux, `expert_load` and the aux-free bias update as they were. The
+    batch's first documents are segment 0 but in the loss, so they still count."""
+    config = ModelConfig.preset("tiny", aux_free_bias=True, load_balance_loss="hf")
+    train = TrainConfig(batch_size=4, seq_len=12, learning_rate=3e-3, warmup_steps=0, total_steps=10)
+    batch = make_batch(7, batch=4, seq=12)
+    padded = {name: jnp.zeros((5, 18), value.dtype).at[:4, :12].set(value) for name, value in batch.items()}
+    state = init_train_state(init_model(config, key=jax.random.key(8)), train, key=jax.random.key(9))
+    step = make_train_step(config, train)
+    new, metrics = step(copy_tree(state), batch)
+    new_padded, metrics_padded = step(copy_tree(state), padded)
+    for name in ("loss", "ce", "aux", "expert_load"):
+        np.testing.assert_allclose(metrics_padded[name], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    bias = lambda s: s.model.stages[0].blocks[0].mlp.selection_bias  # noqa: E731
+    np.testing.assert_array_equal(bias(new_padded), bias(new))
+    assert float(jnp.max(jnp.abs(bias(new)))) > 0
+    # Counting the padding (no mask reaches the model) changes the statistics.
+    forward = eqx.filter_jit(lambda m, b: m(b["tokens"], segment_ids=b["segment_ids"], positions=b["positions"])[1])
+    counted = np.asarray(forward(state.model, padded)["expert_load"])
+    assert np.abs(counted - np.asarray(metrics["expert_load"])).max() > 1e-4

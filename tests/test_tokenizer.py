@@ -6,12 +6,12 @@ import json
 import random
 import re
 import threading
+from pydoc_data.topics import topics
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
-from pydoc_data.topics import topics
 
 from vishwam.tokenizer import CACHE_MAX_CHARS, VishwamAITokenizer
 

@@ -26,9 +26,9 @@ import pytest
 from vishwam.config import ModelConfig, TrainConfig
 from vishwam.data import default_corpus, make_datasets
 from vishwam.model import VishwamAI
+from vishwam.parallel.sharding import path_string
 from vishwam.pipeline import VishwamAIPipeline
 from vishwam.tokenizer import VishwamAITokenizer
-from vishwam.parallel.sharding import path_string
 from vishwam.train import load_metrics, runs
 from vishwam.train.checkpoint import checkpoint_steps
 from vishwam.train.metrics_db import events

@@ -107,7 +107,10 @@ def run_script(main: Callable[[list[str]], int | None], argv: Sequence[str] | No
             print("hint: fix the input named above; --debug shows the traceback", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(error, OSError):
-            print(f"error: {type(error).__name__}: {_describe(error)}", file=sys.stderr)
+            # The system's errors (an errno: a full disk, no permission) are named as such; the
+            # library's own path refusals (no errno) already say what is wrong.
+            named = f"{type(error).__name__}: " if error.errno is not None else ""
+            print(f"error: {named}{_describe(error)}", file=sys.stderr)
             print("hint: a file or system error (a missing or unreadable path, a full disk, no permission); "
                   "--debug shows the traceback", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -3,10 +3,9 @@ checkout (`$VISHWAM_JAX_CACHE`, default `~/.cache/vishwam-jax`; empty turns it o
 program cached, and a size limit.
 
 The limit is what makes the cache safe to share: with one, JAX takes a file lock around every
-read and write (`jax_compilation_cache_max_size`), so a process never reads an entry another
-process is still writing. Without it JAX writes entries in place, and the test suite's
-concurrent processes (and several runs on one machine) could deserialize a half-written
-executable: a segmentation fault inside XLA.
+read and write (`jax_compilation_cache_max_size`). Without it JAX writes each entry in place,
+so one of the test suite's concurrent processes (or of several runs on one machine) could read
+an entry another is still writing.
 """
 
 import os

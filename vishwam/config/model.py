@@ -12,10 +12,13 @@ RematPolicy = Literal["none", "full", "dots_saveable", "save_attention_output", 
 AttentionImpl = Literal["auto", "pallas", "pallas_tpu", "xla", "reference"]
 MoEDispatch = Literal["auto", "dense", "capacity", "ragged", "grouped"]
 RouterType = Literal["softmax", "sigmoid"]
-LoadBalanceLoss = Literal["switch", "sequence"]
+LoadBalanceLoss = Literal["switch", "sequence", "hf"]
+CapacityPriority = Literal["position", "score"]
 DType = Literal["float32", "bfloat16", "float16"]
 Fp8Target = Literal["none", "attention", "mlp", "all"]
 Fp8Scaling = Literal["tensor", "block"]
+QkNorm = Literal["none", "head", "full"]
+RopeScalingType = Literal["none", "linear", "dynamic", "llama3", "yarn"]
 
 # Choice fields are annotated `str` on the dataclass so that a bad value reaches
 # `_validate` (a ValueError naming the field) rather than a run-time type checker.
@@ -26,10 +29,13 @@ _CHOICES = {
     "moe_dispatch": MoEDispatch,
     "router_type": RouterType,
     "load_balance_loss": LoadBalanceLoss,
+    "capacity_priority": CapacityPriority,
     "param_dtype": DType,
     "compute_dtype": DType,
     "fp8": Fp8Target,
     "fp8_scaling": Fp8Scaling,
+    "qk_norm": QkNorm,
+    "rope_scaling": RopeScalingType,
 }
 
 
@@ -71,6 +77,11 @@ class ModelConfig(JsonConfig):
     capacity_factor: float | None = 1.25
     """Expert capacity = ceil(tokens * k / experts * factor) for the `capacity`
     dispatch during training. `None` means dropless (worst-case capacity)."""
+    capacity_priority: str = "position"
+    """Which assignments an expert over capacity keeps: `position` (earlier positions first,
+    the rows of a batch interleaved position by position, so whether a token is dropped never
+    depends on later tokens of its sequence: the causal LM's rule, as in Switch and MaxText)
+    or `score` (the largest router weights across the micro-batch, which looks ahead)."""
     moe_dispatch: str = "auto"
     """How tokens reach experts: `dense` (every expert on every token: the oracle),
     `capacity` (buffers + einsum), `ragged` (sort + `jax.lax.ragged_dot`), `grouped`
@@ -94,7 +105,9 @@ class ModelConfig(JsonConfig):
     """The load-balancing loss the model reports as aux `load_balancing_loss` (weighted by
     `router_aux_loss_coef`): `switch` (`E * sum_e f_e P_e` over all tokens of a batch) or
     `sequence` (DeepSeek-V3's sequence-wise loss: the same per row of the batch, averaged
-    over rows; packed documents share their row)."""
+    over rows; packed documents share their row) or `hf` (transformers' Mixtral loss:
+    every layer's tokens pooled into one `E * sum_e f_e P_e`, with `f_e` summed over the
+    top-k slots, so its minimum is `experts_per_token`). The train step counts no padding."""
     router_aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss (`load_balance_loss`); DeepSeek-V3's `alpha`."""
     router_z_loss_coef: float = 0.001
@@ -123,6 +136,31 @@ class ModelConfig(JsonConfig):
     """Epsilon inside the norms."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding."""
+    rope_scaling: str = "none"
+    """Long-context RoPE scaling, as transformers' `rope_type`: `none`; `linear` (positions
+    divided by `rope_factor`); `dynamic` (NTK: the base grows once the longest position of a
+    call passes `rope_original_max_seq_len`); `llama3` (Llama 3.1: low frequencies divided by
+    `rope_factor`, high ones kept, a ramp between, set by `rope_low_freq_factor` and
+    `rope_high_freq_factor`); `yarn` (ramp between `rope_beta_fast` and `rope_beta_slow`
+    rotations, cos and sin times `rope_attention_factor`)."""
+    rope_factor: float = 1.0
+    """The context extension factor of `rope_scaling`."""
+    rope_original_max_seq_len: int | None = None
+    """The context the model was pretrained on (HF `original_max_position_embeddings`; for
+    `dynamic`, HF `max_position_embeddings`); `None` means `max_seq_len`."""
+    rope_low_freq_factor: float = 1.0
+    """`llama3`: wavelengths above `rope_original_max_seq_len / rope_low_freq_factor` are scaled."""
+    rope_high_freq_factor: float = 4.0
+    """`llama3`: wavelengths below `rope_original_max_seq_len / rope_high_freq_factor` are kept."""
+    rope_beta_fast: float = 32.0
+    """`yarn`: rotations where the ramp from extrapolation to interpolation begins."""
+    rope_beta_slow: float = 1.0
+    """`yarn`: rotations where the ramp ends."""
+    rope_attention_factor: float | None = None
+    """`yarn`: the factor on cos and sin (so on each of q and k); `None` means
+    `0.1 * ln(rope_factor) + 1`."""
+    rope_truncate: bool = True
+    """`yarn`: round the ramp's ends to whole dimensions (transformers' default)."""
     max_seq_len: int = 4096
     """Longest sequence the model (and a KV cache) is built for."""
     sliding_window: int | None = None
@@ -130,6 +168,10 @@ class ModelConfig(JsonConfig):
     `sliding_window - 1` tokens before it. `None`: full causal attention."""
     qkv_bias: bool = False
     """Biases on the query, key and value projections (Qwen2); the output projection has none."""
+    qk_norm: str = "none"
+    """RMSNorm of queries and keys before RoPE (eps `norm_eps`): `none`; `head` (over each
+    head's `head_dim`, one weight shared by all heads: Qwen3); `full` (over the whole
+    projected width, `num_heads * head_dim` for q and `num_kv_heads * head_dim` for k: OLMoE)."""
     dropout: float = 0.0
     """Dropout on the residual branches during training."""
     tie_embeddings: bool = False
@@ -242,6 +284,19 @@ class ModelConfig(JsonConfig):
             fail("norm_eps", f"must be > 0, got {self.norm_eps}.")
         if self.rope_theta <= 0:
             fail("rope_theta", f"must be > 0, got {self.rope_theta}.")
+        if self.rope_scaling != "none":
+            if not self.rope_factor > 0:
+                fail("rope_factor", f"must be > 0, got {self.rope_factor}.")
+            if self.rope_original_max_seq_len is not None and self.rope_original_max_seq_len <= 0:
+                fail("rope_original_max_seq_len", f"must be a positive integer or None, got "
+                     f"{self.rope_original_max_seq_len!r}.")
+            if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+                fail("rope_high_freq_factor", f"llama3 needs rope_high_freq_factor > rope_low_freq_factor > 0, got "
+                     f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}.")
+            if self.rope_scaling == "dynamic" and self.dim_per_head <= 2:
+                fail("head_dim", f"dynamic RoPE scaling needs head_dim > 2, got {self.dim_per_head}.")
+            if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+                fail("rope_attention_factor", f"must be > 0 or None, got {self.rope_attention_factor}.")
         if self.num_shared_experts < 0:
             fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}.")
         if self.shared_expert_gate and self.num_shared_experts == 0:
@@ -286,5 +341,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(vocab_size=131072, hidden_size=4096, num_layers=32, num_heads=32,
                  num_experts=8, experts_per_token=2, ffn_dim=16384, max_seq_len=4096,
                  capacity_factor=1.25, param_dtype="float32", compute_dtype="bfloat16", remat_policy="full"),
+    # Published open MoE models at their real size (the shapes of their HF config.json, as
+    # `vishwam.hf` reads them: dropless, no z-loss, transformers' balance loss), set up to train like `seed`.
+    # Qwen3-30B-A3B: 128 fine-grained experts, top-8, per-head q/k norms; 30.5B total, 3.3B active.
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                          head_dim=128, ffn_dim=6144, moe_ffn_dim=768, num_experts=128, experts_per_token=8,
+                          qk_norm="head", rope_theta=1e6, max_seq_len=40960, capacity_factor=None,
+                          router_aux_loss_coef=0.001, router_z_loss_coef=0.0, load_balance_loss="hf",
+                          param_dtype="float32", compute_dtype="bfloat16", remat_policy="full"),
+    # OLMoE-1B-7B: 64 experts, top-8, no renormalisation, q/k norms over the whole width; 6.9B total, 1.3B active.
+    "olmoe-1b-7b": dict(vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=16, ffn_dim=1024,
+                        num_experts=64, experts_per_token=8, router_renormalize=False, qk_norm="full",
+                        rope_theta=10000.0, norm_eps=1e-5, max_seq_len=4096, capacity_factor=None,
+                        router_aux_loss_coef=0.01, router_z_loss_coef=0.0, load_balance_loss="hf",
+                        param_dtype="float32", compute_dtype="bfloat16", remat_policy="full"),
+    # Qwen2-57B-A14B: 64 experts, top-8, one gated shared expert, q/k/v biases; 57.4B total, 14.2B active.
+    "qwen2-57b-a14b": dict(vocab_size=151936, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                           ffn_dim=18944, moe_ffn_dim=2560, num_experts=64, experts_per_token=8,
+                           router_renormalize=False, num_shared_experts=1, shared_expert_ffn_dim=20480,
+                           shared_expert_gate=True, qkv_bias=True, rope_theta=1e6, max_seq_len=32768,
+                           capacity_factor=None, router_aux_loss_coef=0.001, router_z_loss_coef=0.0,
+                           load_balance_loss="hf", param_dtype="float32", compute_dtype="bfloat16",
+                           remat_policy="full"),
 }
 

@@ -39,6 +39,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..errors import InvalidValueError
+
 _U64 = struct.Struct("<Q")
 _PAIR = struct.Struct("<QQ")
 
@@ -237,8 +239,6 @@ package = types.ModuleType("vishwam")
 package.__path__ = [sys.argv[1] + "/vishwam"]
 sys.modules["vishwam"] = package
 from vishwam.data.encode_pool import _worker_main
-
-from ..errors import InvalidValueError
 _worker_main()
 """
 

@@ -1,8 +1,9 @@
 """HuggingFace interop: transformers safetensors checkpoints in and out, and their tokenizers.
 
-Llama, Mistral, Qwen2 and Mixtral checkpoints (`SUPPORTED_ARCHITECTURES`) load as an
-equivalent `VishwamAI` and save back in a form transformers loads. The arithmetic already
-matches (RMSNorm, rotate-half RoPE, GQA, SwiGLU, the families' windows and routing); only
+Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints
+(`SUPPORTED_ARCHITECTURES`) load as an equivalent `VishwamAI` and save back in a form
+transformers loads. The arithmetic already matches (RMSNorm, rotate-half RoPE and its
+scalings, GQA, q/k norms, SwiGLU, the families' windows, routing and shared experts); only
 the layouts differ (`vishwam.hf.tensor_map`). Each family's own facts are one module of
 `vishwam.hf.families`.
 

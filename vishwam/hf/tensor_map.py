@@ -5,10 +5,12 @@
     model.layers.N.input_layernorm.weight            [D]        stages.*.attn_norm.scale         [L, D]
     model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in]  stages.*.attn.{q,k,v,o}_proj     [L, in, out]
     model.layers.N.self_attn.{q,k,v}_proj.bias       [out]      stages.*.attn.{q,k,v}_proj.bias  [L, out]
+    model.layers.N.self_attn.{q,k}_norm.weight       [n]        stages.*.attn.{q,k}_norm.scale   [L, n]
     model.layers.N.post_attention_layernorm.weight   [D]        stages.*.mlp_norm.scale          [L, D]
     model.layers.N.mlp.{gate,up,down}_proj.weight    [out, in]  stages.*.mlp.{gate,up,down}_proj [L, in, out]
     the family's router (`Family.router`)            [X, D]     stages.*.mlp.router              [L, D, X]
     the family's experts (`Family.experts`)          [out, in]  stages.*.mlp.experts.*           [L, X, in, out]
+    the family's own (`Family.tensors`)              the family's, e.g. Qwen2-MoE's shared expert
     model.norm.weight                                [D]        final_norm.scale                 [D]
     lm_head.weight (absent when tied)                [V, D]     lm_head.weight                   [D, V]
 
@@ -53,6 +55,8 @@ _BLOCK_TENSORS = {
     "attn.q_proj.bias": ("self_attn.q_proj.bias", False),
     "attn.k_proj.bias": ("self_attn.k_proj.bias", False),
     "attn.v_proj.bias": ("self_attn.v_proj.bias", False),
+    "attn.q_norm.scale": ("self_attn.q_norm.weight", False),
+    "attn.k_norm.scale": ("self_attn.k_norm.weight", False),
     "mlp_norm.scale": ("post_attention_layernorm.weight", False),
     "mlp.gate_proj.weight": ("mlp.gate_proj.weight", True),
     "mlp.up_proj.weight": ("mlp.up_proj.weight", True),
@@ -77,7 +81,8 @@ def _tensor_map(model, family: Family) -> list[_Piece]:
     layers: dict[int, list[_Piece]] = {}
     top: list[_Piece] = []
     offsets = stage_offsets(model.stages)
-    block_tensors = {**_BLOCK_TENSORS, **({"mlp.router": (family.router, True)} if family.router else {})}
+    block_tensors = {**_BLOCK_TENSORS, **family.tensors,
+                     **({"mlp.router": (family.router, True)} if family.router else {})}
     for path, leaf in _leaf_paths(model):
         shape = tuple(leaf.shape)
         if path in _TOP_TENSORS:

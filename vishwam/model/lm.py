@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..arrays import partition_arrays
 from ..config import ModelConfig
@@ -11,7 +11,7 @@ from ..errors import InvalidValueError
 from ..nn.attention import default_positions
 from ..nn.block import Block
 from ..nn.linear import Linear
-from ..nn.moe import split_experts
+from ..nn.moe import BalanceSums, pooled_balance_loss, split_experts
 from ..nn.norm import RMSNorm, TPULayerNorm, make_norm
 from ..nn.precision import Precision, dtype_from_name
 from ..nn.stack import Stage, build_stages, run_stages, split_layers, split_moe_rows, unstack_layers
@@ -55,10 +55,12 @@ def _empty_aux(config: ModelConfig) -> dict:
 def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
     """Per-layer MoE aux (stacked over repeats by scan) -> model-level aux.
 
-    Losses and the dropped fraction are means over MoE layers; `expert_load` is
+    Losses and the dropped fraction are means over MoE layers, except the `hf` balance
+    loss, which pools every layer's tokens (`pooled_balance_loss` of the layers' summed
+    `BalanceSums`, as transformers computes it); `expert_load` is
     `[num_moe_layers, num_experts]` in layer order.
     """
-    loads, lb, z, dropped = [], [], [], []
+    loads, lb, z, dropped, sums = [], [], [], [], []
     for stage_auxes in per_stage:
         if not stage_auxes:
             continue
@@ -68,10 +70,18 @@ def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
         lb.append(stacked["load_balancing_loss"].reshape(-1))
         z.append(stacked["router_z_loss"].reshape(-1))
         dropped.append(stacked["dropped_fraction"].reshape(-1))
+        if "balance_counts" in stacked:
+            sums.append(BalanceSums(*(jnp.sum(stacked[name].reshape(-1, *shape), axis=0) for name, shape in
+                                      (("balance_counts", (config.num_experts,)),
+                                       ("balance_probs", (config.num_experts,)), ("balance_tokens", ())))))
     if not loads:
         return _empty_aux(config)
+    if sums:
+        balance = pooled_balance_loss(jax.tree_util.tree_map(lambda *xs: sum(xs), *sums), config.num_experts)
+    else:
+        balance = jnp.mean(jnp.concatenate(lb))
     return {
-        "load_balancing_loss": jnp.mean(jnp.concatenate(lb)),
+        "load_balancing_loss": balance,
         "router_z_loss": jnp.mean(jnp.concatenate(z)),
         "expert_load": jnp.concatenate(loads),
         "dropped_fraction": jnp.mean(jnp.concatenate(dropped)),
@@ -132,6 +142,7 @@ class VishwamAI(eqx.Module):
         *,
         segment_ids: Int[Array, "batch seq"] | None = None,
         positions: Int[Array, "batch seq"] | None = None,
+        token_mask: Bool[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
     ) -> tuple[Float[Array, "batch seq vocab"], dict]:
@@ -147,8 +158,8 @@ class VishwamAI(eqx.Module):
             `dropped_fraction` (means over MoE layers) and `expert_load`
             `[num_moe_layers, num_experts]`.
         """
-        hidden, aux = self.features(tokens, segment_ids=segment_ids, positions=positions, key=key,
-                                    inference=inference)
+        hidden, aux = self.features(tokens, segment_ids=segment_ids, positions=positions, token_mask=token_mask,
+                                    key=key, inference=inference)
         return self.logits(hidden), aux
 
     def features(
@@ -157,6 +168,7 @@ class VishwamAI(eqx.Module):
         *,
         segment_ids: Int[Array, "batch seq"] | None = None,
         positions: Int[Array, "batch seq"] | None = None,
+        token_mask: Bool[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
     ) -> tuple[Float[Array, "batch seq hidden"], dict]:
@@ -167,6 +179,9 @@ class VishwamAI(eqx.Module):
             segment_ids: packed documents; attention never crosses a change of id.
             positions: RoPE positions; default `0..seq-1`, restarting per document
                 when `segment_ids` is given.
+            token_mask: the tokens the MoE statistics count (True; the aux losses,
+                `expert_load` and so the aux-free bias update); default every token.
+                The train step passes the batch's non-padding tokens.
             key: enables dropout and router jitter (training); `None` disables them.
             inference: no dropout/jitter, and MoE layers route without dropping tokens.
 
@@ -180,6 +195,9 @@ class VishwamAI(eqx.Module):
             raise InvalidValueError(
                 f"VishwamAI: sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}."
             )
+        if token_mask is not None and token_mask.shape != tokens.shape:
+            raise InvalidValueError(f"VishwamAI: token_mask must have the tokens' shape {tuple(tokens.shape)}, got "
+                                    f"{tuple(token_mask.shape)}; pass one value per token (True = counted).")
         if positions is None:
             positions = default_positions(segment_ids, tokens.shape)
         layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)
@@ -187,7 +205,7 @@ class VishwamAI(eqx.Module):
         def body(x, blocks, keys):
             auxes = []
             for j, block in enumerate(blocks):
-                x, aux = block(x, positions=positions, segment_ids=segment_ids,
+                x, aux = block(x, positions=positions, segment_ids=segment_ids, token_mask=token_mask,
                                key=None if keys is None else keys[j], inference=inference)
                 if block.is_moe:
                     auxes.append(aux)

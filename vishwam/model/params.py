@@ -36,10 +36,12 @@ def parameter_counts_closed_form(config: ModelConfig) -> dict[str, int]:
 
     Mirrors the modules in `vishwam.nn` (no biases on projections but the optional q/k/v ones, SwiGLU MLPs
     and experts, the shared experts as one MLP with an optional `[hidden, 1]` gate, norms with a scale only
-    for RMSNorm and scale+bias for LayerNorm).
+    for RMSNorm and scale+bias for LayerNorm, the q/k norms' scales: `head_dim` each per head, or the
+    projected widths).
     """
     h, hd, nh, nkv = config.hidden_size, config.dim_per_head, config.num_heads, config.kv_heads
     attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + (nh * hd + 2 * nkv * hd if config.qkv_bias else 0)
+    attn += {"none": 0, "head": 2 * hd, "full": nh * hd + nkv * hd}[config.qk_norm]
     norm = h if config.norm_type == "rms" else 2 * h
     mlp = 3 * h * config.ffn_dim
     expert = 3 * h * config.expert_ffn_dim

@@ -30,7 +30,9 @@ class LanguageModel(Protocol):
     training (dropout); `inference=True` at evaluation. `logits` are `[batch, seq, vocab]`;
     `aux` is a dict, possibly empty: an `aux_loss` scalar in it is added to the training loss,
     and `expert_load` / `dropped_fraction` (MoE) are reported as metrics. The model may ignore
-    any keyword it has no use for, but must accept them all.
+    any keyword it has no use for, but must accept them all. Optional: a model (or its
+    `features`) that declares a `token_mask` keyword gets True on the batch's tokens that are
+    not padding (`vishwam.train.step.padding_mask`) for its statistics (`VishwamAI`'s MoE aux).
     """
 
     def __call__(self, tokens: Int[Array, "batch seq"], *, segment_ids: Int[Array, "batch seq"] | None = None,

@@ -11,7 +11,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ..errors import InvalidValueError
 from ..kernels import flash_attention
 from .linear import Linear
-from .rope import apply_rope
+from .norm import RMSNorm
+from .rope import RopeScaling, apply_rope
+
+QK_NORMS = ("none", "head", "full")
 
 
 def positions_from_segments(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
@@ -40,16 +43,23 @@ class TPUMultiHeadAttention(eqx.Module):
     attention runs instead (debugging, oracles). `sliding_window` limits each query
     to the last `sliding_window` positions (Mistral); `qkv_bias` gives the q/k/v
     projections a bias (Qwen2) whatever `use_bias` says of the output projection.
+    `qk_norm` RMS-normalises queries and keys before RoPE: `"head"` over each head's
+    `head_dim` with one weight for all heads (Qwen3), `"full"` over the whole projected
+    width (OLMoE). `rope_scaling` stretches the rotary frequencies (`vishwam.nn.rope`).
     """
 
     q_proj: Linear
     k_proj: Linear
     v_proj: Linear
     o_proj: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     rope_theta: float = eqx.field(static=True)
+    rope_scaling: RopeScaling | None = eqx.field(static=True)
+    qk_norm: str = eqx.field(static=True)
     use_flash_attn: bool = eqx.field(static=True)
     implementation: str = eqx.field(static=True)
     block_size: int = eqx.field(static=True)
@@ -68,6 +78,9 @@ class TPUMultiHeadAttention(eqx.Module):
         qkv_bias: bool = False,
         sliding_window: int | None = None,
         rope_theta: float = 10000.0,
+        rope_scaling: RopeScaling | None = None,
+        qk_norm: str = "none",
+        norm_eps: float = 1e-6,
         implementation: str = "auto",
         block_size: int = 128,
         fp8_scaling: str = "tensor",
@@ -87,10 +100,19 @@ class TPUMultiHeadAttention(eqx.Module):
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, init_std=init_std, key=kv, **qkv)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, use_bias=use_bias,
                              init_std=init_std if out_init_std is None else out_init_std, key=ko, **common)
+        if qk_norm not in QK_NORMS:
+            raise InvalidValueError(f"TPUMultiHeadAttention: qk_norm={qk_norm!r}; choose one of {QK_NORMS}.")
+        # "head": one weight over head_dim shared by the heads; "full": over the projected widths.
+        q_width, k_width = ((head_dim, head_dim) if qk_norm == "head"
+                            else (num_heads * head_dim, num_kv_heads * head_dim))
+        self.q_norm = RMSNorm(q_width, norm_eps, dtype=dtype) if qk_norm != "none" else None
+        self.k_norm = RMSNorm(k_width, norm_eps, dtype=dtype) if qk_norm != "none" else None
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.qk_norm = qk_norm
         self.use_flash_attn = use_flash_attn
         self.implementation = implementation
         self.block_size = block_size
@@ -105,10 +127,16 @@ class TPUMultiHeadAttention(eqx.Module):
 
     def _project(self, x, positions):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H * D), (B, T, KV * D)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+        rope = dict(theta=self.rope_theta, scaling=self.rope_scaling)
+        return apply_rope(q, positions, **rope), apply_rope(k, positions, **rope), v
 
     def _attend(self, q, k, v, **kwargs):
         impl = self.implementation if self.use_flash_attn else "reference"

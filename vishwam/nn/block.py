@@ -5,7 +5,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import ModelConfig
 from .attention import TPUMultiHeadAttention
@@ -13,6 +13,7 @@ from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, TPULayerNorm, make_norm
 from .precision import dtype_from_name
+from .rope import rope_scaling_of
 
 
 def dropout(x, rate: float, key):
@@ -40,6 +41,7 @@ class Block(eqx.Module):
             config.hidden_size, config.num_heads, config.dim_per_head,
             use_fp8=fp8_attn, num_kv_heads=config.kv_heads, qkv_bias=config.qkv_bias,
             sliding_window=config.sliding_window, rope_theta=config.rope_theta,
+            rope_scaling=rope_scaling_of(config), qk_norm=config.qk_norm, norm_eps=config.norm_eps,
             implementation=config.attention_impl, block_size=config.attention_block_size,
             fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
             init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=ka,
@@ -50,6 +52,7 @@ class Block(eqx.Module):
                 config.hidden_size, config.expert_ffn_dim, config.num_experts, config.experts_per_token,
                 router_type=config.router_type, renormalize=config.router_renormalize,
                 dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
+                capacity_priority=config.capacity_priority,
                 jitter=config.router_jitter, num_shared_experts=config.num_shared_experts,
                 shared_expert_ffn_dim=config.shared_expert_ffn_dim,
                 shared_gate=config.shared_expert_gate, n_groups=config.n_groups,
@@ -73,10 +76,10 @@ class Block(eqx.Module):
             h = dropout(h, self.dropout_rate, key)
         return x + h.astype(x.dtype)
 
-    def _feed_forward(self, x, *, key, inference):
+    def _feed_forward(self, x, *, key, inference, token_mask=None):
         h = self.mlp_norm(x)
         if self.is_moe:
-            return self.mlp(h, key=key, inference=inference)
+            return self.mlp(h, mask=token_mask, key=key, inference=inference)
         return self.mlp(h), {}
 
     def __call__(
@@ -85,14 +88,16 @@ class Block(eqx.Module):
         *,
         positions: Int[Array, "batch seq"],
         segment_ids: Int[Array, "batch seq"] | None = None,
+        token_mask: Bool[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
     ) -> tuple[Float[Array, "batch seq hidden"], dict]:
+        """`token_mask` (True for the tokens to count) restricts a MoE layer's aux statistics."""
         k_attn = k_mlp = k_route = None
         if key is not None and not inference:
             k_attn, k_mlp, k_route = jax.random.split(key, 3)
         x = self._residual(x, self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids), k_attn)
-        h, aux = self._feed_forward(x, key=k_route, inference=inference)
+        h, aux = self._feed_forward(x, key=k_route, inference=inference, token_mask=token_mask)
         return self._residual(x, h, k_mlp), aux
 
     def decode(self, x, positions, k_cache, v_cache, layer):

@@ -70,7 +70,7 @@ class Linear(eqx.Module):
         elif x.ndim > 2:
             # One 2-D GEMM over the flattened leading dims (a free reshape): XLA:CPU then picks
             # layouts for the backward without the transposed copies it makes for `[b, t, d] @ w`
-            # (the dense issue-16 train step 1.18x faster; benchmarks/RESULTS.md).
+            # (the dense train step of benchmarks/vs_transformers.py 1.18x faster; benchmarks/RESULTS.md).
             y = (x.reshape(-1, x.shape[-1]) @ weight).reshape(*x.shape[:-1], weight.shape[-1])
         else:
             y = x @ weight

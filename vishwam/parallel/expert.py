@@ -12,7 +12,8 @@ one `jax.shard_map` over the whole mesh:
    of the tokens (split over `data`, `fsdp` and `expert`; replicated over `tensor`).
 2. It packs its tokens into fixed-size `[experts, capacity, hidden]` buffers,
    `capacity = expert_capacity(local_tokens, k, experts, factor)` per expert,
-   ranked as in `assign_slots` (so drops are decided per device).
+   ranked as in `assign_slots` by the same priority as on one device (so drops
+   are decided per device, by the same rule).
 3. `jax.lax.all_to_all` over `expert` sends each expert's buffer to the device
    holding that expert: it receives `[ep, experts / ep, capacity, hidden]`.
 4. It runs its experts on the received rows, then a second all-to-all returns
@@ -80,26 +81,42 @@ class Slots(NamedTuple):
     """Fraction of assignments dropped."""
 
 
+def position_priority(rows: int, seq: int) -> Int[Array, " tokens"]:
+    """Capacity rank of each of `rows * seq` row-major tokens by position: earlier positions
+    first, rows interleaved at each position (`position * rows + row`). Whether a token is kept
+    then depends only on tokens at its own or earlier positions, never on later tokens of its
+    sequence, and no row is served before another over a whole sequence."""
+    position = jnp.arange(seq, dtype=jnp.int32)[None, :]  # (1, S)
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]  # (R, 1)
+    return (position * rows + row).reshape(rows * seq)  # (R*S,)
+
+
 def assign_slots(
     indices: Int[Array, "tokens k"],
     weights: Float[Array, "tokens k"],
     num_experts: int,
     capacity: int,
+    priority: Int[Array, " tokens"] | None = None,
 ) -> Slots:
     """Place every assignment in its expert's buffer; drop what does not fit.
 
-    Drop rule: an expert keeps the `capacity` assignments with the largest router
-    weight; ties go to the earlier token, then to its earlier choice. Everything
-    else sent to that expert is dropped (adds zero to the output; the residual
-    stream still carries the token). One sort by (expert, -weight, position) ranks
-    them; no `[tokens, experts, capacity]` one-hot tensors are built.
+    Drop rule: an expert keeps its `capacity` first assignments, first by `priority`
+    (lower first; `position_priority` gives a causal LM's order), or with `priority=None`
+    by router weight (largest first: the "score" rule, which lets a later token of a
+    sequence push out an earlier one); ties go to the earlier token, then to its earlier
+    choice. Everything else sent to that expert is dropped (adds zero to the output; the
+    residual stream still carries the token). One sort by (expert, priority, position)
+    ranks them; no `[tokens, experts, capacity]` one-hot tensors are built.
     """
     tokens, k = indices.shape
     n = tokens * k
     expert = indices.reshape(n)
-    priority = -jax.lax.stop_gradient(weights).reshape(n).astype(jnp.float32)
+    if priority is None:
+        key = -jax.lax.stop_gradient(weights).reshape(n).astype(jnp.float32)
+    else:
+        key = jnp.repeat(priority.astype(jnp.int32), k)  # (T*k,)
     position = jnp.arange(n, dtype=jnp.int32)  # token-major: t * k + j
-    expert_sorted, _, order = jax.lax.sort((expert, priority, position), num_keys=3)
+    expert_sorted, _, order = jax.lax.sort((expert, key, position), num_keys=3)
     counts = jnp.zeros((num_experts,), jnp.int32).at[expert].add(1)
     starts = jnp.cumsum(counts) - counts
     rank = jnp.arange(n, dtype=jnp.int32) - starts[expert_sorted]  # place within its expert
@@ -159,6 +176,7 @@ def expert_parallel_dispatch(
     *,
     ffn: ExpertFn,
     capacity_factor: float | None = None,
+    priority: Int[Array, " tokens"] | None = None,
     mesh=None,
 ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
     """Routed experts with expert parallelism over the mesh axis `expert` (see module doc).
@@ -175,6 +193,8 @@ def expert_parallel_dispatch(
             ffn-dim slice of the weights under a `tensor` axis, so it must be a sum
             over the ffn dim (as a SwiGLU MLP is).
         capacity_factor: per-device capacity factor; `None` is dropless.
+        priority: each token's capacity rank (`assign_slots`; None ranks by weight),
+            applied to each device's tokens.
         mesh: default the mesh set by `jax.set_mesh`.
 
     Returns `y [tokens, hidden]` and the fraction of assignments dropped.
@@ -195,8 +215,8 @@ def expert_parallel_dispatch(
     tensor = "tensor" if tp > 1 and ffn_dim % tp == 0 else None
     capacity = expert_capacity(tokens // shards, k, num_experts, capacity_factor)
 
-    def local(x, indices, weights, gate, up, down):
-        slots = assign_slots(indices, weights, num_experts, capacity)
+    def local(x, indices, weights, gate, up, down, *priority):
+        slots = assign_slots(indices, weights, num_experts, capacity, *priority)
         send = gather_buffers(x, slots, num_experts)  # (E, C, D): experts in device order
         send = send.reshape(ep, local_experts, capacity, hidden)  # (ep, E/ep, C, D)
         received = jax.lax.all_to_all(send, "expert", 0, 0)  # (ep sources, E/ep, C, D)
@@ -212,9 +232,10 @@ def expert_parallel_dispatch(
     rows = P(batch_axes(mesh), None)
     w_in = P("expert", None, tensor)
     w_out = P("expert", tensor, None)
+    ranks = () if priority is None else (priority,)
     y, dropped = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(rows, rows, rows, w_in, w_in, w_out),
+        in_specs=(rows, rows, rows, w_in, w_in, w_out, *(P(batch_axes(mesh)) for _ in ranks)),
         out_specs=(rows, P(batch_axes(mesh))),
-    )(x, indices, weights, gate, up, down)
+    )(x, indices, weights, gate, up, down, *ranks)
     return y, jnp.mean(dropped)

@@ -12,7 +12,11 @@ aux-loss-free bias update, and reports metrics.
 Batches are dicts of `[batch, seq]` arrays: `tokens`, `targets` (int32),
 `loss_mask` (float32, 0 on padding and document ends), and optionally
 `segment_ids` and `positions` (int32; the model derives positions from
-segments when `positions` is absent).
+segments when `positions` is absent). The MoE statistics (balance and router
+z-losses, `expert_load`, the aux-free bias update) count every token but padding,
+passed as `token_mask` to a model that accepts it (`padding_mask`): padding is out
+of the loss and, with `segment_ids`, in segment 0 (as `vishwam.data` packs it);
+document ends, out of the loss too, are real tokens that the router sees.
 
 Mixed precision is the model's policy (parameters in `param_dtype`, matmuls in
 `compute_dtype`, logits fp32); losses are fp32 and gradients accumulate in fp32.
@@ -23,6 +27,8 @@ full-batch mean. The MoE losses are batch statistics (the Switch loss is a
 product of two batch means); each micro-batch contributes its own value,
 averaged over micro-batches.
 """
+
+import inspect
 
 import equinox as eqx
 import jax
@@ -109,12 +115,35 @@ def _forward(model, micro: dict, key, *, inference: bool = False):
     `hidden` are final hidden states for the fused head (`features` + `head_weight`) or logits."""
     kwargs = dict(segment_ids=micro.get("segment_ids"), positions=micro.get("positions"), key=key,
                   inference=inference)
-    if fuses_head(model):
-        hidden, aux = model.features(micro["tokens"], **kwargs)
+    fused = fuses_head(model)
+    call = model.features if fused else model
+    if _accepts(call, "token_mask"):
+        kwargs["token_mask"] = ~padding_mask(micro)
+    if fused:
+        hidden, aux = call(micro["tokens"], **kwargs)
         return hidden, aux, True
-    out = model(micro["tokens"], **kwargs)
+    out = call(micro["tokens"], **kwargs)
     logits, aux = out if isinstance(out, tuple) else (out, {})
     return logits, aux, False
+
+
+def padding_mask(batch: dict) -> Bool[Array, "batch seq"]:
+    """True on the padding of a batch: out of the loss and, when the batch has `segment_ids`,
+    in segment 0 (so a first document numbered 0 still counts, and a document's end, out of
+    the loss, is not padding)."""
+    padding = batch["loss_mask"] == 0
+    if batch.get("segment_ids") is not None:
+        padding = padding & (batch["segment_ids"] == 0)
+    return padding
+
+
+def _accepts(fn, keyword: str) -> bool:
+    """Whether `fn` takes the keyword `keyword` by name: the call protocol's optional keywords
+    reach only the models that declare them."""
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def fuses_head(model) -> bool:

@@ -37,6 +37,9 @@ class Family:
     (`ModelConfig.sliding_window`); otherwise it is not read."""
     qkv_bias: bool = False
     """Whether its q/k/v projections have biases."""
+    qk_norm: str = "none"
+    """Its `ModelConfig.qk_norm`: `"head"` (Qwen3-MoE), `"full"` (OLMoE) or `"none"`; it
+    writes only configs with the same."""
     unsupported: Callable[[Mapping[str, Any]], list[str]] = _nothing
     """What of a config.json of this family vishwam cannot run, beyond the checks every family
     gets: one `"field=value (why)"` each."""
@@ -51,6 +54,9 @@ class Family:
     """MoE: each vishwam expert leaf (within a block, e.g. `mlp.experts.gate`) -> its tensor
     name within `model.layers.N.`, `{e}` standing for the expert number. HF stores each
     expert's `[out, in]` matrix on its own."""
+    tensors: Mapping[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
+    """Block leaves of its own (e.g. Qwen2-MoE's shared expert) -> (HF name within
+    `model.layers.N.`, whether HF stores it transposed)."""
 
     @property
     def name(self) -> str:

@@ -9,9 +9,12 @@ from ._family import Family
 from .llama import LLAMA
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
+from .olmoe import OLMOE
 from .qwen2 import QWEN2
+from .qwen2_moe import QWEN2_MOE
+from .qwen3_moe import QWEN3_MOE
 
-FAMILIES = (LLAMA, MISTRAL, QWEN2, MIXTRAL)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
 SUPPORTED_ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 _BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 
@@ -32,6 +35,14 @@ def family_of(hf: Mapping[str, Any]) -> Family:
 
 
 def family_for(config: ModelConfig) -> Family:
-    """The family `config_to_hf` writes `config` as (the one whose `writes(config)` holds)."""
-    (family,) = [family for family in FAMILIES if family.writes(config)]
+    """The family `config_to_hf` writes `config` as: the one with its `qk_norm` whose
+    `writes(config)` holds. Raises `InvalidValueError` when none does."""
+    families = [family for family in FAMILIES if family.qk_norm == config.qk_norm and family.writes(config)]
+    if not families:
+        kind = "MoE" if config.is_moe else "dense"
+        raise InvalidValueError(
+            f"save_hf_checkpoint: no HF family vishwam writes has a {kind} model with qk_norm={config.qk_norm!r}; "
+            "q/k norms are written as Qwen3-MoE ('head') or OLMoE ('full'), both MoE."
+        )
+    (family,) = families
     return family

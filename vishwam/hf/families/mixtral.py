@@ -1,7 +1,10 @@
 """Mixtral (`MixtralForCausalLM`): every layer MoE, routed by a softmax over the router
 logits, top-k, the weights renormalised to sum to one; one sliding window for every layer
 (none by default). It becomes `moe_dispatch="auto"` with `capacity_factor=None` (dropless,
-like Mixtral: `grouped` on CPU, `ragged` on GPU/TPU) and no router z-loss (Mixtral has none).
+like Mixtral: `grouped` on CPU, `ragged` on GPU/TPU), no router z-loss (Mixtral has none) and
+transformers' load-balancing loss (`load_balance_loss="hf"`), so `router_aux_loss_coef` keeps its
+meaning in both directions. A model trained with another definition exports with its coefficient as
+it is, and `config_to_hf` warns that transformers will weigh its own loss with it.
 
 Its MoE tensors, within `model.layers.N.`:
 
@@ -20,7 +23,7 @@ from ._family import Family
 
 
 def _writes(config: ModelConfig) -> bool:
-    return config.is_moe
+    return config.is_moe and not config.num_shared_experts and not config.qkv_bias
 
 
 def _moe_fields(hf: Mapping[str, Any], get: Callable[[str], Any]) -> dict[str, Any]:
@@ -31,7 +34,7 @@ def _moe_fields(hf: Mapping[str, Any], get: Callable[[str], Any]) -> dict[str, A
         num_experts=hf["num_local_experts"], experts_per_token=get("num_experts_per_tok"),
         router_type="softmax", router_renormalize=True, moe_dispatch="auto", capacity_factor=None,
         router_aux_loss_coef=float(get("router_aux_loss_coef")), router_z_loss_coef=0.0,
-        router_jitter=float(get("router_jitter_noise")),
+        router_jitter=float(get("router_jitter_noise")), load_balance_loss="hf",
     )
 
 
@@ -58,8 +61,6 @@ def _export_problems(config: ModelConfig) -> list[str]:
     if config.n_groups != 1 or config.routed_scaling_factor != 1.0:
         problems.append(f"n_groups={config.n_groups}, routed_scaling_factor={config.routed_scaling_factor} "
                         "(Mixtral routes over all experts, unscaled)")
-    if config.load_balance_loss != "switch":
-        problems.append(f"load_balance_loss={config.load_balance_loss!r} (Mixtral's is the Switch loss)")
     return problems
 
 

@@ -23,6 +23,12 @@ def _unsupported(hf: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _export_problems(config: ModelConfig) -> list[str]:
+    if config.sliding_window is not None:
+        return [f"sliding_window={config.sliding_window} with qkv_bias=True (Qwen2 is written without windows)"]
+    return []
+
+
 QWEN2 = Family(
     architecture="Qwen2ForCausalLM",
     model_type="qwen2",
@@ -31,4 +37,5 @@ QWEN2 = Family(
     hf_fields=_hf_fields,
     qkv_bias=True,
     unsupported=_unsupported,
+    export_problems=_export_problems,
 )

@@ -6,8 +6,9 @@ Dispatches (each equals `dense` in values and gradients whenever nothing is drop
 
 - `dense`: every expert on every token; the oracle, `num_experts / k` times the others' expert FLOPs.
 - `capacity`: `[experts, capacity, hidden]` buffers (a sort and a gather) and one batched einsum per
-  projection; drops what overflows `expert_capacity` (see `assign_slots`); `capacity_factor=None`
-  and `inference=True` use `capacity = tokens`, which never drops.
+  projection; drops what overflows `expert_capacity`, earlier positions kept first or the largest
+  weights (the layer's `capacity_priority`; see `assign_slots`); `capacity_factor=None` and
+  `inference=True` use `capacity = tokens`, which never drops.
 - `ragged`: assignments sorted by expert, `jax.lax.ragged_dot` (grouped GEMM on GPU/TPU; on CPU a slow
   masked dense dot). Dropless.
 - `grouped`: assignments sorted into per-expert blocks (`assign_blocks`), `grouped_swiglu` loops over
@@ -58,19 +59,22 @@ def dispatch_capacity(
     routing: Routing,
     *,
     capacity: int | None = None,
+    priority: Int[Array, " tokens"] | None = None,
     fp8: Fp8Spec | None = None,
 ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
     """Capacity buffers + one batched einsum per projection (see `assign_slots` for drops).
 
     Arguments:
         capacity: rows per expert; `None` means `tokens` (dropless).
+        priority: which assignments an expert keeps first (`assign_slots`): a rank per
+            token, lower first (`position_priority`), or `None` for the largest weights.
         fp8: run the expert GEMMs in fp8.
 
     Returns the output and the fraction of (token, slot) assignments dropped.
     """
     tokens = x.shape[0]
     capacity = tokens if capacity is None else capacity
-    slots = assign_slots(routing.indices, routing.weights, experts.num_experts, capacity)
+    slots = assign_slots(routing.indices, routing.weights, experts.num_experts, capacity, priority)
     buffers = gather_buffers(x, slots, experts.num_experts)  # (E, C, D)
     outputs = expert_ffn(buffers, experts.gate, experts.up, experts.down, fp8)
     return combine_buffers(outputs, slots, routing.weights), slots.dropped

@@ -6,10 +6,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ...errors import InvalidValueError
-from ...parallel.expert import expert_capacity, expert_parallel_dispatch, use_expert_parallel
+from ...parallel.expert import expert_capacity, expert_parallel_dispatch, position_priority, use_expert_parallel
 from ..mlp import MLP
 from .dispatch import (
     DISPATCH_CHOICES,
@@ -22,9 +22,12 @@ from .dispatch import (
 from .experts import Experts, Fp8Spec, SplitExperts, expert_ffn
 from .routing import (
     BALANCE_LOSS_CHOICES,
+    CAPACITY_PRIORITIES,
     Routing,
+    balance_sums,
     expert_fractions,
     load_balancing_loss,
+    pooled_balance_loss,
     route,
     router_z_loss,
     sequence_balance_loss,
@@ -36,10 +39,13 @@ class MoE(eqx.Module):
 
     Returns `(y, aux)`, where `aux` holds this layer's `load_balancing_loss`
     (`balance_loss="switch"`: `load_balancing_loss` over all tokens; `"sequence"`:
-    `sequence_balance_loss`, each of the input's `[..., seq, hidden]` sequences alone),
+    `sequence_balance_loss`, each of the input's `[..., seq, hidden]` sequences alone;
+    `"hf"`: `pooled_balance_loss`, with this layer's `BalanceSums` as `balance_counts`,
+    `balance_probs` and `balance_tokens`, which the model adds over layers),
     `router_z_loss`, `expert_load` (fraction of assignments per expert) and
     `dropped_fraction`; the model averages them over layers and the training
-    loss weights them with the config's coefficients.
+    loss weights them with the config's coefficients. A `mask` (`[*batch]`, True for
+    the tokens to count) restricts the losses and `expert_load` to those tokens.
 
     Routing options (`route`): `router_type`, `renormalize`, the aux-free
     `selection_bias`, DeepSeek-V3's group limit (`n_groups`, `topk_groups`) and
@@ -49,8 +55,11 @@ class MoE(eqx.Module):
 
     `dispatch` is one of `DISPATCH_CHOICES`; `"auto"` is resolved per call by
     `resolve_dispatch`. `capacity_factor` applies to the `capacity` dispatch in
-    training only; `inference=True` always routes dropless. `use_fp8` runs the routed
-    experts' GEMMs in fp8 (`fp8_batched_matmul`, `fp8_matmul`) in the `capacity`
+    training only; `inference=True` always routes dropless. `capacity_priority` says which
+    assignments an expert over capacity keeps: `"position"` (earlier positions first, rows
+    interleaved: `position_priority` over the input's `[..., seq, hidden]`; a token's fate
+    never depends on later tokens of its sequence) or `"score"` (the largest router weights).
+    `use_fp8` runs the routed experts' GEMMs in fp8 (`fp8_batched_matmul`, `fp8_matmul`) in the `capacity`
     and `grouped` dispatches and the expert-parallel path, and the shared experts'
     linears in fp8; the `dense` oracle and `ragged` (no fp8 grouped GEMM) stay in
     the compute dtype.
@@ -71,6 +80,7 @@ class MoE(eqx.Module):
     balance_loss: str = eqx.field(static=True)
     dispatch: str = eqx.field(static=True)
     capacity_factor: float | None = eqx.field(static=True)
+    capacity_priority: str = eqx.field(static=True)
     jitter: float = eqx.field(static=True)
     use_fp8: bool = eqx.field(static=True)
     fp8_scaling: str = eqx.field(static=True)
@@ -78,8 +88,9 @@ class MoE(eqx.Module):
 
     def __init__(self, hidden_size: int, ffn_dim: int, num_experts: int, top_k: int, *,
                  router_type: str = "softmax", renormalize: bool = True, dispatch: str = "auto",
-                 capacity_factor: float | None = None, jitter: float = 0.0, num_shared_experts: int = 0,
-                 shared_expert_ffn_dim: int | None = None, shared_gate: bool = False, n_groups: int = 1,
+                 capacity_factor: float | None = None, capacity_priority: str = "position", jitter: float = 0.0,
+                 num_shared_experts: int = 0, shared_expert_ffn_dim: int | None = None, shared_gate: bool = False,
+                 n_groups: int = 1,
                  topk_groups: int = 1, routed_scaling_factor: float = 1.0, balance_loss: str = "switch",
                  aux_free_bias: bool = False, use_fp8: bool = False, fp8_scaling: str = "tensor",
                  fp8_block_size: int = 128, init_std: float = 0.02, out_init_std: float | None = None,
@@ -116,6 +127,7 @@ class MoE(eqx.Module):
         self.balance_loss = balance_loss
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
+        self.capacity_priority = capacity_priority
         self.jitter = jitter
         self.use_fp8 = use_fp8
         self.fp8_scaling = fp8_scaling
@@ -126,6 +138,9 @@ class MoE(eqx.Module):
             raise InvalidValueError(f"MoE: top_k={self.top_k} exceeds num_experts={self.num_experts}.")
         if self.dispatch not in DISPATCH_CHOICES:
             raise InvalidValueError(f"MoE: unknown dispatch {self.dispatch!r}; choose one of {sorted(DISPATCH_CHOICES)}.")
+        if self.capacity_priority not in CAPACITY_PRIORITIES:
+            raise InvalidValueError(f"MoE: unknown capacity_priority {self.capacity_priority!r}; choose one of "
+                                    f"{list(CAPACITY_PRIORITIES)}.")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise InvalidValueError(f"MoE: capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}.")
         if self.n_groups < 1 or self.num_experts % self.n_groups:
@@ -159,10 +174,11 @@ class MoE(eqx.Module):
         return xf @ self.router
 
     def routed(
-        self, x: Float[Array, "tokens hidden"], routing: Routing, *, inference: bool = False
+        self, x: Float[Array, "tokens hidden"], routing: Routing, *, rows: int = 1, inference: bool = False
     ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
         """The routed experts' output and dropped fraction, by this layer's dispatch,
-        or expert-parallel when the current mesh has an `expert` axis > 1."""
+        or expert-parallel when the current mesh has an `expert` axis > 1. `x` is `rows`
+        sequences, one after the other (for `capacity_priority="position"`)."""
         dispatch = resolve_dispatch(self.dispatch, self.capacity_factor, inference=inference,
                                     use_fp8=self.use_fp8)
         if isinstance(self.experts, SplitExperts):
@@ -172,15 +188,17 @@ class MoE(eqx.Module):
             return dispatch_split(x, self.experts, routing)
         # `dense`, `ragged` and `grouped` promise no drops, so they never get a finite capacity.
         factor = self.capacity_factor if dispatch == "capacity" and not inference else None
+        priority = (position_priority(rows, x.shape[0] // rows)
+                    if factor is not None and self.capacity_priority == "position" else None)
         if use_expert_parallel(x.shape[0]):
             e = self.experts
             return expert_parallel_dispatch(
                 x, routing.indices, routing.weights, e.gate, e.up, e.down,
-                ffn=functools.partial(expert_ffn, fp8=self.fp8), capacity_factor=factor,
+                ffn=functools.partial(expert_ffn, fp8=self.fp8), capacity_factor=factor, priority=priority,
             )
         if dispatch == "capacity":
             capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, factor)
-            return dispatch_capacity(x, self.experts, routing, capacity=capacity, fp8=self.fp8)
+            return dispatch_capacity(x, self.experts, routing, capacity=capacity, priority=priority, fp8=self.fp8)
         if dispatch == "grouped":
             return dispatch_grouped(x, self.experts, routing, fp8=self.fp8)
         return DISPATCHES[dispatch](x, self.experts, routing)
@@ -194,27 +212,40 @@ class MoE(eqx.Module):
         return gate.astype(y.dtype) * y
 
     def __call__(
-        self, x: Float[Array, "*batch hidden"], *, key: PRNGKeyArray | None = None, inference: bool = False
+        self,
+        x: Float[Array, "*batch hidden"],
+        *,
+        mask: Bool[Array, "*batch"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
     ) -> tuple[Float[Array, "*batch hidden"], dict]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (T, D)
+        rows = math.prod(shape[:-2])  # sequences of shape[-2] tokens (one for a [T, D] input)
+        flat_mask = None if mask is None else mask.reshape(-1)  # (T,)
         with jax.named_scope("moe_route"):
             logits = self.router_logits(tokens, key=key, inference=inference)
             routing = route(logits, self.top_k, router_type=self.router_type, renormalize=self.renormalize,
                             selection_bias=self.selection_bias, n_groups=self.n_groups,
                             topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor)
         with jax.named_scope("moe_dispatch"):
-            y, dropped = self.routed(tokens, routing, inference=inference)
+            y, dropped = self.routed(tokens, routing, rows=rows, inference=inference)
         if self.shared is not None:
             y = y + self.shared_output(tokens)
+        pooled = {}
         if self.balance_loss == "sequence":
-            balance = sequence_balance_loss(routing, self.num_experts, math.prod(shape[:-2]))
+            balance = sequence_balance_loss(routing, self.num_experts, rows, flat_mask)
+        elif self.balance_loss == "hf":
+            sums = balance_sums(routing.indices, routing.probs, self.num_experts, flat_mask)
+            balance = pooled_balance_loss(sums, self.num_experts)
+            pooled = {"balance_counts": sums.counts, "balance_probs": sums.probs, "balance_tokens": sums.tokens}
         else:
-            balance = load_balancing_loss(routing, self.num_experts)
+            balance = load_balancing_loss(routing, self.num_experts, flat_mask)
         aux = {
             "load_balancing_loss": balance,
-            "router_z_loss": router_z_loss(logits),
-            "expert_load": expert_fractions(routing.indices, self.num_experts),
+            "router_z_loss": router_z_loss(logits, flat_mask),
+            "expert_load": expert_fractions(routing.indices, self.num_experts, flat_mask),
             "dropped_fraction": dropped,
+            **pooled,
         }
         return y.reshape(shape), aux
