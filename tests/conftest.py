@@ -38,7 +38,7 @@ from vishwam.compile_cache import enable_compile_cache  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 # A cache folder outside the clone: repeated runs on one machine skip most compiles; a
-# fresh machine simply fills it. Locked, so the suite's concurrent processes share it safely.
+# fresh machine simply fills it.
 enable_compile_cache()
 
 
