@@ -334,7 +334,6 @@ class _Run:
             self.consecutive_skips = 0
         values["skipped"] = float(self.skipped)
         self.last_step_done = step
-        self.nonfinite = nonfinite
         info = StepInfo(step, values, None, _Control(self, step))
         for hook in self.metric_hooks:
             if hook.due(step):
