@@ -247,13 +247,13 @@ def _parse_separator(text: str) -> str:
     return separator
 
 
-def _saved_run(run_dir: Path) -> dict:
-    """The `run` section of a run's config.json ({} when absent or unreadable)."""
+def _saved_section(run_dir: Path, name: str) -> dict:
+    """A section (`run`, `data`) of a run's config.json; {} when absent or unreadable."""
     try:
-        run = json.loads((run_dir / "config.json").read_text()).get("run", {})
+        section = json.loads((run_dir / "config.json").read_text()).get(name, {})
     except (OSError, ValueError, AttributeError):
         return {}
-    return run if isinstance(run, dict) else {}
+    return section if isinstance(section, dict) else {}
 
 
 def _run_settings(args, run_dir: Path, resuming: bool) -> dict:
@@ -262,7 +262,7 @@ def _run_settings(args, run_dir: Path, resuming: bool) -> dict:
     flags = {"eval_every": args.eval_every, "eval_batches": args.eval_batches,
              "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep, "log_every": args.log_every,
              "mesh": None if args.mesh is None else _parse_mesh(args.mesh)}
-    saved = _saved_run(run_dir) if resuming else {}
+    saved = _saved_section(run_dir, "run") if resuming else {}
     return {field: flags[field] if flags[field] is not None else saved.get(field, default)
             for field, default in KEPT_ON_RESUME.items()}
 
@@ -295,10 +295,7 @@ def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
 def _saved_data(run_dir: Path) -> tuple[list | None, str | None, float | None]:
     """The data source, separator and validation fraction a run was started with (its
     config.json), for a resume that does not give them again."""
-    try:
-        data = json.loads((run_dir / "config.json").read_text()).get("data", {})
-    except (OSError, ValueError, AttributeError):
-        return None, None, None
+    data = _saved_section(run_dir, "data")
     source, separator, fraction = data.get("source"), data.get("separator"), data.get("val_fraction")
     return (source if isinstance(source, list) else None, separator if isinstance(separator, str) else None,
             fraction if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else None)

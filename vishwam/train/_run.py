@@ -36,7 +36,7 @@ from .loaders import is_resumable, loader_state, restore_loader
 from .metrics_db import MetricsDB
 from .restore import restore_state
 from .run_config import TrainingDiverged, TrainResult
-from .state import TrainState, abstract_state, init_sharded_state, init_train_state
+from .state import TrainState, abstract_state, init_sharded_state, init_train_state, state_key
 from .step import make_eval_step, make_train_step
 
 
@@ -223,7 +223,7 @@ class _Run:
             # Built where it lives: each device computes only its own shards.
             state = init_sharded_state(t.model_config, t.config, t.mesh, t.placement.rules, optimizer=t.optimizer)
             return state if t.mesh is not None else jax.device_put(state, t.device)
-        key = jax.random.fold_in(jax.random.key(t.config.seed), 1)
+        key = state_key(t.config)
         # A copy: the step donates its state, and the caller's model must stay usable.
         model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, t.pipeline.model)
         return t.placement.place_tree(init_train_state(model, t.config, key=key, optimizer=t.optimizer))
@@ -234,7 +234,7 @@ class _Run:
         if is_abstract_model(t.pipeline.model):
             state = abstract_state(t.model_config, t.config, t.optimizer)
         else:
-            key = jax.random.fold_in(jax.random.key(t.config.seed), 1)
+            key = state_key(t.config)
             state = eqx.filter_eval_shape(lambda m: init_train_state(m, t.config, key=key, optimizer=t.optimizer),
                                           t.pipeline.model)
         arrays, static = partition_arrays(state)

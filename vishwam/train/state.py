@@ -66,10 +66,14 @@ def init_train_state(model, train_config: TrainConfig, *, key: PRNGKeyArray,
 def fresh_train_state(model_config: ModelConfig, train_config: TrainConfig,
                       optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """The step-0 state of a run, built eagerly: the model from `key(seed)`, the state's
-    key `fold_in(key(seed), 1)` (what `VishwamAITrainer` and `scripts/train.py` use)."""
-    key = jax.random.key(train_config.seed)
-    model = VishwamAI(model_config, key=key)
-    return init_train_state(model, train_config, key=jax.random.fold_in(key, 1), optimizer=optimizer)
+    key `state_key(train_config)` (what `VishwamAITrainer` and the train command use)."""
+    model = VishwamAI(model_config, key=jax.random.key(train_config.seed))
+    return init_train_state(model, train_config, key=state_key(train_config), optimizer=optimizer)
+
+
+def state_key(train_config: TrainConfig) -> PRNGKeyArray:
+    """The train state's PRNG key of a run: `fold_in(key(seed), 1)` (the model's init uses `key(seed)`)."""
+    return jax.random.fold_in(jax.random.key(train_config.seed), 1)
 
 
 def abstract_state(model_config: ModelConfig, train_config: TrainConfig,
