@@ -13,11 +13,12 @@ For a tiny Llama (GQA) and a tiny Mixtral (8 experts, top-2) with random weights
 2. greedy generation, vishwam (`vishwam.generate`, KV cache) against
    `model.generate(do_sample=False)`: identical tokens?
 3. train-step tokens/s (forward, backward, AdamW, clipping; fp32) on the same weights
-   and shapes (`TRAIN_SHAPES`: a dense Llama, a Mixtral 8-expert top-2 model, both
-   dropless, and the `small` preset's shape). Each framework runs alone in its own
-   process, the processes alternate (transformers, vishwam, ...) for `--pairs` pairs,
-   the load average is printed before each, and a ratio is printed only on a quiet
-   machine (load <= 0.5 x cores). Goal: vishwam >= 1.2x transformers.
+   and shapes (`TRAIN_SHAPES`: a dense Llama, a Mixtral 8-expert top-2 model, a
+   fine-grained Qwen3-MoE (64 experts top-8 of FFN 128), all dropless, and the `small`
+   preset's shape). Each framework runs alone in its own process, the processes
+   alternate (transformers, vishwam, ...) for `--pairs` pairs, the load average is
+   printed before each, and a ratio is printed only on a quiet machine (load <= 0.5 x
+   cores). Goals: vishwam >= 1.2x transformers; >= 1.5x on `finegrained`.
 4. generation tokens/s (`--generate`): `vishwam.generate` (KV cache, one
    compiled loop) against `model.generate` (KV cache) on the same weights, greedy and
    sampled (temperature 0.8, top-k 50, top-p 0.9), batch 1 and 8, every row generating
@@ -70,6 +71,11 @@ def tiny_config(family: str, **shape):
     common.update(shape)
     if family == "llama":
         return transformers.LlamaConfig(**common)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**{"num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 128,
+                                              "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                              "head_dim": common["hidden_size"] // common["num_attention_heads"],
+                                              "router_aux_loss_coef": 0.001, **common})
     return transformers.MixtralConfig(**{"num_local_experts": 8, "num_experts_per_tok": 2,
                                          "router_aux_loss_coef": 0.01, **common})
 
@@ -148,6 +154,10 @@ TRAIN_SHAPES = {
     "small": ("mixtral", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=2, vocab_size=4096, max_position_embeddings=256,
                               num_local_experts=4, tie_word_embeddings=True), (8, 256)),
+    # Fine-grained experts (Qwen3-MoE layout: QK-norm, 64 experts top-8 of FFN 128, renormalised top-k).
+    "finegrained": ("qwen3_moe", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
+                                      max_position_embeddings=512), (8, 512)),
 }
 
 
@@ -171,7 +181,7 @@ def vishwam_trainer(model, config, batch: int, seq: int, lr: float):
 def torch_trainer(hf_model, lr: float):
     hf_model.train()
     opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    is_moe = hasattr(hf_model.config, "num_local_experts")
+    is_moe = hasattr(hf_model.config, "num_local_experts") or hasattr(hf_model.config, "num_experts")
 
     def run(tokens, targets):
         with torch.enable_grad():

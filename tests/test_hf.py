@@ -344,8 +344,10 @@ def test_moe_family_config_rules():
                        (_moe_hf_config("qwen3_moe", num_experts=1), "num_experts >= 2")):
         with pytest.raises(ValueError, match=match):
             config_from_hf(bad)
-    with pytest.raises(ValueError, match="no HF family.*dense model with qk_norm='head'"):
-        config_to_hf(ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, qk_norm="head"))
+    with pytest.raises(ValueError, match="no HF family.*dense model with qk_norm='full'"):
+        config_to_hf(ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, qk_norm="full"))
+    with pytest.raises(ValueError, match="qkv_bias=True \\(Qwen3's projections have no biases\\)"):
+        config_to_hf(ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, qk_norm="head", qkv_bias=True))
     with pytest.raises(ValueError, match="num_shared_experts=1 \\(Qwen3-MoE has none\\).*qkv_bias=True"):
         config_to_hf(ModelConfig.preset("tiny", qk_norm="head", num_shared_experts=1, qkv_bias=True))
     with pytest.raises(ValueError, match="router_type='sigmoid'.*moe_ffn_dim=16"):
@@ -934,6 +936,13 @@ def test_moe_family_matches_transformers(family, tmp_path):
         assert (config.num_shared_experts, config.shared_expert_ffn_dim, config.shared_expert_gate) == (1, 24, True)
     if family != "olmoe":
         assert config.expert_ffn_dim == 16
+
+
+def test_qwen3_dense_matches_transformers(tmp_path):
+    # Qwen3: a dense model with per-head q/k norms and head_dim != hidden / heads.
+    hf_model = _transformers_checkpoint(tmp_path / "qwen3", "Qwen3Config", head_dim=16)
+    config = _check_against_transformers(hf_model, tmp_path / "qwen3", tmp_path)
+    assert (config.is_moe, config.qk_norm, config.head_dim, config.qkv_bias) == (False, "head", 16, False)
 
 
 @pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))

@@ -93,7 +93,7 @@ def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = N
     The family is the one whose `Family.writes` holds (`family_for`): MoE configs become
     `Qwen3MoeForCausalLM` with `qk_norm="head"`, `OlmoeForCausalLM` with `"full"`,
     `Qwen2MoeForCausalLM` with shared experts or `qkv_bias`, else `MixtralForCausalLM`;
-    dense ones `Qwen2ForCausalLM` with `qkv_bias`, `MistralForCausalLM` with a
+    dense ones `Qwen3ForCausalLM` with `qk_norm="head"`, `Qwen2ForCausalLM` with `qkv_bias`, `MistralForCausalLM` with a
     `sliding_window`, else `LlamaForCausalLM`. RoPE scaling is written as `rope_scaling`.
     Raises `ValueError` listing every feature the family lacks.
     `token_ids` (`pad_token_id`, `bos_token_id`, `eos_token_id`) default to

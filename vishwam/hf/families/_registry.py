@@ -12,9 +12,10 @@ from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen2 import QWEN2
 from .qwen2_moe import QWEN2_MOE
+from .qwen3 import QWEN3
 from .qwen3_moe import QWEN3_MOE
 
-FAMILIES = (LLAMA, MISTRAL, QWEN2, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
 SUPPORTED_ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 _BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 
@@ -42,7 +43,7 @@ def family_for(config: ModelConfig) -> Family:
         kind = "MoE" if config.is_moe else "dense"
         raise InvalidValueError(
             f"save_hf_checkpoint: no HF family vishwam writes has a {kind} model with qk_norm={config.qk_norm!r}; "
-            "q/k norms are written as Qwen3-MoE ('head') or OLMoE ('full'), both MoE."
+            "q/k norms are written as Qwen3 (dense) and Qwen3-MoE ('head') or OLMoE ('full', MoE)."
         )
     (family,) = families
     return family
