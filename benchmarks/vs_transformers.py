@@ -159,6 +159,8 @@ TRAIN_SHAPES = {
                                       num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
                                       max_position_embeddings=512), (8, 512)),
 }
+TRAIN_GOALS = {"finegrained": 1.5}
+"""vishwam / transformers train-step speed goals other than the default 1.2x."""
 
 
 def vishwam_trainer(model, config, batch: int, seq: int, lr: float):
@@ -269,11 +271,12 @@ def train_alternating(shapes: list[str], pairs: int, steps: int) -> bool:
         spread = {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in runs.items()}
         quiet = max(loads) <= 0.5 * cores
         ratio = med["vishwam"] / med["transformers"]
-        verdict = (f"ratio {ratio:.2f}x ({'met' if ratio >= 1.2 else 'NOT met'}: goal 1.2x)" if quiet else
+        goal = TRAIN_GOALS.get(shape, 1.2)
+        verdict = (f"ratio {ratio:.2f}x ({'met' if ratio >= goal else 'NOT met'}: goal {goal}x)" if quiet else
                    f"ratio not reported: {max(loads):.2f} other runnable tasks > 0.5 x {cores} cores (unreliable)")
         print(f"{shape}: transformers {med['transformers']:.0f} tok/s [{spread['transformers']}], vishwam "
               f"{med['vishwam']:.0f} tok/s [{spread['vishwam']}] over {pairs} pairs; {verdict}", flush=True)
-        ok &= quiet and ratio >= 1.2
+        ok &= quiet and ratio >= goal
     return ok
 
 
@@ -371,7 +374,8 @@ def generate_alternating(cases: list[int], pairs: int, repeats: int) -> bool:
                   for k, v in runs.items()}
         quiet = max(loads) <= 0.5 * cores
         ratio = med["vishwam"] / med["transformers"]
-        verdict = (f"ratio {ratio:.2f}x ({'met' if ratio >= 1.2 else 'NOT met'}: goal 1.2x)" if quiet else
+        goal = TRAIN_GOALS.get(shape, 1.2)
+        verdict = (f"ratio {ratio:.2f}x ({'met' if ratio >= goal else 'NOT met'}: goal {goal}x)" if quiet else
                    f"ratio not reported: {max(loads):.2f} other runnable tasks > 0.5 x {cores} cores (unreliable)")
         print(f"{label}: transformers {med['transformers']:.1f} tok/s [{spread['transformers']}], first token "
               f"{first['transformers'] * 1e3:.0f} ms; vishwam {med['vishwam']:.1f} tok/s [{spread['vishwam']}], "
@@ -432,7 +436,7 @@ def main(argv=None) -> int:
         print("train step, tokens/s (fp32, same weights and shapes, dropless MoE on both sides; whole processes "
               "alternated):", flush=True)
         goal = train_alternating([s for s in args.shapes.split(",") if s], args.pairs, args.steps)
-        print(f"speed goal (vishwam >= 1.2x transformers on every shape, quiet machine): "
+        print(f"speed goal (vishwam >= 1.2x transformers on every shape, 1.5x on finegrained, quiet machine): "
               f"{'met' if goal else 'NOT met'}")
     if args.generate:
         print("generation, tokens/s (fp32, same weights, KV cache on both sides, no EOS; whole processes "

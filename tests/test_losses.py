@@ -7,6 +7,7 @@ import pytest
 
 from vishwam.config import ModelConfig
 from vishwam.train.losses import (
+    chunked_distillation,
     chunked_lse_and_target,
     cross_entropy_loss,
     distillation_kl,
@@ -199,3 +200,75 @@ def test_chunked_head_loss_in_bf16_keeps_fp32_head_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(dw, dw_want, rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh_want, np.float32), rtol=5e-2, atol=2e-2)
+
+
+# ---------------------------------------- fused, chunked LM head + distillation
+def _distill_oracle64(hidden, head, teacher_logits, targets, mask, alpha, temperature):
+    """float64 numpy: `alpha * CE + (1 - alpha) * T**2 * KL(teacher_T || student_T)` masked sum, and
+    its gradients with respect to `hidden` and `head` (d/dlogits written out by hand)."""
+    h, w = np.asarray(hidden, np.float64), np.asarray(head, np.float64)
+    logits = np.einsum("btd,dv->btv", h, w)
+    log_p = _log_softmax64(logits)
+    log_ps, log_pt = _log_softmax64(logits / temperature), _log_softmax64(np.asarray(teacher_logits) / temperature)
+    pt = np.exp(log_pt)
+    tg, m = np.asarray(targets), np.asarray(mask, np.float64)
+    ce = -np.take_along_axis(log_p, tg[..., None], -1)[..., 0]
+    kl = np.where(pt > 0, pt * (log_pt - log_ps), 0.0).sum(-1)
+    value = np.sum(m * (alpha * ce + (1 - alpha) * temperature**2 * kl))
+    d_logits = alpha * (np.exp(log_p) - np.eye(logits.shape[-1])[tg])
+    d_logits = d_logits + (1 - alpha) * temperature * (np.exp(log_ps) - pt)
+    d_logits = d_logits * m[..., None]
+    return value, np.einsum("btv,dv->btd", d_logits, w), np.einsum("btd,btv->dv", h, d_logits)
+
+
+def _chunked_distill_loss(hidden, head, teacher, teacher_head, targets, mask, alpha, temperature, chunk):
+    lse, target_logit, kl = chunked_distillation(hidden, head, targets, teacher, temperature, chunk,
+                                                 teacher_head=teacher_head)
+    return masked_sum(alpha * (lse - target_logit) + (1 - alpha) * temperature**2 * kl, mask)
+
+
+@pytest.mark.parametrize("seq, chunk, temperature, fused_teacher",
+                         [(24, 8, 2.0, True), (23, 8, 1.0, True), (23, 64, 3.0, False), (16, 1, 2.0, False)])
+def test_chunked_distillation_equals_full_logits_kl_in_values_and_gradients(seq, chunk, temperature, fused_teacher):
+    rng = np.random.default_rng(seq * 10 + chunk)
+    batch, width, teacher_width, vocab, alpha = 2, 16, 12, 37, 0.3
+    hidden = jnp.asarray(rng.standard_normal((batch, seq, width)), jnp.float32)
+    head = jnp.asarray(0.5 * rng.standard_normal((width, vocab)), jnp.float32)
+    teacher_hidden = jnp.asarray(rng.standard_normal((batch, seq, teacher_width)), jnp.float32)
+    teacher_head = jnp.asarray(rng.standard_normal((teacher_width, vocab)), jnp.float32)
+    teacher_logits = jnp.einsum("btd,dv->btv", teacher_hidden, teacher_head)
+    targets = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+    mask = jnp.asarray(rng.random((batch, seq)) > 0.3, jnp.float32)
+    want, d_hidden, d_head = _distill_oracle64(hidden, head, teacher_logits, targets, mask, alpha, temperature)
+    teacher, t_head = (teacher_hidden, teacher_head) if fused_teacher else (teacher_logits, None)
+    loss = jax.jit(jax.value_and_grad(_chunked_distill_loss, (0, 1, 2)), static_argnums=(6, 7, 8))
+    got, (g_hidden, g_head, g_teacher) = loss(hidden, head, teacher, t_head, targets, mask, alpha, temperature, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(g_hidden, d_hidden, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g_head, d_head, rtol=1e-4, atol=1e-5)
+    assert not np.any(np.asarray(g_teacher))  # the teacher is frozen
+    # The plain full-logits path of the library gives the same numbers.
+    logits = jnp.einsum("btd,dv->btv", hidden, head)
+    plain = masked_sum(alpha * token_cross_entropy(logits, targets)
+                       + (1 - alpha) * temperature**2 * distillation_kl(logits, teacher_logits, temperature), mask)
+    np.testing.assert_allclose(got, plain, rtol=1e-5)
+
+
+def test_chunked_distillation_with_a_teacher_ruling_tokens_out_is_finite():
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((8, 13)), jnp.float32)
+    teacher = jnp.asarray(rng.standard_normal((1, 6, 13)), jnp.float32).at[..., :4].set(-jnp.inf)
+    targets = jnp.zeros((1, 6), jnp.int32)
+    value, grads = jax.value_and_grad(_chunked_distill_loss, (0, 1))(hidden, head, teacher, None, targets,
+                                                                      jnp.ones((1, 6)), 0.0, 1.0, 4)
+    assert np.isfinite(float(value)) and all(np.all(np.isfinite(g)) for g in grads)
+    want = masked_sum(distillation_kl(jnp.einsum("btd,dv->btv", hidden, head), teacher, 1.0), jnp.ones((1, 6)))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+
+
+def test_chunked_distillation_vocabulary_mismatch_is_a_clear_error():
+    hidden, head = jnp.zeros((1, 4, 8)), jnp.zeros((8, 13))
+    with pytest.raises(ValueError, match=r"teacher hidden states \[1, 4, 6\] with vocabulary 11"):
+        chunked_distillation(hidden, head, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4, 6)), 1.0, 2,
+                             teacher_head=jnp.zeros((6, 11)))

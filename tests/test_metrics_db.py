@@ -269,3 +269,30 @@ def test_files_from_before_the_compiled_memory_column_gain_it(tmp_path):
     rows = {r["run_id"]: r for r in runs(path)}
     assert rows["old"]["compiled_memory"] is None
     assert rows["new"]["compiled_memory"] == {"per_device": {"temp_size_in_bytes": 7}}
+
+
+def test_expert_rows_are_replaced_on_relog_and_rewound_with_the_metrics(tmp_path):
+    from vishwam.train.metrics_db import load_expert_metrics, query
+
+    path = tmp_path / "m.duckdb"
+    with MetricsDB(path, "r", CONFIG, process_index=0, flush_every=2) as db:
+        for step in (2, 4, 6):
+            db.log(step, {"loss": _loss(step)})
+            db.log_experts(step, "load", jnp.full((2, 3), step, jnp.float32))  # device arrays are fine
+            db.log_experts(step, "router_entropy", np.array([step, np.nan]))
+        db.flush()
+        db.log_experts(4, "load", np.ones((2, 3)))  # the same (step, name) again: replaces, not adds
+        db.flush()
+        assert db.rewind(4) == 1  # the metric row of step 6; its expert rows go too
+        with pytest.raises(ValueError, match=r"\[layers, experts\] or \[layers\], got shape \(\)"):
+            db.log_experts(8, "load", np.float32(1.0))
+    steps, load = load_expert_metrics(path, "load")
+    assert steps.tolist() == [2, 4] and load.shape == (2, 2, 3)
+    np.testing.assert_array_equal(load[0], 2.0)
+    np.testing.assert_array_equal(load[1], 1.0)
+    steps, entropy = load_expert_metrics(path, "router_entropy")
+    assert entropy.shape == (2, 2) and entropy[1, 0] == 4.0 and np.isnan(entropy[1, 1])  # NaN kept, not NULL
+    _, rows = query([path], "SELECT count(*), count(expert) FROM expert_metrics")
+    assert rows == [(2 * 6 + 2 * 2, 2 * 6)]  # per-layer rows have expert NULL
+    with pytest.raises(KeyError, match=r"no expert statistic 'bias'; it has \['load', 'router_entropy'\]"):
+        load_expert_metrics(path, "bias")

@@ -259,6 +259,34 @@ def test_student_equal_to_teacher_has_zero_distillation_term(state0, batch):
     assert abs(float(m["distill"])) < 1e-6
 
 
+class LogitsOnlyTeacher(eqx.Module):
+    """A teacher without `features`: the step must fall back to its full logits."""
+
+    model: VishwamAI
+
+    def __call__(self, tokens, *, segment_ids, positions):
+        return self.model(tokens, segment_ids=segment_ids, positions=positions, inference=True)
+
+
+def test_chunked_distillation_step_equals_the_full_logits_step(state0, teacher, batch):
+    config = DISTILL.replace(distill_alpha=0.4)
+    runs = {
+        "full": make_train_step(MODEL, config.replace(loss_chunk_size=None), teacher=teacher),
+        "chunked": make_train_step(MODEL, config.replace(loss_chunk_size=5), teacher=teacher),
+        "logits_teacher": make_train_step(MODEL, config.replace(loss_chunk_size=5),
+                                          teacher=LogitsOnlyTeacher(teacher)),
+    }
+    results = {name: step(copy_tree(state0), batch) for name, step in runs.items()}
+    want_state, want = results["full"]
+    assert float(want["distill"]) > 0.1
+    for name in ("chunked", "logits_teacher"):
+        got_state, got = results[name]
+        for metric in ("loss", "ce", "distill", "z", "grad_norm"):
+            np.testing.assert_allclose(got[metric], want[metric], rtol=2e-5, err_msg=f"{name}: {metric}")
+        assert_trees_close(eqx.filter(got_state.model, eqx.is_array), eqx.filter(want_state.model, eqx.is_array),
+                           atol=2e-6)
+
+
 def test_teacher_vocabulary_mismatch_fails_before_compiling():
     def teacher(tokens, *, segment_ids, positions):  # any callable returning logits will do
         return jnp.zeros((*tokens.shape, 128), jnp.float32)

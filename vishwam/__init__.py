@@ -14,12 +14,14 @@ Text:
     VishwamAIPipeline    model + tokenizer + generation; saved and loaded as a directory
 Training:
     VishwamAITrainer     the runner: checkpoints, resume, evaluation, DuckDB metrics
+    upcycle              a dense model / pipeline / HF directory -> a MoE whose experts copy its MLPs
+                         (the module is `vishwam.upcycling`)
     enable_runtime_checks  jaxtyping + beartype shape checks of vishwam's code (or VISHWAM_RUNTIME_CHECKS=1)
 
 Everything loads on first use, subpackages included (`vishwam.train.make_train_step` works
 after `import vishwam`): nn, kernels, parallel, model, config, tokenizer, data, train, hf, plan,
-memory, generation, pipeline, launch, files, cli, arrays, errors (`InputError`: what bad input
-raises), compile_cache, commands (the command lines). `help(vishwam.<name>)` lists each API.
+gpu_targets (abstract NVIDIA GPUs to compile for), memory, generation, pipeline, launch, upcycling, serve (an OpenAI-compatible server), files, cli, arrays,
+errors (`InputError`: what bad input raises), compile_cache, commands (the command lines). `help(vishwam.<name>)` lists each API.
 """
 
 import importlib
@@ -30,14 +32,14 @@ from .runtime_checks import enable_runtime_checks as enable_runtime_checks
 __version__ = "0.1.0"
 
 _SUBMODULES = ("nn", "kernels", "parallel", "model", "config", "tokenizer", "data", "train", "hf", "plan",
-               "memory", "generation", "pipeline", "launch", "files", "cli", "arrays", "runtime_checks", "errors",
-               "compile_cache", "commands")
+               "gpu_targets", "memory", "generation", "pipeline", "launch", "upcycling", "serve", "files", "cli", "arrays",
+               "runtime_checks", "errors", "compile_cache", "commands")
 _NAMES = {
     "VishwamAI": "model", "KVCache": "model", "count_parameters": "model",
     "ModelConfig": "config", "TrainConfig": "config",
     "flash_attention": "kernels", "generate": "generation",
     "VishwamAITokenizer": "tokenizer", "JsonTokenizer": "tokenizer",
-    "VishwamAIPipeline": "pipeline", "VishwamAITrainer": "train",
+    "VishwamAIPipeline": "pipeline", "VishwamAITrainer": "train", "upcycle": "upcycling",
 }
 
 __all__ = [*_NAMES, "enable_runtime_checks", "__version__"]

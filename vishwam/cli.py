@@ -125,17 +125,22 @@ def run_script(main: Callable[[list[str]], int | None], argv: Sequence[str] | No
 def skip_absent_tpu() -> None:
     """With libtpu installed (`.[dev]` brings it, for ahead-of-time TPU compiles) JAX probes
     for TPU chips at start-up: seconds of delay and a screen of warnings on a machine with
-    none. When no TPU device node exists, no GPU plugin is installed and the user chose no
-    platform, pin JAX to the CPU before it starts (the scripts' CPU runs then start as fast
-    and as quietly as without libtpu)."""
+    none; with the CUDA plugin installed (`.[gpu-aot]`, for ahead-of-time GPU compiles) on a
+    machine without an NVIDIA GPU, JAX prints a plugin traceback (cuInit fails) before falling
+    back to the CPU. When no device node of an installed accelerator plugin exists and the user
+    chose no platform, pin JAX to the CPU before it starts (the scripts' CPU runs then start as
+    fast and as quietly as without the plugins; compiling for abstract TPUs and GPUs still works)."""
     if "JAX_PLATFORMS" in os.environ:
         return
-    if importlib.util.find_spec("libtpu") is None:
-        return
-    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
-        return
-    if any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
-                                                         "jax_rocm60_plugin")):
+    present = {
+        "libtpu": bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")),
+        "jax_cuda12_plugin": bool(glob.glob("/dev/nvidia[0-9]*")),
+        "jax_cuda13_plugin": bool(glob.glob("/dev/nvidia[0-9]*")),
+        "jax_rocm7_plugin": os.path.exists("/dev/kfd"),
+        "jax_rocm60_plugin": os.path.exists("/dev/kfd"),
+    }
+    installed = [name for name in present if importlib.util.find_spec(name) is not None]
+    if not installed or any(present[name] for name in installed):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported (here, and by child processes)
     if "jax" in sys.modules:  # imported already: before its first computation the config still counts

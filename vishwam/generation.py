@@ -12,6 +12,10 @@ On one CPU device the decode steps run on `VishwamAI.decode_layers()` (per-layer
 per-expert arrays, kept for the last model used: a second copy of the layer weights),
 other backends scan over the stacked weights. A new compile happens per prompt width,
 `max_new_tokens`, `top_k` and greedy-or-not; `temperature`, `top_p` and the EOS ids are traced.
+
+The pieces are public for engines that schedule their own steps (`vishwam.serve`):
+`prefill` (prompts into a cache), `decode_step` (one token per row at per-row positions),
+`sample_rows` (per-row sampling settings, traced) and `cached_decode_layers`.
 """
 
 import functools
@@ -22,7 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt32
 
 from .errors import InvalidValueError
 from .model import KVCache, VishwamAI
@@ -32,15 +36,19 @@ _LengthsLike = Int[Array, " batch"] | Int[np.ndarray, " batch"]
 
 
 # --------------------------------------------------------------------------- sampling
-def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
-    """Draw one token per row. Order: temperature, then top-k, then nucleus (top-p)."""
+def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool,
+            top_k_limit=None):
+    """Draw one token per row. Order: temperature, then top-k, then nucleus (top-p).
+    `top_k_limit` (traced, with `top_k=None`): keep only that many best candidates."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is None and not use_top_p:
+    if top_k is None and not use_top_p and top_k_limit is None:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     # Candidates sorted best first; nucleus filtering needs the sorted order anyway.
     values, indices = jax.lax.top_k(logits, logits.shape[-1] if top_k is None else top_k)
+    if top_k_limit is not None:
+        values = jnp.where(jnp.arange(values.shape[-1]) < top_k_limit, values, -jnp.inf)
     if use_top_p:
         probs = jax.nn.softmax(values, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -51,6 +59,31 @@ def _sample(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None,
 
 
 _sample_jit = eqx.filter_jit(_sample)
+
+
+def sample_rows(
+    logits: Float[Array, "batch vocab"],
+    seeds: UInt32[Array, " batch"],
+    steps: Int[Array, " batch"],
+    temperature: Float[Array, " batch"],
+    top_k: Int[Array, " batch"],
+    top_p: Float[Array, " batch"],
+) -> Int[Array, " batch"]:
+    """One token id per row, each row with its own settings (traceable: rows of a
+    continuous batch belong to different requests). Row `i` is greedy when
+    `temperature[i] == 0`, else a draw as in `sample_logits` with key
+    `fold_in(key(seeds[i]), steps[i])`; `top_k[i] == 0` and `top_p[i] == 1` turn those
+    filters off. Sorts the whole vocabulary per row; an all-greedy batch is cheaper
+    as a plain argmax."""
+    vocab = logits.shape[-1]
+
+    def one(row, seed, step, temp, k, p):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return _sample(row[None], key, jnp.maximum(temp, 1e-30), p, greedy=False, top_k=None, use_top_p=True,
+                       top_k_limit=jnp.where(k > 0, k, vocab))[0]
+
+    drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_k, top_p)
+    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
 
 
 def _check_sampling(temperature, top_k, top_p, key, vocab_size: int, where: str):
@@ -157,7 +190,7 @@ def _is_eos(tokens, eos_ids):
 _DECODE_LAYERS: list = []  # [(weakref to the model, its decode_layers())]: the last model only
 
 
-def _decode_layers(model: VishwamAI):
+def cached_decode_layers(model: VishwamAI) -> tuple | None:
     """The model's `decode_layers()` for prefill and decode on a single CPU device, or None
     (other backends and sharded models scan over the stacked weights). Kept for the last
     model seen, so repeated calls copy the weights once; released with it."""
@@ -179,15 +212,30 @@ def _padded_buffer(prompt, lengths, total: int, pad_id: int):
     return jnp.full((prompt.shape[0], total), pad_id, jnp.int32).at[:, :width].set(prompt)
 
 
-def _prefill(model: VishwamAI, layers, prompt, lengths, cache_len: int):
-    """Run the padded prompts through the model (over `layers` if given, see
-    `VishwamAI.decode`), filling a fresh cache; logits at each row's last token."""
+def prefill(model: VishwamAI, layers, prompt: Int[Array, "batch width"], lengths: Int[Array, " batch"],
+            cache: KVCache) -> tuple[Float[Array, "batch vocab"], KVCache]:
+    """Run the right-padded prompts through the model at positions `0..width-1` (over
+    `layers` if given, see `VishwamAI.decode`), writing their keys and values into
+    `cache` (rows as the prompts); the logits at each row's last token."""
     batch, width = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
     # Padding writes junk at slots >= length; a row's decode step overwrites its slot before
     # reading it, and slots past a row's position are masked.
-    logits, cache = model.decode(prompt, positions, model.init_cache(batch, cache_len), layers)
+    logits, cache = model.decode(prompt, positions, cache, layers)
     return logits[jnp.arange(batch), lengths - 1], cache
+
+
+def decode_step(model: VishwamAI, layers, cache: KVCache, tokens: Int[Array, " batch"],
+                positions: Int[Array, " batch"]) -> tuple[Float[Array, "batch vocab"], KVCache]:
+    """Feed one token per row at that row's own position (rows may sit at different
+    lengths); the logits of the next token and the updated cache."""
+    logits, cache = model.decode(tokens[:, None], positions[:, None], cache, layers)
+    return logits[:, 0], cache
+
+
+def _prefill(model: VishwamAI, layers, prompt, lengths, cache_len: int):
+    """`prefill` into a fresh cache of `cache_len` slots."""
+    return prefill(model, layers, prompt, lengths, model.init_cache(prompt.shape[0], cache_len))
 
 
 def _loop(first_logits, next_logits, state, prompt, lengths, temperature, top_p, eos_id, key, *, max_new_tokens: int,
@@ -233,8 +281,7 @@ def _generate_cached(model: VishwamAI, layers, prompt, lengths, temperature, top
     first_logits, cache = _prefill(model, layers, prompt, lengths, total - 1)
 
     def next_logits(cache: KVCache, tokens, prev, positions):
-        logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
-        return logits[:, 0], cache
+        return decode_step(model, layers, cache, prev, positions)
 
     return _loop(first_logits, next_logits, cache, prompt, lengths, temperature, top_p, eos_id, key,
                  return_logits=return_logits, **static)
@@ -297,7 +344,7 @@ def generate(
     """
     dynamic, static = _prepare(model, prompt_tokens, max_new_tokens, prompt_lengths, temperature, top_k, top_p, key,
                                eos_id, pad_id, "generate")
-    layers = _decode_layers(model)
+    layers = cached_decode_layers(model)
     tokens, lengths, logits = _generate_cached(model, layers, **dynamic, return_logits=return_logits, **static)
     return (tokens, lengths, logits) if return_logits else (tokens, lengths)
 
@@ -343,9 +390,8 @@ def _stream_step_leaves(leaves, cache: KVCache, prev, lengths, t, *, treedef, gr
     `treedef`, flattened once per stream: the pytree of a whole model takes milliseconds
     to flatten in Python, as long as a small model's step."""
     model, layers, temperature, top_p, key = jax.tree_util.tree_unflatten(treedef, leaves)
-    positions = lengths + t - 1
-    logits, cache = model.decode(prev[:, None], positions[:, None], cache, layers)
-    tok = _sample(logits[:, 0], jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
+    logits, cache = decode_step(model, layers, cache, prev, lengths + t - 1)
+    tok = _sample(logits, jax.random.fold_in(key, t), temperature, top_p, greedy=greedy, top_k=top_k,
                   use_top_p=use_top_p)
     return tok, cache
 
@@ -395,7 +441,7 @@ def generate_stream(
     lengths = dynamic["lengths"]
     prompt = _padded_buffer(dynamic["prompt"], lengths, dynamic["prompt"].shape[1], pad_id)
     cache_len = prompt.shape[1] + max_new_tokens - 1
-    layers = _decode_layers(model)
+    layers = cached_decode_layers(model)
     tok, cache = _stream_first(model, layers, prompt, lengths, dynamic["temperature"], dynamic["top_p"],
                                dynamic["key"], cache_len=cache_len, **sampling)
     leaves, treedef = _stream_fixed(model, layers, dynamic["temperature"], dynamic["top_p"], dynamic["key"])

@@ -1,13 +1,16 @@
 """Will it fit, and how fast could it be: ahead-of-time compiles of the whole train step
-for abstract TPU pods, and a roofline estimate.
+for abstract TPU pods and GPU nodes, and a roofline estimate.
 
 - `compile_train_step` lowers and compiles the real train step (`vishwam.train.step`,
   optimiser included) from `vishwam.train.state.abstract_train_state` for any mesh, e.g.
-  one over `tpu_devices("v5p:4x4x4")`: with libtpu installed, the XLA TPU compiler runs on
-  a machine without a TPU and reports per-chip memory.
+  one over `tpu_devices("v5p:4x4x4")` or `gpu_devices("h100:64")`
+  (`topology_devices` takes either): with libtpu or JAX's CUDA plugin installed, the XLA
+  TPU or GPU compiler runs on a machine without the accelerator and reports per-chip
+  memory. Every backend choice inside (attention kernels, MoE dispatch) follows the devices
+  compiled for, not this host.
 - `plan` / `search_plans` add the model's FLOPs (`vishwam.model.flops`) and a roofline
   **estimate** of the step time from the chips' published peaks. Nothing here is a
-  measured TPU time.
+  measured TPU or GPU time.
 """
 
 import contextlib
@@ -23,10 +26,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .arrays import is_abstract
 from .config import ModelConfig, TrainConfig
 from .errors import InvalidValueError
+from .files import atomic_write_text
+from .gpu_targets import gpu_devices as gpu_devices
+from .gpu_targets import is_gpu_topology
 from .memory import memory_stats
 from .model.flops import CHIPS as CHIPS
 from .model.flops import Chip as Chip
@@ -53,7 +60,8 @@ def compile_train_step(
     rules: Sequence[Rule] = DEFAULT_RULES,
 ):
     """Lower and compile the whole train step (forward, backward, AdamW update, state
-    donated) for `mesh`, from abstract inputs only. Returns `(compiled, seconds)`."""
+    donated) for `mesh`, from abstract inputs only. Returns `(compiled, seconds)`;
+    `compiled.as_text()` is the program that would run."""
     update = train_update(model_config, train_config)
     state = abstract_train_state(model_config, train_config, mesh, rules)
     arrays, static = eqx.partition(state, is_abstract)
@@ -63,16 +71,18 @@ def compile_train_step(
         return eqx.filter(new_state, eqx.is_array), metrics
 
     start = time.perf_counter()
-    with jax.set_mesh(mesh), _no_persistent_cache_unless_runnable(mesh):
+    with jax.set_mesh(mesh), no_persistent_cache_unless_runnable(mesh):
         compiled = jax.jit(run, donate_argnums=0).lower(arrays, abstract_batch(train_config, mesh)).compile()
     return compiled, time.perf_counter() - start
 
 
 @contextlib.contextmanager
-def _no_persistent_cache_unless_runnable(mesh: jax.sharding.Mesh):
-    """An executable for a platform this process has no client for (TPU programs compiled
-    on a CPU host) cannot be read back from JAX's persistent compile cache (a warning and
-    a recompile every time): keep such compiles out of it."""
+def no_persistent_cache_unless_runnable(mesh: jax.sharding.Mesh):
+    """An executable for a platform this process has no client for (TPU or GPU programs
+    compiled on a CPU host) cannot be read back from JAX's persistent compile cache (a
+    warning and a recompile every time): keep such compiles out of it. (Writes only: JAX
+    decides once per process whether to look the cache up, so an entry written by a compile
+    outside this context still warns when read.)"""
     if mesh.devices.flat[0].platform == jax.default_backend():
         yield
         return
@@ -84,6 +94,15 @@ def _no_persistent_cache_unless_runnable(mesh: jax.sharding.Mesh):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
+def topology_devices(topology: str, gpu_target_config: str | None = None) -> list[jax.Device]:
+    """The abstract devices of a GPU topology (`h100:64`, `gpu_devices`) or a TPU one
+    (`v5p:4x4x4`, `tpu_devices`); with `gpu_target_config` (a `GpuTargetConfigProto`
+    text) always GPUs of that description."""
+    if gpu_target_config is not None or is_gpu_topology(topology):
+        return gpu_devices(topology, gpu_target_config)
+    return tpu_devices(topology)
+
+
 def tpu_devices(topology: str) -> list[jax.Device]:
     """The abstract devices of a TPU topology such as `v5p:4x4x4` (64 chips),
     `v5e:16x16` (256) or `v6e:8x8` (64); needs libtpu, not a TPU."""
@@ -91,7 +110,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
     dims = shape.split("x") if sep else []
     if not sep or not dims or not all(d.isdigit() and int(d) > 0 for d in dims):
         raise InvalidValueError(f"topology {topology!r}: expected GENERATION:SHAPE such as v5p:4x4x4, v5e:4x4 or "
-                                "v6e:8x8.")
+                                "v6e:8x8 (TPU), or h100:64, h200:8x8 (GPU).")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -134,9 +153,11 @@ class Plan:
     """One configuration's compiled footprint and estimated speed (per chip unless named).
 
     `estimated_step_s` is a roofline **estimate**: `max(hardware FLOPs / peak,
-    estimated HBM bytes / HBM bandwidth, estimated collective bytes / ICI bandwidth)`
-    from the chip's published figures: perfect overlap, ideal kernels and links (a
-    real step is slower); useful to rank meshes, not to promise a time.
+    estimated HBM bytes / HBM bandwidth, estimated collective time)` from the chip's
+    published figures, where the collective time sums each mesh axis' bytes over the
+    chip-to-chip links (ICI; NVLink within a GPU node), or the network for an axis whose
+    groups span GPU nodes: perfect overlap, ideal kernels and links (a real step is
+    slower); useful to rank meshes, not to promise a time.
     """
 
     topology: str
@@ -165,6 +186,10 @@ class Plan:
     compile_s: float | None
     compiled: bool
     error: str | None = None
+    hosts: int = 1
+    """Hosts (processes) the devices belong to: GPU nodes, TPU VMs."""
+    network_axes: tuple[str, ...] = ()
+    """Mesh axes whose collectives cross GPU nodes (timed at the network bandwidth)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,7 +218,14 @@ def _weight_counts(model_config: ModelConfig) -> tuple[int, int]:
 
 def estimated_collective_bytes(model_config: ModelConfig, train_config: TrainConfig,
                                mesh_sizes: Mapping[str, int]) -> float:
-    """Estimated bytes one chip sends over the inter-chip links in one step (an estimate).
+    """Estimated bytes one chip sends over the inter-chip links in one step (an estimate):
+    the sum of `collective_bytes_by_axis`."""
+    return sum(collective_bytes_by_axis(model_config, train_config, mesh_sizes).values())
+
+
+def collective_bytes_by_axis(model_config: ModelConfig, train_config: TrainConfig,
+                             mesh_sizes: Mapping[str, int]) -> dict[str, float]:
+    """Estimated bytes one chip sends in one step along each mesh axis (an estimate).
 
     Terms, each `(n - 1) / n` of the data along an axis of size `n`: FSDP all-gathers of
     the weights a chip uses (compute dtype; forward, backward, and the remat forward)
@@ -217,7 +249,28 @@ def estimated_collective_bytes(model_config: ModelConfig, train_config: TrainCon
     a2a = accum * model_config.num_moe_layers * (2 * passes) * tokens * model_config.experts_per_token \
         * model_config.hidden_size * c * capacity * frac(expert)
     tp = accum * model_config.num_layers * (2 * passes) * 2 * tokens * model_config.hidden_size * c * frac(tensor)
-    return fsdp_bytes + data_bytes + a2a + tp
+    return {"data": data_bytes, "fsdp": fsdp_bytes, "expert": a2a, "tensor": tp}
+
+
+def network_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The mesh axes along which one group of devices spans several hosts (processes)."""
+    hosts = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    crossing = []
+    for i, axis in enumerate(mesh.axis_names):
+        groups = np.moveaxis(hosts, i, -1).reshape(-1, hosts.shape[i])
+        if (groups != groups[:, :1]).any():
+            crossing.append(axis)
+    return tuple(crossing)
+
+
+def collective_seconds(by_axis: Mapping[str, float], chip: Chip, crossing: Sequence[str] = ()) -> float:
+    """Estimated collective time: each axis' bytes over the chip-to-chip links, or over the
+    network for `crossing` axes when the chip has a separate network (GPU nodes)."""
+    seconds = 0.0
+    for axis, nbytes in by_axis.items():
+        bandwidth = chip.network_bandwidth if axis in crossing and chip.network_bandwidth else chip.ici_bandwidth
+        seconds += nbytes / bandwidth if bandwidth else 0.0
+    return seconds
 
 
 def estimated_hbm_traffic(model_config: ModelConfig, train_config: TrainConfig, mesh_sizes: Mapping[str, int],
@@ -272,17 +325,20 @@ def plan(
     hbm_fraction: float = 0.8,
     rules: Sequence[Rule] = DEFAULT_RULES,
     devices: Sequence[jax.Device] | None = None,
+    hlo_path: str | os.PathLike | None = None,
 ) -> Plan:
     """Compile (unless `compile=False`) the whole train step for `topology` and estimate its speed.
 
     Arguments:
-        topology: a TPU topology name (`v5p:4x4x4`); its abstract devices come from
-            libtpu unless `devices` is given (e.g. CPU devices for a test).
+        topology: a TPU topology (`v5p:4x4x4`) or GPU one (`h100:64`); its abstract
+            devices come from `topology_devices` unless `devices` is given (e.g. CPU
+            devices for a test, or GPUs of another target description).
         mesh_sizes: axis sizes (`fsdp`, `expert`, `data`, `tensor`; one may be -1);
             default all chips on `fsdp`.
         hbm_fraction: `fits` means a per-chip total at most this fraction of HBM.
+        hlo_path: write the compiled program's text (`compiled.as_text()`) to this file.
     """
-    devices = list(tpu_devices(topology) if devices is None else devices)
+    devices = list(topology_devices(topology) if devices is None else devices)
     sizes = resolve_axis_sizes(dict(mesh_sizes or {"fsdp": -1}), len(devices))
     mesh = make_mesh(sizes, devices=devices)
     _check_divisible(model_config, train_config, sizes)
@@ -293,11 +349,13 @@ def plan(
         * train_config.seq_len
     hardware_flops = flops * REMAT[model_config.remat_policy].recompute
     traffic = estimated_hbm_traffic(model_config, train_config, sizes, state_bytes)
-    collective = estimated_collective_bytes(model_config, train_config, sizes)
+    by_axis = collective_bytes_by_axis(model_config, train_config, sizes)
+    collective = sum(by_axis.values())
+    crossing = network_axes(mesh) if chip is not None and chip.network_bandwidth else ()
     if chip is not None:
         step_s = max(hardware_flops / (len(devices) * chip.bf16_flops),
                      traffic / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0,
-                     collective / chip.ici_bandwidth if chip.ici_bandwidth else 0.0)
+                     collective_seconds(by_axis, chip, crossing))
         mfu = flops / (len(devices) * chip.bf16_flops * step_s)
     else:
         step_s, mfu = float("nan"), float("nan")
@@ -305,6 +363,8 @@ def plan(
     if compile:
         try:
             compiled, seconds = compile_train_step(model_config, train_config, mesh, rules)
+            if hlo_path is not None:
+                atomic_write_text(hlo_path, compiled.as_text())
             stats = memory_stats(compiled)
             per_chip = {"arguments": stats["argument_size_in_bytes"], "temporaries": stats["temp_size_in_bytes"],
                         "outputs": stats["output_size_in_bytes"], "aliased": stats["alias_size_in_bytes"],
@@ -324,7 +384,7 @@ def plan(
                 estimated_hbm_traffic_bytes=traffic, estimated_collective_bytes=collective,
                 estimated_total_bytes=estimated_footprint(model_config, train_config, sizes, state_bytes),
                 compile_s=seconds, compiled=per_chip is not None,
-                error=error)
+                error=error, hosts=len({d.process_index for d in devices}), network_axes=crossing)
 
 
 def _check_divisible(model_config: ModelConfig, train_config: TrainConfig, sizes: Mapping[str, int]) -> None:
@@ -369,6 +429,7 @@ def search_plans(
     hbm_fraction: float = 0.8,
     progress: Callable[[str], None] | None = None,
     devices: Sequence[jax.Device] | None = None,
+    hlo_dir: str | os.PathLike | None = None,
 ) -> list[Plan]:
     """Try meshes, remat policies and micro-batch sizes; compile the `compile_top`
     fastest by the estimate among those whose `estimated_total_bytes` fits (the rest
@@ -376,9 +437,10 @@ def search_plans(
 
     Meshes with more than `max_data` pure data-parallel replicas are left out (each
     replica holds a whole copy of the sharded state). Returns plans sorted by
-    estimated step time, compiled ones that fit first.
+    estimated step time, compiled ones that fit first. With `hlo_dir`, each compiled
+    program's text goes to `hlo_dir/<mesh>_<remat>_accum<N>.hlo.txt`.
     """
-    devices = list(tpu_devices(topology) if devices is None else devices)
+    devices = list(topology_devices(topology) if devices is None else devices)
     candidates = []
     for mesh_sizes in candidate_meshes(len(devices), model_config):
         if mesh_sizes["data"] > max_data:
@@ -403,7 +465,14 @@ def search_plans(
         if progress is not None:
             progress(f"compiling {rank + 1}/{min(compile_top, len(order))}: mesh {_mesh_text(sizes)}, remat "
                      f"{mc.remat_policy}, accum {tc.accum_steps}")
-        results[i] = plan(mc, tc, topology, sizes, compile=True, hbm_fraction=hbm_fraction, devices=devices)
+        hlo_path = None
+        if hlo_dir is not None:
+            os.makedirs(hlo_dir, exist_ok=True)
+            mesh_name = _mesh_text(sizes).replace("=", "").replace(",", "_").replace(" ", "")
+            name = f"{mesh_name}_{mc.remat_policy}_accum{tc.accum_steps}"
+            hlo_path = os.path.join(hlo_dir, f"{name}.hlo.txt")
+        results[i] = plan(mc, tc, topology, sizes, compile=True, hbm_fraction=hbm_fraction, devices=devices,
+                          hlo_path=hlo_path)
     return sorted(results, key=lambda p: (not p.compiled, p.fits is False, p.estimated_step_s,
                                           p.estimated_collective_bytes))
 

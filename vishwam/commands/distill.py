@@ -6,7 +6,9 @@
 The student starts from the teacher's `config.json` (model and optimiser settings,
 data source) with `hidden_size`, `ffn_dim` and `num_layers` scaled by `--scale`;
 the loss is `distill_alpha * CE + (1 - distill_alpha) * T^2 * KL(teacher || student)`
-with the teacher frozen inside the same jitted step. Every other option is passed
+with the teacher frozen inside the same jitted step, the KL computed chunk by chunk from
+both models' final hidden states and heads (`loss_chunk_size`; no `[batch, seq, vocab]`
+logits of either model). Every other option is passed
 to vishwam-train (`--steps`, `--batch`, `--lr`, `--name`, `--set FIELD=VALUE`,
 `--new`, ...), so a student run resumes, checkpoints and logs like any run.
 """

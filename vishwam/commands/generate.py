@@ -62,7 +62,8 @@ def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
 
 
 def load_pipeline(directory: str | Path, step: int | None = None):
-    """A pipeline directory, a finished run's `pipeline/`, or a run checkpoint (see the module docstring)."""
+    """A pipeline directory, a finished run's `pipeline/`, a run checkpoint (see the module
+    docstring) or an HF directory (`vishwam.hf.load_hf_pipeline`)."""
     from vishwam.pipeline import VishwamAIPipeline
 
     directory = Path(directory)
@@ -75,8 +76,13 @@ def load_pipeline(directory: str | Path, step: int | None = None):
                 return VishwamAIPipeline.load(candidate)
     if (directory / "checkpoints").is_dir():
         return pipeline_from_checkpoint(directory, step)
-    raise FileNotFoundError(f"{directory} is neither a pipeline directory (pipeline.json, ...) nor a training run "
-                            "directory (config.json, tokenizer/, checkpoints/ or pipeline/).")
+    from vishwam.hf import is_hf_checkpoint, load_hf_pipeline
+
+    if step is None and is_hf_checkpoint(directory):
+        return load_hf_pipeline(directory)
+    raise FileNotFoundError(f"{directory} is neither a pipeline directory (pipeline.json, ...), a training run "
+                            "directory (config.json, tokenizer/, checkpoints/ or pipeline/) nor an HF directory "
+                            "(a transformers config.json and safetensors).")
 
 
 def main(argv: list[str] | None = None) -> int:

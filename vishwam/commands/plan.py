@@ -1,18 +1,23 @@
-"""Will it fit on a TPU pod, and how fast could it be? Compiles the whole train step for
-an abstract TPU topology on this machine (no TPU needed; libtpu brings the compiler).
+"""Will it fit on a TPU pod or GPU nodes, and how fast could it be? Compiles the whole train
+step for an abstract TPU topology or set of NVIDIA GPUs on this machine (no TPU or GPU needed:
+libtpu, or JAX's CUDA plugin from `pip install "vishwam[gpu-aot]"`, brings the compiler).
 
     vishwam-plan --preset seed --topology v5p:4x4x4 --mesh fsdp=8,expert=8
     vishwam-plan --preset seed --topology v5p:4x4x4 --search            # try meshes, remat, accum
     vishwam-plan --preset seed --topology v6e:8x8 --batch 64 --seq-len 4096 --json
+    vishwam-plan --preset seed --topology h100:64 --search              # 8 nodes x 8 H100
+    vishwam-plan --preset small --topology h100:8 --dump-hlo small.hlo.txt
 
 Prints per chip: arguments (parameters, AdamW moments, the batch), temporaries,
 outputs, the total against the chip's HBM and whether it fits (total <= --hbm-fraction
 x HBM); the model FLOPs of one step (6N + 12LHQT per token); and a roofline ESTIMATE of
 the step time (FLOPs / bf16 peak vs HBM bytes / bandwidth, published chip figures in
-`vishwam.plan.CHIPS`) with the MFU it implies. Estimates ignore collectives and kernel
-efficiency: they bound, they do not measure. A seed-size compile takes minutes here.
+`vishwam.plan.CHIPS`) with the MFU it implies. Estimates assume ideal kernels and
+perfect overlap: they bound, they do not measure. A seed-size compile takes minutes here.
+GPU topologies: h100:N, h200:N, b200:N, a100:N (8 GPUs per node) or NAME:NODESxGPUS; the
+target descriptions ship with vishwam, --gpu-spec FILE reads another (a GpuTargetConfigProto).
 
-Exit codes: 0 planned (whether or not it fits), 2 bad input or no libtpu.
+Exit codes: 0 planned (whether or not it fits), 2 bad input or no libtpu / CUDA plugin.
 """
 
 import argparse
@@ -36,7 +41,12 @@ def _parse_args(argv):
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", default=None, help="model preset: tiny, small, seed (default seed)")
     model.add_argument("--config", type=Path, help="JSON ModelConfig, or a run's config.json ('model' section)")
-    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:16x16, v6e:8x8")
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:16x16, v6e:8x8; "
+                                                     "or GPUs: h100:64 (8 nodes of 8), h200:8x8, b200:16, a100:8")
+    p.add_argument("--gpu-spec", type=Path, help="GPU target description (GpuTargetConfigProto text) instead of the "
+                                                 "shipped one of the topology's GPU")
+    p.add_argument("--dump-hlo", type=Path, help="write the compiled program's text to this file (with --search: "
+                                                 "a folder, one file per compiled configuration)")
     p.add_argument("--mesh", help="axis sizes, e.g. fsdp=8,expert=8 (default: all chips on fsdp)")
     p.add_argument("--batch", type=int, help="global batch in rows (default: one row per chip)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; run nothing here
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU or GPU; run nothing here
     if args.accum <= 0 or (args.batch is not None and args.batch <= 0) or (args.seq_len is not None
                                                                            and args.seq_len <= 0):
         raise InvalidValueError("--batch, --seq-len and --accum must be positive integers")
@@ -131,9 +141,20 @@ def _run(args) -> int:
         model_config = model_config.replace(remat_policy=args.remat)
 
     from vishwam.config import TrainConfig
-    from vishwam.plan import plan, search_plans, tpu_devices
+    from vishwam.plan import plan, search_plans, topology_devices
 
-    devices = tpu_devices(args.topology)
+    spec = None
+    if args.gpu_spec is not None:
+        if not args.gpu_spec.is_file():
+            raise FileNotFoundError(f"--gpu-spec {args.gpu_spec}: no such file")
+        spec = args.gpu_spec.read_text()
+    if args.dump_hlo is not None and args.search and args.dump_hlo.is_file():
+        raise InvalidValueError(f"--dump-hlo {args.dump_hlo}: with --search it is a folder (one file per compiled "
+                                "configuration), and this is a file")
+    devices = topology_devices(args.topology, spec)
+    hlo_path = args.dump_hlo
+    if hlo_path is not None and not args.search and hlo_path.is_dir():
+        hlo_path = hlo_path / "train_step.hlo.txt"
     seq = args.seq_len or model_config.max_seq_len
     train_config = TrainConfig(batch_size=args.batch or len(devices), seq_len=seq, accum_steps=args.accum,
                                warmup_steps=0, total_steps=1000)
@@ -150,11 +171,12 @@ def _run(args) -> int:
 
         with _ticking("searching", args.json):
             plans = search_plans(model_config, train_config, args.topology, compile_top=args.compile_top,
-                                 hbm_fraction=args.hbm_fraction, progress=progress, devices=devices)
+                                 hbm_fraction=args.hbm_fraction, progress=progress, devices=devices,
+                                 hlo_dir=args.dump_hlo)
     else:
         with _ticking(f"compiling the train step for {args.topology}", args.json):
             plans = [plan(model_config, train_config, args.topology, mesh, hbm_fraction=args.hbm_fraction,
-                          devices=devices)]
+                          devices=devices, hlo_path=hlo_path)]
     if args.json:
         for p in plans:
             print(json.dumps(p.to_json(), sort_keys=True))
@@ -163,8 +185,10 @@ def _run(args) -> int:
           f"{'fits':>4}  {'compile':>7} {'est. s':>9} {'est.MFU':>7}")
     for p in plans:
         print(_row(p))
+    network = f"; collectives of {','.join(plans[0].network_axes)} cross nodes" if plans[0].network_axes else ""
     print(f"\nmodel FLOPs/step {plans[0].model_flops_per_step:.3e}; est. s and est.MFU are roofline ESTIMATES "
-          f"(published peaks, no collectives), not measurements. fits: total <= {args.hbm_fraction:g} x HBM.")
+          f"(published peaks and link bandwidths, perfect overlap), not measurements{network}. fits: total <= "
+          f"{args.hbm_fraction:g} x HBM.")
     return 0
 
 

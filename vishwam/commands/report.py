@@ -18,6 +18,24 @@ trained on), and the learning rate against step. It is a function of the
 stored metrics only (fixed size and PNG metadata, no timestamps), so a run
 opened twice gives the same bytes.
 
+A run of a MoE model also gets `experts.png` in its run directory, from the
+`expert_metrics` table (logged every `log_every` steps): the expert-load heatmap
+(layers x experts, each expert's share of its layer's assignments over the uniform
+share, at the last logged step), the load over steps (one row per layer and expert),
+and the drop rate over steps (per layer, and the step's `dropped_fraction`).
+
+    vishwam-report runs/a runs/b --sql "SELECT db, run_id, min(value) FROM metrics WHERE name = 'loss' GROUP BY ALL"
+
+`--sql` runs one query over the given runs' databases and prints the result as a
+table, instead of the summaries. The i-th database is attached as `db<i>` (`db0.metrics`);
+the names `runs`, `metrics`, `events` and `expert_metrics` are views over all of them
+with a `db` column (`db0`, `db1`, ...) saying which file a row came from. Columns:
+runs(run_id, started_at, updated_at, status, config, host, pid, versions, resumes,
+compiled_memory), metrics(run_id, step, name, value, wall_time), events(run_id, step,
+kind, detail, wall_time), expert_metrics(run_id, step, layer, expert, name, value,
+wall_time) with names `load`, `dropped`, `router_entropy` (expert NULL), `bias`, and
+`val_load`, `val_router_entropy` from evaluations.
+
 Read a live run's database only after the run ends: DuckDB lets one process
 hold the file, and the trainer is that process.
 """
@@ -199,6 +217,81 @@ def plot_runs(series: list[tuple[str, Metrics]], out: Path) -> str:
     return f"plot: wrote {out}"
 
 
+def plot_experts(db_path: Path, run_id: str, metrics: Metrics, out: Path) -> str | None:
+    """Write the expert picture of one run to `out`; None when the run logged no expert statistics."""
+    from vishwam.train.metrics_db import load_expert_metrics
+
+    try:
+        steps, load = load_expert_metrics(db_path, "load", run_id)
+    except KeyError:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        return "experts plot: skipped, matplotlib is not installed (pip install matplotlib)"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, experts = load.shape[1:]
+    fig, (last, over_steps, drops) = plt.subplots(1, 3, figsize=PLOT_INCHES, dpi=PLOT_DPI)
+    image = last.imshow(load[-1] * experts, aspect="auto", cmap="viridis", interpolation="nearest")
+    last.set_title(f"expert load at step {steps[-1]} (1 = uniform)")
+    last.set_xlabel("expert")
+    last.set_ylabel("MoE layer")
+    last.set_yticks(range(layers))
+    fig.colorbar(image, ax=last)
+    rows = load.reshape(len(steps), layers * experts).T * experts  # (layer * expert, steps)
+    half = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) / 2 or 0.5  # each logged step a column
+    image = over_steps.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest",
+                              extent=(steps[0] - half, steps[-1] + half, layers * experts - 0.5, -0.5))
+    for layer in range(1, layers):
+        over_steps.axhline(layer * experts - 0.5, color="white", linewidth=0.8)
+    over_steps.set_yticks([layer * experts + (experts - 1) / 2 for layer in range(layers)],
+                          [f"layer {layer}" for layer in range(layers)])
+    over_steps.set_title(f"load over steps ({experts} experts per layer, top down)")
+    over_steps.set_xlabel("step")
+    fig.colorbar(image, ax=over_steps)
+    try:
+        drop_steps, dropped = load_expert_metrics(db_path, "dropped", run_id)
+        for layer in range(dropped.shape[1]):
+            drops.plot(drop_steps, dropped[:, layer].sum(-1), marker="o" if len(drop_steps) < 20 else None,
+                       markersize=3, label=f"layer {layer}")
+    except KeyError:
+        pass
+    if "dropped_fraction" in metrics:
+        drops.plot(*metrics["dropped_fraction"], color="black", linewidth=0.8, label="dropped_fraction (all layers)")
+    drops.set_title("dropped assignments over steps")
+    drops.set_xlabel("step")
+    drops.set_ylabel("fraction dropped")
+    drops.grid(alpha=0.3)
+    if drops.lines:
+        drops.legend(fontsize=7)
+    else:
+        drops.text(0.5, 0.5, "no drop statistics", transform=drops.transAxes, ha="center", va="center",
+                   fontsize=8, color="gray")
+    fig.suptitle(f"{run_id}: experts")
+    fig.tight_layout()
+    fig.savefig(out, dpi=PLOT_DPI, metadata={"Software": None})
+    plt.close(fig)
+    return f"experts plot: wrote {out}"
+
+
+def sql_table(paths: list[Path], sql: str) -> str:
+    """`sql` over the runs' databases (`vishwam.train.metrics_db.query`), as an aligned text table."""
+    from vishwam.train.metrics_db import query
+
+    files = [path / "metrics.duckdb" if path.is_dir() else path for path in paths]
+    columns, rows = query(files, sql)
+    if not columns:
+        return "(no result)"
+    cells = [[str(c) for c in columns]] + [["NULL" if v is None else _fmt(v) if isinstance(v, float) else str(v)
+                                            for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines + [f"({len(rows)} row{'s' if len(rows) != 1 else ''})"])
+
+
 # -------------------------------------------------------------------- report
 def _open(path: Path, run_id: str | None) -> tuple[Path, Path, dict, int]:
     from vishwam.train.metrics_db import runs
@@ -216,8 +309,8 @@ def _open(path: Path, run_id: str | None) -> tuple[Path, Path, dict, int]:
     return run_dir, db_path, by_id[run_id] if run_id is not None else all_runs[-1], len(all_runs)
 
 
-def _summary(path: Path, run_id: str | None) -> tuple[str, str, Path, Metrics]:
-    """(text, run id, run directory, metrics) of one run (`run_id=None`: the latest in the file)."""
+def _summary(path: Path, run_id: str | None) -> tuple[str, str, Path, Metrics, Path]:
+    """(text, run id, run directory, metrics, database) of one run (`run_id=None`: the latest in the file)."""
     from vishwam.train.metrics_db import events, load_metrics
 
     run_dir, db_path, run, count = _open(path, run_id)
@@ -235,7 +328,7 @@ def _summary(path: Path, run_id: str | None) -> tuple[str, str, Path, Metrics]:
         *_checkpoint_lines(run_dir / "checkpoints"),
         *_event_lines(run_events),
     ]
-    return "\n".join(lines), run["run_id"], run_dir, metrics
+    return "\n".join(lines), run["run_id"], run_dir, metrics, db_path
 
 
 def report(path: Path, run_id: str | None = None, plot_to: Path | None = None,
@@ -249,7 +342,8 @@ def compare(paths: list[Path], run_id: str | None = None, plot_to: Path | None =
     """The summaries of several runs, one after the other, and one picture overlaying them.
 
     The picture goes to `plot_to`, by default `<run dir>/loss.png` for one run and
-    `<first run's parent>/loss-<a>-vs-<b>.png` for several.
+    `<first run's parent>/loss-<a>-vs-<b>.png` for several; each run with expert statistics
+    also gets `<run dir>/experts.png` (`plot_experts`).
     """
     if run_id is not None and len(paths) > 1:
         raise InvalidValueError("--run picks a run inside one database; give one path with it.")
@@ -261,7 +355,10 @@ def compare(paths: list[Path], run_id: str | None = None, plot_to: Path | None =
         first_dir = summaries[0][2]
         plot_to = (first_dir / "loss.png" if len(summaries) == 1
                    else first_dir.parent / ("loss-" + "-vs-".join(s[1] for s in summaries) + ".png"))
-    return text + "\n" + plot_runs([(s[1], s[3]) for s in summaries], plot_to)
+    lines = [plot_runs([(s[1], s[3]) for s in summaries], plot_to)]
+    for _, name, run_dir, metrics, db_path in summaries:
+        lines.append(plot_experts(db_path, name, metrics, run_dir / "experts.png"))
+    return text + "\n" + "\n".join(line for line in lines if line is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,14 +367,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="--sql: " + __doc__.split("`--sql` ")[1].split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, metavar="path",
                         help="run directory or metrics .duckdb file; several are compared")
     parser.add_argument("--run", dest="run_id", help="run id (default: the latest in the file)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: <run dir>/loss.png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the picture")
+    parser.add_argument("--sql", metavar="QUERY",
+                        help="run QUERY over the paths' databases and print the result (see below)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.sql is not None:
+        print(sql_table(args.paths, args.sql))
+        return 0
     print(compare(args.paths, args.run_id, args.plot, plot=not args.no_plot))
     return 0
 

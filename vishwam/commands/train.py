@@ -37,25 +37,24 @@ JAX's persistent compilation cache lives in $VISHWAM_JAX_CACHE (default
 import argparse
 import codecs
 import contextlib
-import json
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from vishwam.cli import add_debug_flag, run_script
+from vishwam.commands._train_run import DEFAULT_PRESET as DEFAULT_PRESET
+from vishwam.commands._train_run import MIN_TOKENIZER_VOCAB as MIN_TOKENIZER_VOCAB
+from vishwam.commands._train_run import (_base_configs, _init_dir, _initial_model, _saved_data, _saved_section,
+                                         _saved_value, _tokenizer)
 from vishwam.errors import InvalidValueError
-from vishwam.files import read_json_object
 
-DEFAULT_PRESET = "small"
 # The main job: sized for a few minutes on a 2-core CPU with the loss clearly falling.
 MAIN_JOB = {"steps": 250, "batch_size": 8, "seq_len": 128, "learning_rate": 2e-3, "warmup_steps": 25,
             "eval_every": 50, "checkpoint_every": 100}
 DEFAULT_VAL_FRACTION = 0.05
-MIN_TOKENIZER_VOCAB = 512  # 256 byte-fallback pieces + 4 specials need room for real pieces
 # The config fields that flags set (field -> argparse dest); the configs validate them, and
 # their errors about one of these fields are reported with the flag and its value.
 TRAIN_FLAGS = {"total_steps": "steps", "batch_size": "batch", "seq_len": "seq_len", "accum_steps": "accum",
@@ -80,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--preset", help=f"ModelConfig preset: tiny, small, seed (default {DEFAULT_PRESET})")
     base.add_argument("--config", type=Path,
                       help="JSON with 'model' and/or 'train' sections (a run's config.json works), or a ModelConfig")
+    base.add_argument("--init-from", type=Path, metavar="PIPELINE_DIR",
+                      help="start from this pipeline's weights (vishwam-upcycle's output, a run's pipeline/): its "
+                      "config.json is the model config and its tokenizer the default; --set may change only how "
+                      "the weights run (dispatch, capacity, losses, remat), not their shapes")
     what.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a ModelConfig field, parsed with the field's type (true/false, none), "
                       "e.g. --set num_layers=2 --set tie_embeddings=false; repeatable")
@@ -224,9 +227,12 @@ def _check_args(args) -> None:
     if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
         raise InvalidValueError(f"--val-fraction {args.val_fraction}: must be in [0, 1) (0 = no validation).")
     for flag, path, kind in (("--config", args.config, "file"), ("--tokenizer", args.tokenizer, "directory"),
-                             ("--teacher", args.teacher, "directory")):
+                             ("--teacher", args.teacher, "directory"), ("--init-from", args.init_from, "directory")):
         if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
             raise FileNotFoundError(f"{flag} {path}: no such {kind}.")
+    if args.init_from is not None and not (_init_dir(args.init_from) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--init-from {args.init_from}: no pipeline there (model.safetensors, config.json, "
+                                "tokenizer/); pass a directory written by vishwam-upcycle or VishwamAIPipeline.save.")
     if args.mesh is not None:
         _parse_mesh(args.mesh)
     if args.profile is not None:
@@ -247,15 +253,6 @@ def _parse_separator(text: str) -> str:
     return separator
 
 
-def _saved_section(run_dir: Path, name: str) -> dict:
-    """A section (`run`, `data`) of a run's config.json; {} when absent or unreadable."""
-    try:
-        section = json.loads((run_dir / "config.json").read_text()).get(name, {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return section if isinstance(section, dict) else {}
-
-
 def _run_settings(args, run_dir: Path, resuming: bool) -> dict:
     """RunConfig fields kept across a resume: the flag when given, else the run's saved value,
     else a new run's default."""
@@ -265,62 +262,6 @@ def _run_settings(args, run_dir: Path, resuming: bool) -> dict:
     saved = _saved_section(run_dir, "run") if resuming else {}
     return {field: flags[field] if flags[field] is not None else saved.get(field, default)
             for field, default in KEPT_ON_RESUME.items()}
-
-
-def _base_configs(args, run_dir: Path) -> tuple[dict, dict, str]:
-    """Model and train dicts before CLI overrides, and where they came from."""
-    from vishwam.config import PRESETS
-
-    saved = run_dir / "config.json"
-    if args.config is not None:
-        data = read_json_object(args.config, what="--config")
-        sectioned = "model" in data or "train" in data
-        model = data.get("model", {}) if sectioned else data
-        train = data.get("train", {}) if sectioned else {}
-        if not isinstance(model, dict) or not isinstance(train, dict):
-            raise InvalidValueError(f"--config {args.config}: the 'model' and 'train' sections must be JSON objects.")
-        return dict(model), dict(train), str(args.config)
-    if saved.exists() and not args.new and not args.preset:
-        data = read_json_object(saved, what="the run's")
-        if not isinstance(data.get("model"), dict) or not isinstance(data.get("train"), dict):
-            raise InvalidValueError(f"{saved} has no 'model' and 'train' sections; it was not written by the trainer "
-                                    "(start over with --new, or choose another --run-dir).")
-        return dict(data["model"]), dict(data["train"]), f"{saved} (resuming)"
-    preset = args.preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise InvalidValueError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}.")
-    return dict(PRESETS[preset]), {}, f"preset {preset!r}"
-
-
-def _saved_data(run_dir: Path) -> tuple[list | None, str | None, float | None]:
-    """The data source, separator and validation fraction a run was started with (its
-    config.json), for a resume that does not give them again."""
-    data = _saved_section(run_dir, "data")
-    source, separator, fraction = data.get("source"), data.get("separator"), data.get("val_fraction")
-    return (source if isinstance(source, list) else None, separator if isinstance(separator, str) else None,
-            fraction if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else None)
-
-
-def _tokenizer(args, run_dir: Path, source, vocab_size: int, *, exact: bool = False):
-    """`source`: a `vishwam.data.Source`."""
-    from vishwam.tokenizer import VishwamAITokenizer
-
-    if args.tokenizer is not None:
-        return VishwamAITokenizer.from_pretrained(args.tokenizer), f"{args.tokenizer}"
-    if (run_dir / "tokenizer" / "tokenizer.model").exists() and not args.new:
-        return VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"), f"{run_dir / 'tokenizer'}"
-    start = time.perf_counter()
-    documents = source.read().documents
-    if not any(documents):
-        raise InvalidValueError(f"--data {' '.join(args.data or [])}: no text to train a tokenizer on (the files are empty).")
-    target = args.vocab_size or (vocab_size if exact else max(vocab_size, MIN_TOKENIZER_VOCAB))
-    # Trained into a scratch folder: the trainer saves it into the run once training starts,
-    # so a run refused later leaves no half-made run directory behind.
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = VishwamAITokenizer.train(documents, Path(scratch) / "tokenizer.model", vocab_size=target,
-                                             hard_vocab_limit=False, input_kind="documents")
-    return tokenizer, (f"trained here: vocab {tokenizer.vocab_size} on {len(documents)} documents "
-                       f"in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None, *, callbacks=(), own_process: bool = False) -> int:
@@ -377,6 +318,8 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
         name = args.name
     elif args.teacher is not None:
         name = f"{args.teacher.absolute().name}-student"
+    elif args.init_from is not None:
+        name = _init_dir(args.init_from).absolute().name
     else:
         name = args.preset or (args.config.stem if args.config else DEFAULT_PRESET)
     run_dir = (args.run_dir or args.runs / name).absolute()
@@ -384,6 +327,11 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
     set_fields = dict(ModelConfig.parse_override(item) for item in args.set)
     model_dict.update(set_fields)
     resuming = (run_dir / "config.json").exists() and not args.new
+    if resuming and args.init_from is None and args.config is None and not args.preset:
+        # A run started from weights restarts from them until it has a checkpoint (then the checkpoint wins).
+        started_from = _saved_value(run_dir, "init_from")
+        if isinstance(started_from, str) and Path(started_from).is_dir():
+            args.init_from = Path(started_from)
     saved_source, saved_separator, saved_fraction = _saved_data(run_dir) if resuming else (None, None, None)
     source = list(args.data) if args.data is not None else saved_source
     val_fraction = next(v for v in (args.val_fraction, saved_fraction, DEFAULT_VAL_FRACTION) if v is not None)
@@ -435,6 +383,11 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
             teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
     if teacher_tokenizer is not None and args.tokenizer is None:
         tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
+    elif args.init_from is not None and args.tokenizer is None:
+        from vishwam.tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(_init_dir(args.init_from) / "tokenizer")
+        tok_origin = f"{_init_dir(args.init_from) / 'tokenizer'} (the initial weights')"
     else:
         tokenizer, tok_origin = _tokenizer(args, run_dir, text, int(model_dict.get("vocab_size") or 0),
                                            exact="vocab_size" in set_fields)
@@ -443,10 +396,18 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
         raise InvalidValueError(f"--set vocab_size={set_fields['vocab_size']}: the tokenizer ({tok_origin}) has "
                                 f"{vocab} pieces, and the model's vocabulary must match it; drop --set vocab_size "
                                 "(use --vocab-size N to train a tokenizer of N pieces).")
-    if model_dict.get("vocab_size") not in (None, vocab):
-        tok_origin += f"; its vocabulary ({vocab}) replaces the config's vocab_size={model_dict['vocab_size']}"
-    model_dict["vocab_size"] = vocab
+    # Existing weights (--init-from's, or the checkpoint of a run resumed from its own config.json)
+    # fix the vocabulary; the tokenizer must fit in it.
+    if args.init_from is not None or (resuming and args.config is None and not args.preset):
+        if vocab > int(model_dict["vocab_size"]):
+            raise InvalidValueError(f"the tokenizer ({tok_origin}) has {vocab} pieces, more than the model's "
+                                    f"vocab_size={model_dict['vocab_size']}; use the model's own tokenizer.")
+    else:
+        if model_dict.get("vocab_size") not in (None, vocab):
+            tok_origin += f"; its vocabulary ({vocab}) replaces the config's vocab_size={model_dict['vocab_size']}"
+        model_dict["vocab_size"] = vocab
     model_config = ModelConfig.from_dict(model_dict)
+    initial = _initial_model(args, model_config)
 
     if resuming:
         # A resume the checkpoint refuses is refused before any data is read or cached.
@@ -478,13 +439,14 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
         say(f"data:      {'built-in corpus' if source is None else ' '.join(source)}: "
             f"{train_iter.rows.num_tokens:,} train tokens, "
             f"{0 if val_iter is None else val_iter.rows.num_tokens:,} validation tokens")
-        # Abstract: the trainer creates the parameters in their shardings from the seed.
-        pipeline = VishwamAIPipeline(abstract_model(model_config), tokenizer)
+        # Abstract unless --init-from: the trainer creates the parameters in their shardings from the seed.
+        pipeline = VishwamAIPipeline(initial, tokenizer)
         trainer = VishwamAITrainer(
             pipeline, train_config, train_iter, val_iter, run=run_config, teacher=teacher, callbacks=callbacks,
             extra_config={"data": {"source": "default corpus" if source is None else source,
                                    "separator": separator, "val_fraction": val_fraction},
-                          "teacher_run": None if args.teacher is None else str(args.teacher.absolute())})
+                          "teacher_run": None if args.teacher is None else str(args.teacher.absolute()),
+                          "init_from": None if args.init_from is None else str(_init_dir(args.init_from).absolute())})
         try:
             result = trainer.train()
         except IncompatibleConfigError as error:

@@ -19,6 +19,7 @@ Fp8Target = Literal["none", "attention", "mlp", "all"]
 Fp8Scaling = Literal["tensor", "block"]
 QkNorm = Literal["none", "head", "full"]
 RopeScalingType = Literal["none", "linear", "dynamic", "llama3", "yarn"]
+AttentionType = Literal["gqa", "mla"]
 
 # Choice fields are annotated `str` on the dataclass so that a bad value reaches
 # `_validate` (a ValueError naming the field) rather than a run-time type checker.
@@ -36,6 +37,7 @@ _CHOICES = {
     "fp8_scaling": Fp8Scaling,
     "qk_norm": QkNorm,
     "rope_scaling": RopeScalingType,
+    "attention": AttentionType,
 }
 
 
@@ -56,6 +58,31 @@ class ModelConfig(JsonConfig):
     """Number of transformer blocks."""
     num_heads: int = 32
     """Query heads per attention layer."""
+    attention: str = "gqa"
+    """The attention layer: `gqa` (q/k/v projections of `head_dim` per head, `num_kv_heads`
+    key/value heads: multi-head, grouped-query or multi-query attention) or `mla` (DeepSeek-V2/V3's
+    multi-head latent attention: low-rank q and kv projections, `q_lora_rank`, `kv_lora_rank`,
+    `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`; its KV cache holds per token only the
+    kv latent and the one shared RoPE key). `mla` ignores `num_kv_heads` and `head_dim`."""
+    q_lora_rank: int | None = None
+    """`mla`: rank of the query compression (`x -> q_a -> RMSNorm -> q_b`); `None` projects the
+    queries straight from the hidden state (DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 512
+    """`mla`: width of the kv latent (`x -> kv_a -> RMSNorm -> kv_b` gives every head's key and
+    value); what the KV cache stores per token and layer, with the RoPE key."""
+    qk_nope_head_dim: int = 128
+    """`mla`: the part of each query and key head without RoPE (up-projected from the latents)."""
+    qk_rope_head_dim: int = 64
+    """`mla`: the rotary part of each query head, and of the one key every head shares
+    (projected straight from the hidden state, not from the latent)."""
+    v_head_dim: int = 128
+    """`mla`: width of each value head."""
+    rope_interleave: bool = False
+    """`mla`: the rotary dimensions of q and k come from their projections as interleaved pairs
+    `(x0, x1), (x2, x3), ...` (DeepSeek's checkpoints, HF `rope_interleave`) rather than halves."""
+    rope_mscale_all_dim: float = 0.0
+    """`mla` with `yarn`: DeepSeek's `mscale_all_dim`; the softmax scale is multiplied by
+    `(0.1 * rope_mscale_all_dim * ln(rope_factor) + 1) ** 2` (0 = unchanged)."""
     num_kv_heads: int | None = None
     """Key/value heads (GQA). `None` means `num_heads` (plain multi-head attention)."""
     head_dim: int | None = None
@@ -200,6 +227,16 @@ class ModelConfig(JsonConfig):
     """Tile size of block-wise fp8 scaling."""
     scan_layers: bool = True
     """Run the stacked layers with `jax.lax.scan`; False unrolls (debugging)."""
+    mtp_depth: int = 0
+    """DeepSeek-V3's multi-token prediction (HF `num_nextn_predict_layers`): the number of MTP
+    modules trained beside the model. Module k combines module k-1's hidden states (the model's
+    final ones for k = 1) with the embedding of the token k ahead, runs one block (of the kind of
+    the model's last layer) and predicts the token k + 1 ahead through the model's own embedding
+    and LM head (`vishwam.model.mtp`). The train step adds their loss; inference leaves them
+    out. 0 = none (no parameters)."""
+    mtp_loss_weight: float = 0.3
+    """Weight of the MTP loss: `mtp_loss_weight` times the mean over depths of each depth's
+    cross-entropy (DeepSeek-V3's lambda: 0.3, then 0.1 late in training)."""
 
     def __post_init__(self):
         self._validate()
@@ -212,6 +249,25 @@ class ModelConfig(JsonConfig):
     @property
     def dim_per_head(self) -> int:
         return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one query/key head: `dim_per_head`, or MLA's `qk_nope_head_dim + qk_rope_head_dim`."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.dim_per_head
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of one value head: `dim_per_head`, or MLA's `v_head_dim`."""
+        return self.v_head_dim if self.is_mla else self.dim_per_head
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The rotated width of a query/key head: `dim_per_head`, or MLA's `qk_rope_head_dim`."""
+        return self.qk_rope_head_dim if self.is_mla else self.dim_per_head
 
     @property
     def expert_ffn_dim(self) -> int:
@@ -293,10 +349,11 @@ class ModelConfig(JsonConfig):
             if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
                 fail("rope_high_freq_factor", f"llama3 needs rope_high_freq_factor > rope_low_freq_factor > 0, got "
                      f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}.")
-            if self.rope_scaling == "dynamic" and self.dim_per_head <= 2:
-                fail("head_dim", f"dynamic RoPE scaling needs head_dim > 2, got {self.dim_per_head}.")
+            if self.rope_scaling == "dynamic" and self.rope_head_dim <= 2:
+                fail("head_dim", f"dynamic RoPE scaling needs a rotated head width > 2, got {self.rope_head_dim}.")
             if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
                 fail("rope_attention_factor", f"must be > 0 or None, got {self.rope_attention_factor}.")
+        self._validate_mla(fail)
         if self.num_shared_experts < 0:
             fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}.")
         if self.shared_expert_gate and self.num_shared_experts == 0:
@@ -312,10 +369,39 @@ class ModelConfig(JsonConfig):
                  f"experts_per_token={self.experts_per_token}; raise topk_groups or lower n_groups.")
         if not self.routed_scaling_factor > 0:
             fail("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}.")
+        if not 0 <= self.mtp_depth < self.max_seq_len:
+            fail("mtp_depth", f"must be in [0, max_seq_len={self.max_seq_len}), got {self.mtp_depth}; "
+                 "0 turns multi-token prediction off.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter", "init_std",
-                     "aux_free_bias_rate"):
+                     "aux_free_bias_rate", "mtp_loss_weight"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}.")
+
+    def _validate_mla(self, fail):
+        if not self.is_mla:
+            changed = [name for name in ("q_lora_rank", "rope_interleave", "rope_mscale_all_dim")
+                       if getattr(self, name) != ModelConfig.__dataclass_fields__[name].default]
+            if changed:
+                fail(changed[0], "is an option of multi-head latent attention; set attention='mla' or leave it "
+                     "at its default.")
+            return
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, f"must be a positive integer, got {value!r}.")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            fail("q_lora_rank", f"must be a positive integer or None, got {self.q_lora_rank!r}.")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", f"rotary embeddings need an even width, got {self.qk_rope_head_dim}.")
+        if self.kv_heads != self.num_heads:
+            fail("num_kv_heads", f"multi-head latent attention has a key and value per head: leave num_kv_heads "
+                 f"None (or {self.num_heads}), got {self.num_kv_heads}.")
+        if self.qk_norm != "none" or self.qkv_bias:
+            fail("qk_norm", f"qk_norm={self.qk_norm!r} and qkv_bias={self.qkv_bias} are options of attention='gqa'; "
+                 "MLA normalises its latents instead: use 'none' and False.")
+        if self.rope_mscale_all_dim < 0 or (self.rope_mscale_all_dim and self.rope_scaling != "yarn"):
+            fail("rope_mscale_all_dim", f"must be >= 0 and needs rope_scaling='yarn', got {self.rope_mscale_all_dim} "
+                 f"with {self.rope_scaling!r}.")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -363,5 +449,30 @@ PRESETS: dict[str, dict[str, Any]] = {
                            capacity_factor=None, router_aux_loss_coef=0.001, router_z_loss_coef=0.0,
                            load_balance_loss="hf", param_dtype="float32", compute_dtype="bfloat16",
                            remat_policy="full"),
+    # DeepSeek-V3: multi-head latent attention, 3 dense layers then 256 experts top-8 of FFN 2048
+    # with one shared expert, sigmoid scores limited to 4 of 8 groups, scaled by 2.5, the aux-free
+    # bias (as HF's e_score_correction_bias) and the sequence-wise balance loss (alpha 1e-4), yarn
+    # RoPE (x40 over 4096); 671B total, 37B active (MTP modules not counted, as published).
+    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128, ffn_dim=18432,
+                        moe_ffn_dim=2048, num_experts=256, experts_per_token=8, first_dense_layers=3,
+                        num_shared_experts=1, router_type="sigmoid", n_groups=8, topk_groups=4,
+                        routed_scaling_factor=2.5, aux_free_bias=True, load_balance_loss="sequence",
+                        router_aux_loss_coef=0.0001, router_z_loss_coef=0.0, attention="mla", q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        rope_interleave=True, rope_theta=10000.0, rope_scaling="yarn", rope_factor=40.0,
+                        rope_original_max_seq_len=4096, rope_attention_factor=1.0, rope_mscale_all_dim=1.0,
+                        max_seq_len=163840, capacity_factor=None, param_dtype="float32",
+                        compute_dtype="bfloat16", remat_policy="full"),
+    # DeepSeek-V2-Lite: MLA without query compression, 1 dense layer then 64 experts top-6 of FFN 1408
+    # with two shared experts, softmax routing without renormalisation; 15.7B total, 2.4B active.
+    "deepseek-v2-lite": dict(vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16, ffn_dim=10944,
+                             moe_ffn_dim=1408, num_experts=64, experts_per_token=6, first_dense_layers=1,
+                             num_shared_experts=2, router_renormalize=False, load_balance_loss="sequence",
+                             router_aux_loss_coef=0.001, router_z_loss_coef=0.0, attention="mla",
+                             q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                             v_head_dim=128, rope_interleave=True, rope_theta=10000.0, rope_scaling="yarn",
+                             rope_factor=40.0, rope_original_max_seq_len=4096, rope_attention_factor=1.0,
+                             rope_mscale_all_dim=0.707, max_seq_len=163840, capacity_factor=None,
+                             param_dtype="float32", compute_dtype="bfloat16", remat_policy="full"),
 }
 

@@ -74,7 +74,7 @@ class TrainConfig(JsonConfig):
     """Sequence positions per chunk of the fused LM head + cross-entropy
     (`vishwam.train.losses.chunked_lse_and_target`): the train and eval steps never hold
     more than `[batch, chunk, vocab]` logits. `None` = one `[batch, seq, vocab]` logits
-    array (also what distillation uses, since the KL needs the student's full logits)."""
+    array. Distillation chunks its KL the same way (`chunked_distillation`)."""
     nan_policy: NanPolicy = "stop"
     """On a non-finite loss or gradient: `stop` applies the step and only reports it
     (the runner decides what to do); `skip` leaves the whole train state unchanged."""

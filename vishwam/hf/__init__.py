@@ -1,9 +1,10 @@
 """HuggingFace interop: transformers safetensors checkpoints in and out, and their tokenizers.
 
-Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints
+Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 checkpoints
 (`SUPPORTED_ARCHITECTURES`) load as an equivalent `VishwamAI` and save back in a form
 transformers loads. The arithmetic already matches (RMSNorm, rotate-half RoPE and its
-scalings, GQA, q/k norms, SwiGLU, the families' windows, routing and shared experts); only
+scalings, GQA, q/k norms, latent attention, SwiGLU, the families' windows, routing and shared
+experts); only
 the layouts differ (`vishwam.hf.tensor_map`). Each family's own facts are one module of
 `vishwam.hf.families`.
 

@@ -84,6 +84,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = None) -> ModelConfig:
         fields.update(num_experts=1, experts_per_token=1)
     else:
         fields.update(family.moe_fields(hf, get))
+    if family.own_fields is not None:
+        fields.update(family.own_fields(hf, get))
     return ModelConfig(**fields)
 
 
@@ -101,7 +103,7 @@ def config_to_hf(config: ModelConfig, *, token_ids: Mapping[str, int] | None = N
     """
     family = family_for(config)
     _check_exportable(config, family)
-    if config.is_moe and config.load_balance_loss != "hf":
+    if config.is_moe and family.balance_loss is not None and config.load_balance_loss != family.balance_loss:
         warnings.warn(f"config_to_hf: the model trained with load_balance_loss={config.load_balance_loss!r}; its "
                       f"router_aux_loss_coef={config.router_aux_loss_coef} is written as it is, and transformers "
                       "weighs its own definition ('hf') with it.", stacklevel=2)
@@ -203,6 +205,8 @@ def _rope_scaling_to_hf(config: ModelConfig) -> dict[str, Any] | None:
                        beta_slow=config.rope_beta_slow, truncate=config.rope_truncate)
         if config.rope_attention_factor is not None:
             scaling["attention_factor"] = config.rope_attention_factor
+        if config.rope_mscale_all_dim:
+            scaling["mscale_all_dim"] = config.rope_mscale_all_dim
     return scaling
 
 

@@ -34,8 +34,9 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-# Buffers that old transformers versions saved; recomputed, never needed.
-_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
+# Buffers that old transformers versions saved (recomputed, never needed), and the copies of the shared
+# embedding and head that DeepSeek-V3 stores in each multi-token prediction layer (the model's own are read).
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$|^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What earlier saves may have left (replaced by a new save): `model.safetensors`, shards, index.
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
@@ -147,14 +148,17 @@ def load_hf_checkpoint(
     folder = Path(directory)
     hf = _read_hf_config(folder)
     config = config_from_hf(hf, dtype=dtype)
-    abstract = abstract_model(config)
-    pieces = _tensor_map(abstract, family_of(hf))
+    family = family_of(hf)
     if mesh is not None and partition is None:
         def partition(path, shape):
             return partition_spec(path, shape, mesh)
 
     with ExitStack() as stack:
         checkpoint = _Checkpoint(folder, stack)
+        if family.mtp:
+            config = config.replace(mtp_depth=_stored_mtp_depth(checkpoint, config.num_layers))
+        abstract = abstract_model(config)
+        pieces = _tensor_map(abstract, family)
         _check_tensors(checkpoint, pieces, config)
         by_leaf: dict[str, list[_Piece]] = {}
         for piece in pieces:
@@ -181,6 +185,16 @@ def load_hf_checkpoint(
     return combine_arrays(jax.tree_util.tree_unflatten(treedef, arrays), static), config
 
 
+def _stored_mtp_depth(checkpoint: _Checkpoint, num_layers: int) -> int:
+    """How many multi-token prediction modules the checkpoint stores: the layers from
+    `num_layers` on that have an `eh_proj` (config.json's `num_nextn_predict_layers` is not
+    trusted: transformers writes 1 without saving any)."""
+    depth = 0
+    while f"model.layers.{num_layers + depth}.eh_proj.weight" in checkpoint.files:
+        depth += 1
+    return depth
+
+
 def _check_tensors(checkpoint: _Checkpoint, pieces: list[_Piece], config: ModelConfig) -> None:
     """Every expected tensor present with its shape and a float dtype, nothing else
     (before any data is read). `lm_head.weight` next to a tied embedding is allowed
@@ -197,6 +211,12 @@ def _check_tensors(checkpoint: _Checkpoint, pieces: list[_Piece], config: ModelC
     for name in extra:
         if not _IGNORED.search(name):
             problems.append(f"unexpected {name} {list(checkpoint.describe(name)[0])}")
+    past = f"model.layers.{config.num_layers + config.mtp_depth}."
+    if any(name.startswith(past) for name in extra):
+        problems.insert(0, f"{past}* is a layer past num_hidden_layers={config.num_layers}"
+                           f"{f' and {config.mtp_depth} multi-token prediction layers' if config.mtp_depth else ''}: "
+                           "vishwam reads such layers only as DeepSeek-V3's multi-token prediction modules, each with "
+                           "its eh_proj; drop the tensors (transformers' save_pretrained does)")
     for name in sorted(set(expected) & present, key=_natural):
         shape, dtype = checkpoint.describe(name)
         if shape != expected[name]:
@@ -255,7 +275,7 @@ def save_hf_checkpoint(
     hf = config_to_hf(config, token_ids=token_ids)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    pieces = _tensor_map(model, family_for(config))
+    pieces = _tensor_map(model, family_for(config), mtp_copies=True)
     leaves = dict(_leaf_paths(model))
     limit = _parse_size(max_shard_size)
     shards = _plan_shards(pieces, leaves, limit)

@@ -37,6 +37,9 @@ from vishwam.kernels._masking import (
     window_q_stop,
 )
 
+KERNEL_NAMES = ("flash_attention_fwd", "flash_attention_dkdv", "flash_attention_dq")
+"""The kernels' `pallas_call` names (forward, dk/dv, dq): how they show in a compiled program."""
+
 _F32 = jnp.float32
 _MIN_TILE = 16  # smallest M/N/K that Triton's dot accepts
 # Untuned (no GPU measurement yet): the FlashAttention-2 Triton tutorial uses
@@ -318,7 +321,7 @@ def _forward(st: _Static, q, k, v, ex: _Extras):
         ],
         compiler_params=st.compiler_params(),
         interpret=st.interpret,
-        name="flash_attention_fwd",
+        name=KERNEL_NAMES[0],
     )(q, k, v, *_extras_args(st, ex))
 
 
@@ -446,7 +449,7 @@ def _backward(st: _Static, res, do):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=st.compiler_params(),
         interpret=st.interpret,
-        name="flash_attention_dq",
+        name=KERNEL_NAMES[2],
     )(q, k, v, do, lse, delta, *extras)
 
     group_q_spec = pl.BlockSpec((None, lq, g, dp), lambda j, b, hk: (b, 0, hk, 0))
@@ -474,7 +477,7 @@ def _backward(st: _Static, res, do):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=st.compiler_params(),
         interpret=st.interpret,
-        name="flash_attention_dkdv",
+        name=KERNEL_NAMES[1],
     )(q, k, v, do, lse, delta, *extras)
     return dq, dk, dv, jax.tree.map(lambda _: None, ex)
 

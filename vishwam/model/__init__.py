@@ -5,6 +5,8 @@
 - `VishwamAI(config, *, key)`: the model; `model(tokens)` gives `(logits, aux)`,
   `features`/`logits` the same in two halves, `decode` the KV-cache forward.
 - `KVCache`: preallocated keys and values of every layer.
+- `vishwam.model.mtp`: DeepSeek-V3's multi-token prediction modules (`ModelConfig.mtp_depth`),
+  trained beside the model and left out at inference.
 - `abstract_model(config)`: the model as `jax.ShapeDtypeStruct`s (nothing allocated).
 - `count_parameters(config)`: total, active-per-token and routed parameter counts;
   `parameter_counts_closed_form(config)`: the same from formulae (an independent check).

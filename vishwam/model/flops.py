@@ -22,12 +22,15 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     `N` counts the parameters a token uses (top-k experts only, LM head included,
     embedding lookup excluded; a tied embedding counts once, as the head),
     `L` layers, `H` heads of width `Q`, `T` the sequence length (attention over
-    the full, not the causal half, square as in PaLM). Recomputation (remat) is not
-    counted: this is the "model FLOPs" of MFU.
+    the full, not the causal half, square as in PaLM). Multi-head latent attention's
+    query/key and value heads differ in width: `12 Q` is `6 (qk_head_dim + v_head_dim)`
+    there (the scores and the weighted sum of the expanded heads, as trained).
+    Recomputation (remat) is not counted: this is the "model FLOPs" of MFU.
     """
     active = count_parameters(config)["active"]
     lookup = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
-    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
+    head_widths = config.qk_head_dim + config.value_head_dim  # 2 Q for multi-head / grouped-query attention
+    attention = 6 * config.num_layers * config.num_heads * head_widths * seq_len
     return 6.0 * (active - lookup) + attention
 
 
@@ -43,17 +46,27 @@ class Chip:
     hbm_bandwidth: float | None = None
     """HBM bytes/s per chip."""
     ici_bandwidth: float | None = None
-    """Bidirectional inter-chip bytes/s per chip (all links together)."""
+    """Bidirectional inter-chip bytes/s per chip (all links together): TPU ICI, GPU NVLink
+    (within a node)."""
+    network_bandwidth: float | None = None
+    """Bidirectional bytes/s per chip between nodes (GPUs: the node's InfiniBand NICs
+    divided by its GPUs); None where the chip-to-chip links span the whole slice (TPU)."""
 
 
 # Matched (case-insensitively) as substrings of `device_kind`, first match wins, so
 # the more specific names come first. TPU figures: Google Cloud TPU system
 # architecture pages (v4, v5e, v5p, v6e); GPU figures: NVIDIA data sheets (dense,
-# without sparsity).
+# without sparsity): H100 SXM and H200 SXM product pages (989 TFLOP/s bf16 dense = half
+# the 1,979 with sparsity; NVLink 4 900 GB/s), HGX B200 (36 PFLOP/s fp16 sparse over 8
+# GPUs = 2.25 dense per GPU; NVLink 5 1.8 TB/s; 180 GB and 7.7 TB/s of HBM3e per GPU),
+# A100 SXM (312 TFLOP/s, NVLink 3 600 GB/s). Between nodes: the DGX H100, H200 and B200
+# user guides' eight ConnectX-7 400 Gb/s NICs per 8-GPU node (50 GB/s each way per GPU,
+# 100 GB/s both ways), DGX A100's eight 200 Gb/s HDR NICs (50 GB/s both ways per GPU).
 CHIPS: tuple[Chip, ...] = (
-    Chip("H200", 989e12, 141 * 10**9, 4.8e12, 900e9),  # NVLink 4
-    Chip("H100", 989e12, 80 * 10**9, 3.35e12, 900e9),
-    Chip("A100", 312e12, 80 * 10**9, 2.0e12, 600e9),
+    Chip("H200", 989e12, 141 * 10**9, 4.8e12, 900e9, 100e9),
+    Chip("H100", 989e12, 80 * 10**9, 3.35e12, 900e9, 100e9),
+    Chip("B200", 2250e12, 180 * 10**9, 7.7e12, 1800e9, 100e9),
+    Chip("A100", 312e12, 80 * 10**9, 2.0e12, 600e9, 50e9),
     Chip("L40S", 362e12, 48 * 10**9, 0.864e12),
     Chip("L4", 121e12, 24 * 10**9, 0.3e12),
     Chip("A10", 125e12, 24 * 10**9, 0.6e12),

@@ -15,6 +15,7 @@ from ..nn.moe import BalanceSums, pooled_balance_loss, split_experts
 from ..nn.norm import RMSNorm, TPULayerNorm, make_norm
 from ..nn.precision import Precision, dtype_from_name
 from ..nn.stack import Stage, build_stages, run_stages, split_layers, split_moe_rows, unstack_layers
+from .mtp import MTPModule, build_mtp, run_mtp
 
 
 class KVCache(eqx.Module):
@@ -22,10 +23,14 @@ class KVCache(eqx.Module):
 
     Head-major, so that a decode step's attention is a batched matmul over each kv
     head's `[max_len, head_dim]` slab (on XLA:CPU about 6x faster than over the
-    sequence-major layout, which needs a transpose per step)."""
+    sequence-major layout, which needs a transpose per step).
 
-    k: Float[Array, "layers batch kv_heads max_len head_dim"]
-    v: Float[Array, "layers batch kv_heads max_len head_dim"]
+    Multi-head latent attention (`attention="mla"`) caches the compressed form instead:
+    `k` is `[layers, batch, 1, max_len, kv_lora_rank + qk_rope_head_dim]` (each token's kv
+    latent and shared rotary key, `vishwam.nn.mla`) and `v` is empty (`[..., 0]`)."""
+
+    k: Float[Array, "layers batch kv_heads max_len k_dim"]
+    v: Float[Array, "layers batch kv_heads max_len v_dim"]
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -34,8 +39,17 @@ class KVCache(eqx.Module):
                 f"KVCache: max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}."
             )
         dtype = dtype_from_name(config.compute_dtype) if dtype is None else dtype
-        shape = (config.num_layers, batch, config.kv_heads, max_len, config.dim_per_head)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        k_shape, v_shape = cache_shapes(config, batch, max_len)
+        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
+
+
+def cache_shapes(config: ModelConfig, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of `KVCache.k` and `KVCache.v` for `config` (see `KVCache`)."""
+    if config.is_mla:
+        return ((config.num_layers, batch, 1, max_len, config.kv_lora_rank + config.qk_rope_head_dim),
+                (config.num_layers, batch, 1, max_len, 0))
+    shape = (config.num_layers, batch, config.kv_heads, max_len, config.dim_per_head)
+    return shape, shape
 
     @property
     def max_len(self) -> int:
@@ -49,6 +63,8 @@ def _empty_aux(config: ModelConfig) -> dict:
         "router_z_loss": zero,
         "expert_load": jnp.zeros((0, config.num_experts), jnp.float32),
         "dropped_fraction": zero,
+        "expert_dropped": jnp.zeros((0, config.num_experts), jnp.float32),
+        "router_entropy": jnp.zeros((0,), jnp.float32),
     }
 
 
@@ -57,10 +73,11 @@ def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
 
     Losses and the dropped fraction are means over MoE layers, except the `hf` balance
     loss, which pools every layer's tokens (`pooled_balance_loss` of the layers' summed
-    `BalanceSums`, as transformers computes it); `expert_load` is
-    `[num_moe_layers, num_experts]` in layer order.
+    `BalanceSums`, as transformers computes it); `expert_load` and `expert_dropped` are
+    `[num_moe_layers, num_experts]`, `router_entropy` `[num_moe_layers]`, in layer order.
     """
     loads, lb, z, dropped, sums = [], [], [], [], []
+    expert_dropped, entropy, bias = [], [], []
     for stage_auxes in per_stage:
         if not stage_auxes:
             continue
@@ -70,6 +87,10 @@ def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
         lb.append(stacked["load_balancing_loss"].reshape(-1))
         z.append(stacked["router_z_loss"].reshape(-1))
         dropped.append(stacked["dropped_fraction"].reshape(-1))
+        expert_dropped.append(stacked["expert_dropped"].reshape(-1, config.num_experts))
+        entropy.append(stacked["router_entropy"].reshape(-1))
+        if "router_bias" in stacked:
+            bias.append(stacked["router_bias"].reshape(-1, config.num_experts))
         if "balance_counts" in stacked:
             sums.append(BalanceSums(*(jnp.sum(stacked[name].reshape(-1, *shape), axis=0) for name, shape in
                                       (("balance_counts", (config.num_experts,)),
@@ -80,11 +101,15 @@ def _merge_aux(config: ModelConfig, per_stage: list[list[dict]]) -> dict:
         balance = pooled_balance_loss(jax.tree_util.tree_map(lambda *xs: sum(xs), *sums), config.num_experts)
     else:
         balance = jnp.mean(jnp.concatenate(lb))
+    stats = {"router_bias": jnp.concatenate(bias)} if bias else {}
     return {
         "load_balancing_loss": balance,
         "router_z_loss": jnp.mean(jnp.concatenate(z)),
         "expert_load": jnp.concatenate(loads),
         "dropped_fraction": jnp.mean(jnp.concatenate(dropped)),
+        "expert_dropped": jnp.concatenate(expert_dropped),
+        "router_entropy": jnp.concatenate(entropy),
+        **stats,
     }
 
 
@@ -100,6 +125,7 @@ class VishwamAI(eqx.Module):
     stages: tuple[Stage, ...]
     final_norm: RMSNorm | TPULayerNorm
     lm_head: Linear | None
+    mtp: tuple[MTPModule, ...] | None
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
@@ -113,6 +139,9 @@ class VishwamAI(eqx.Module):
             else Linear(config.hidden_size, config.vocab_size, use_bias=False, init_std=config.init_std,
                         dtype=dtype, key=k_head)
         )
+        # A key of its own (folded, not split from `key`), so that a model without MTP draws
+        # exactly the weights it drew before MTP existed.
+        self.mtp = build_mtp(config, key=jax.random.fold_in(key, 1))
         self.config = config
 
     # ------------------------------------------------------------------ helpers
@@ -155,7 +184,9 @@ class VishwamAI(eqx.Module):
 
         Returns:
             `(logits, aux)`; aux has `load_balancing_loss`, `router_z_loss`,
-            `dropped_fraction` (means over MoE layers) and `expert_load`
+            `dropped_fraction` (means over MoE layers), `expert_load` and `expert_dropped`
+            `[num_moe_layers, num_experts]`, `router_entropy` `[num_moe_layers]`, and with
+            `aux_free_bias` the selection bias the routing used, `router_bias`
             `[num_moe_layers, num_experts]`.
         """
         hidden, aux = self.features(tokens, segment_ids=segment_ids, positions=positions, token_mask=token_mask,
@@ -171,6 +202,7 @@ class VishwamAI(eqx.Module):
         token_mask: Bool[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
+        mtp: bool = False,
     ) -> tuple[Float[Array, "batch seq hidden"], dict]:
         """Final hidden states (after the final norm, in the compute dtype) and the MoE aux pytree.
 
@@ -184,10 +216,18 @@ class VishwamAI(eqx.Module):
                 The train step passes the batch's non-padding tokens.
             key: enables dropout and router jitter (training); `None` disables them.
             inference: no dropout/jitter, and MoE layers route without dropping tokens.
+            mtp: also run the multi-token prediction modules (`config.mtp_depth > 0`; the
+                train step asks for them): aux then has `mtp`, a dict of `hidden`
+                `[batch, mtp_depth, seq, hidden]` (each depth's normed hidden states, position
+                i predicting token `i + depth + 1` through `head_weight`) and the MoE losses of
+                the modules' blocks (`vishwam.model.mtp.run_mtp`).
 
         Returns:
             `(hidden, aux)` with aux as in `__call__`.
         """
+        if mtp and self.mtp is None:
+            raise InvalidValueError("VishwamAI.features(mtp=True): this model has no multi-token prediction "
+                                    "modules; build it with ModelConfig(mtp_depth=D > 0) or drop mtp=True.")
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise InvalidValueError(f"VishwamAI: tokens must be integer ids [batch, seq], got {tokens.dtype} of shape "
                                     f"{tuple(tokens.shape)}; add a batch axis with tokens[None] / cast with .astype(jnp.int32).")
@@ -212,9 +252,18 @@ class VishwamAI(eqx.Module):
             return x, auxes
 
         xs = [None] * len(self.stages) if layer_keys is None else split_layers(self.stages, layer_keys)
-        x, per_stage = run_stages(self.stages, body, self._embed(tokens), xs, remat=self.config.remat_policy,
+        embedded = self._embed(tokens)
+        x, per_stage = run_stages(self.stages, body, embedded, xs, remat=self.config.remat_policy,
                                   scan=self.config.scan_layers)
-        return self.final_norm(x), _merge_aux(self.config, per_stage)
+        hidden, aux = self.final_norm(x), _merge_aux(self.config, per_stage)
+        if mtp:
+            # `fold_in`, not one more split: the layers' keys stay those of a model without MTP.
+            mtp_key = None if key is None else jax.random.fold_in(key, self.config.num_layers)
+            mtp_hidden, mtp_aux = run_mtp(self.mtp, hidden, embedded, positions=positions, segment_ids=segment_ids,
+                                          token_mask=token_mask, key=mtp_key, inference=inference,
+                                          remat=self.config.remat_policy)
+            aux["mtp"] = {"hidden": mtp_hidden, **mtp_aux}
+        return hidden, aux
 
     def decode(
         self,
@@ -289,14 +338,28 @@ class VishwamAI(eqx.Module):
         )
         return eqx.combine(arrays, new_static)
 
-    def update_router_bias(self, expert_load: Float[Array, "moe_layers experts"]) -> "VishwamAI":
+    def update_router_bias(self, expert_load: Float[Array, "moe_layers experts"],
+                           mtp_expert_load: Float[Array, "mtp_moe_layers experts"] | None = None) -> "VishwamAI":
         """Aux-loss-free balancing step (outside the gradient): raise the selection
         bias of under-loaded experts and lower it for over-loaded ones,
-        `bias += rate * sign(1/E - load)`. A no-op unless `config.aux_free_bias`."""
+        `bias += rate * sign(1/E - load)`. A no-op unless `config.aux_free_bias`.
+        `mtp_expert_load` (`features(..., mtp=True)`'s `aux["mtp"]["expert_load"]`) updates
+        the multi-token prediction modules' MoE blocks too."""
         if not self.config.aux_free_bias or not self.config.is_moe:
             return self
         target = 1.0 / self.config.num_experts
-        update = self.config.aux_free_bias_rate * jnp.sign(target - jax.lax.stop_gradient(expert_load))
+
+        def bias_update(load):
+            return self.config.aux_free_bias_rate * jnp.sign(target - jax.lax.stop_gradient(load))
+
+        model = self
+        if mtp_expert_load is not None:
+            moe_modules = [i for i, module in enumerate(self.mtp) if module.block.is_moe]
+            for row, i in enumerate(moe_modules):
+                bias = model.mtp[i].block.mlp.selection_bias
+                model = eqx.tree_at(lambda m, i=i: m.mtp[i].block.mlp.selection_bias, model,
+                                    bias + bias_update(mtp_expert_load[row]).astype(bias.dtype))
+        update = bias_update(expert_load)
         pieces = iter(split_moe_rows(self.stages, update))
         stages = []
         for stage in self.stages:
@@ -308,7 +371,7 @@ class VishwamAI(eqx.Module):
                                         block.mlp.selection_bias + rows.astype(block.mlp.selection_bias.dtype))
                 blocks.append(block)
             stages.append(Stage(tuple(blocks), stage.repeats))
-        return eqx.tree_at(lambda m: m.stages, self, tuple(stages))
+        return eqx.tree_at(lambda m: m.stages, model, tuple(stages))
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, self.config.max_seq_len if max_len is None else max_len, dtype)

@@ -3,6 +3,7 @@
     Linear / TPUGEMMLinear      a linear layer over any leading dims (`use_fp8=True`: fp8 GEMMs)
     RMSNorm, TPULayerNorm       normalisation layers (`LayerNorm` is `TPULayerNorm`)
     TPUMultiHeadAttention       GQA attention with RoPE, sliding window and a KV cache
+    MultiHeadLatentAttention    DeepSeek's multi-head latent attention and its compressed cache (`vishwam.nn.mla`)
     positions_from_segments     RoPE positions restarting at each packed document
     apply_rope                  rotary position embedding of queries or keys
     MLP                         the SwiGLU MLP
@@ -19,6 +20,7 @@ from .attention import positions_from_segments as positions_from_segments
 from .block import Block as Block
 from .linear import Linear as Linear
 from .linear import TPUGEMMLinear as TPUGEMMLinear
+from .mla import MultiHeadLatentAttention as MultiHeadLatentAttention
 from .mlp import MLP as MLP
 from .moe import Experts as Experts
 from .moe import MoE as MoE

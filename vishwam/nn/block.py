@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..config import ModelConfig
 from .attention import TPUMultiHeadAttention
+from .mla import MultiHeadLatentAttention, mla_softmax_scale
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm, TPULayerNorm, make_norm
@@ -21,11 +22,33 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def make_attention(config: ModelConfig, *, key: PRNGKeyArray) -> TPUMultiHeadAttention | MultiHeadLatentAttention:
+    """The attention layer of `config.attention`: `TPUMultiHeadAttention` (`gqa`) or
+    `MultiHeadLatentAttention` (`mla`)."""
+    dtype = dtype_from_name(config.param_dtype)
+    scaling = rope_scaling_of(config)
+    common = dict(use_fp8=config.fp8 in ("attention", "all"), sliding_window=config.sliding_window,
+                  rope_theta=config.rope_theta, rope_scaling=scaling, norm_eps=config.norm_eps,
+                  implementation=config.attention_impl, block_size=config.attention_block_size,
+                  fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size, init_std=config.init_std,
+                  out_init_std=config.init_std / math.sqrt(2 * config.num_layers), dtype=dtype, key=key)
+    if config.is_mla:
+        return MultiHeadLatentAttention(
+            config.hidden_size, config.num_heads, q_lora_rank=config.q_lora_rank,
+            kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+            qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+            softmax_scale=mla_softmax_scale(config.qk_head_dim, scaling, config.rope_mscale_all_dim),
+            rope_interleave=config.rope_interleave, **common)
+    return TPUMultiHeadAttention(config.hidden_size, config.num_heads, config.dim_per_head,
+                                 num_kv_heads=config.kv_heads, qkv_bias=config.qkv_bias, qk_norm=config.qk_norm,
+                                 **common)
+
+
 class Block(eqx.Module):
     """One transformer layer. `mlp` is a dense `MLP` or a routed `MoE`."""
 
     attn_norm: RMSNorm | TPULayerNorm
-    attn: TPUMultiHeadAttention
+    attn: TPUMultiHeadAttention | MultiHeadLatentAttention
     mlp_norm: RMSNorm | TPULayerNorm
     mlp: MLP | MoE
     dropout_rate: float = eqx.field(static=True)
@@ -34,18 +57,9 @@ class Block(eqx.Module):
         ka, km = jax.random.split(key)
         dtype = dtype_from_name(config.param_dtype)
         out_std = config.init_std / math.sqrt(2 * config.num_layers)
-        fp8_attn = config.fp8 in ("attention", "all")
         fp8_mlp = config.fp8 in ("mlp", "all")
         self.attn_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
-        self.attn = TPUMultiHeadAttention(
-            config.hidden_size, config.num_heads, config.dim_per_head,
-            use_fp8=fp8_attn, num_kv_heads=config.kv_heads, qkv_bias=config.qkv_bias,
-            sliding_window=config.sliding_window, rope_theta=config.rope_theta,
-            rope_scaling=rope_scaling_of(config), qk_norm=config.qk_norm, norm_eps=config.norm_eps,
-            implementation=config.attention_impl, block_size=config.attention_block_size,
-            fp8_scaling=config.fp8_scaling, fp8_block_size=config.fp8_block_size,
-            init_std=config.init_std, out_init_std=out_std, dtype=dtype, key=ka,
-        )
+        self.attn = make_attention(config, key=ka)
         self.mlp_norm = make_norm(config.norm_type, config.hidden_size, config.norm_eps, dtype=dtype)
         if is_moe:
             self.mlp = MoE(

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ..errors import InvalidValueError
 from .mesh import axis_size, check_experts_divisible
@@ -78,17 +78,30 @@ class Slots(NamedTuple):
     source: Int[Array, " rows"]
     row: Int[Array, "tokens k"]
     dropped: Float[Array, ""]
-    """Fraction of assignments dropped."""
+    """Fraction of the counted assignments dropped (all assignments without a mask)."""
+    dropped_counts: Float[Array, " experts"]
+    """Counted assignments dropped, per expert."""
+    counted: Float[Array, ""]
+    """Counted assignments."""
 
 
-def position_priority(rows: int, seq: int) -> Int[Array, " tokens"]:
+def position_priority(rows: int, seq: int, mask: Bool[Array, " tokens"] | None = None) -> Int[Array, " tokens"]:
     """Capacity rank of each of `rows * seq` row-major tokens by position: earlier positions
     first, rows interleaved at each position (`position * rows + row`). Whether a token is kept
     then depends only on tokens at its own or earlier positions, never on later tokens of its
-    sequence, and no row is served before another over a whole sequence."""
+    sequence, and no row is served before another over a whole sequence.
+
+    With `mask` (True for the tokens that count, False for padding), at each position the
+    counted tokens of every row come before the uncounted ones (`position * 2 * rows +
+    uncounted * rows + row`): padding never takes capacity from a real token at its own or an
+    earlier position, and the rule stays causal (padding can still fill capacity that a real
+    token at a later position would have found free)."""
     position = jnp.arange(seq, dtype=jnp.int32)[None, :]  # (1, S)
     row = jnp.arange(rows, dtype=jnp.int32)[:, None]  # (R, 1)
-    return (position * rows + row).reshape(rows * seq)  # (R*S,)
+    if mask is None:
+        return (position * rows + row).reshape(rows * seq)  # (R*S,)
+    uncounted = (~mask).reshape(rows, seq).astype(jnp.int32)  # (R, S)
+    return (position * 2 * rows + uncounted * rows + row).reshape(rows * seq)  # (R*S,)
 
 
 def assign_slots(
@@ -97,6 +110,7 @@ def assign_slots(
     num_experts: int,
     capacity: int,
     priority: Int[Array, " tokens"] | None = None,
+    mask: Bool[Array, " tokens"] | None = None,
 ) -> Slots:
     """Place every assignment in its expert's buffer; drop what does not fit.
 
@@ -107,6 +121,14 @@ def assign_slots(
     choice. Everything else sent to that expert is dropped (adds zero to the output; the
     residual stream still carries the token). One sort by (expert, priority, position)
     ranks them; no `[tokens, experts, capacity]` one-hot tensors are built.
+
+    With `mask` (True for the tokens that count, False for padding) the drop statistics count
+    the counted assignments only, and under the score rule (`priority=None`) the tokens it
+    leaves out rank after every counted one: they only fill capacity the counted tokens leave
+    free, so padding never pushes out a real token. A `priority` is followed as given (ranking
+    padding after all real tokens would make a padding token's fate, and through attention its
+    sequence, depend on later tokens); `position_priority(..., mask)` orders padding after the
+    real tokens of each position.
     """
     tokens, k = indices.shape
     n = tokens * k
@@ -116,7 +138,10 @@ def assign_slots(
     else:
         key = jnp.repeat(priority.astype(jnp.int32), k)  # (T*k,)
     position = jnp.arange(n, dtype=jnp.int32)  # token-major: t * k + j
-    expert_sorted, _, order = jax.lax.sort((expert, key, position), num_keys=3)
+    counts_as = jnp.ones((n,), bool) if mask is None else jnp.repeat(mask, k)  # (T*k,)
+    # Under the score rule padding ranks after every counted assignment of its expert.
+    last = (~counts_as).astype(jnp.int32) if priority is None else jnp.zeros((n,), jnp.int32)
+    expert_sorted, _, _, order = jax.lax.sort((expert, last, key, position), num_keys=4)
     counts = jnp.zeros((num_experts,), jnp.int32).at[expert].add(1)
     starts = jnp.cumsum(counts) - counts
     rank = jnp.arange(n, dtype=jnp.int32) - starts[expert_sorted]  # place within its expert
@@ -125,8 +150,11 @@ def assign_slots(
     row_sorted = jnp.where(kept, expert_sorted * capacity + rank, empty)
     row = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted)
     source = jnp.full((empty,), tokens, jnp.int32).at[row_sorted].set(order // k, mode="drop")
-    dropped = jnp.sum(~kept).astype(jnp.float32) / n
-    return Slots(source, row.reshape(tokens, k), dropped)
+    lost = (~kept & counts_as[order]).astype(jnp.float32)  # counted and dropped, in sorted order
+    dropped_counts = jnp.zeros((num_experts,), jnp.float32).at[expert_sorted].add(lost)
+    counted = jnp.sum(counts_as.astype(jnp.float32))
+    dropped = jnp.sum(lost) / jnp.maximum(counted, 1.0)
+    return Slots(source, row.reshape(tokens, k), dropped, dropped_counts, counted)
 
 
 def gather_buffers(
@@ -177,8 +205,10 @@ def expert_parallel_dispatch(
     ffn: ExpertFn,
     capacity_factor: float | None = None,
     priority: Int[Array, " tokens"] | None = None,
+    mask: Bool[Array, " tokens"] | None = None,
+    per_expert: bool = False,
     mesh=None,
-) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, "*experts"]]:
     """Routed experts with expert parallelism over the mesh axis `expert` (see module doc).
 
     Arguments:
@@ -195,9 +225,13 @@ def expert_parallel_dispatch(
         capacity_factor: per-device capacity factor; `None` is dropless.
         priority: each token's capacity rank (`assign_slots`; None ranks by weight),
             applied to each device's tokens.
+        mask: the tokens that count (`assign_slots`: the others are left out of the drop
+            statistics and, without a `priority`, only fill free capacity); None: every token.
+        per_expert: return each expert's share of the dropped assignments `[experts]`
+            (summing to the dropped fraction) instead of the fraction.
         mesh: default the mesh set by `jax.set_mesh`.
 
-    Returns `y [tokens, hidden]` and the fraction of assignments dropped.
+    Returns `y [tokens, hidden]` and the fraction of (counted) assignments dropped.
     """
     mesh = _mesh_or_current(mesh)
     num_experts, hidden, ffn_dim = gate.shape
@@ -215,8 +249,8 @@ def expert_parallel_dispatch(
     tensor = "tensor" if tp > 1 and ffn_dim % tp == 0 else None
     capacity = expert_capacity(tokens // shards, k, num_experts, capacity_factor)
 
-    def local(x, indices, weights, gate, up, down, *priority):
-        slots = assign_slots(indices, weights, num_experts, capacity, *priority)
+    def local(x, indices, weights, gate, up, down, extras):
+        slots = assign_slots(indices, weights, num_experts, capacity, extras.get("priority"), extras.get("mask"))
         send = gather_buffers(x, slots, num_experts)  # (E, C, D): experts in device order
         send = send.reshape(ep, local_experts, capacity, hidden)  # (ep, E/ep, C, D)
         received = jax.lax.all_to_all(send, "expert", 0, 0)  # (ep sources, E/ep, C, D)
@@ -227,15 +261,16 @@ def expert_parallel_dispatch(
         y = combine_buffers(back.reshape(num_experts, capacity, hidden), slots, weights)
         if tensor is not None:
             y = jax.lax.psum(y, tensor)  # each device summed its slice of the ffn dim
-        return y, slots.dropped[None]
+        return y, slots.dropped_counts[None], slots.counted[None]
 
     rows = P(batch_axes(mesh), None)
     w_in = P("expert", None, tensor)
     w_out = P("expert", tensor, None)
-    ranks = () if priority is None else (priority,)
-    y, dropped = jax.shard_map(
+    extras = {name: a for name, a in (("priority", priority), ("mask", mask)) if a is not None}
+    y, counts, counted = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(rows, rows, rows, w_in, w_in, w_out, *(P(batch_axes(mesh)) for _ in ranks)),
-        out_specs=(rows, P(batch_axes(mesh))),
-    )(x, indices, weights, gate, up, down, *ranks)
-    return y, jnp.mean(dropped)
+        in_specs=(rows, rows, rows, w_in, w_in, w_out, {name: P(batch_axes(mesh)) for name in extras}),
+        out_specs=(rows, rows, P(batch_axes(mesh))),
+    )(x, indices, weights, gate, up, down, extras)
+    drops = jnp.sum(counts, axis=0) / jnp.maximum(jnp.sum(counted), 1.0)  # (E,): over every device's tokens
+    return y, drops if per_expert else jnp.sum(drops)

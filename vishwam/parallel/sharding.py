@@ -71,6 +71,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", (ZERO, "tensor")),  # [D, H*hd] / [D, F]
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
     (r"(^|\.)(o_proj|down_proj)\.weight$", ("tensor", ZERO)),  # [H*hd, D] / [F, D]
+    # Latent attention: the down-projections keep the latent whole, the up-projections split the heads.
+    (r"(^|\.)(q_a_proj|kv_a_proj)\.weight$", (ZERO, None)),  # [D, rank]
+    (r"(^|\.)(q_b_proj|kv_b_proj)\.weight$", (ZERO, "tensor")),  # [rank, H*(n+r)] / [rank, H*(n+v)]
+    (r"(^|\.)eh_proj\.weight$", (ZERO, None)),  # multi-token prediction's [2D, D]
     (r"(^|\.)embed$", ("tensor", ZERO)),  # [V, D]
     (r"(^|\.)lm_head\.weight$", (ZERO, "tensor")),  # [D, V]
 )

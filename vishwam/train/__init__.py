@@ -9,6 +9,8 @@
 - `MetricsDB`: the run's metrics and events in one DuckDB file.
 - `MetricsDBLockedError`: another process holds the metrics database.
 - `load_metrics`: per-step metrics of a run from a database.
+- `load_expert_metrics`: one per-layer, per-expert MoE statistic of a run over steps.
+- `query`: SQL over one or several runs' databases.
 - `runs`: the runs a database holds.
 - `events`: the events of a run.
 - `Checkpointer`: keep-last-K orbax checkpoints of a state and its JSON meta.
@@ -32,10 +34,12 @@ pull in orbax, so they load on first use; nothing here imports duckdb until a da
 import importlib
 
 from .metrics_db import MetricsDB as MetricsDB
-from .metrics_db import MetricsDBLockedError as MetricsDBLockedError
-from .metrics_db import events as events
-from .metrics_db import load_metrics as load_metrics
-from .metrics_db import runs as runs
+from .metrics_read import MetricsDBLockedError as MetricsDBLockedError
+from .metrics_read import events as events
+from .metrics_read import load_expert_metrics as load_expert_metrics
+from .metrics_read import load_metrics as load_metrics
+from .metrics_read import query as query
+from .metrics_read import runs as runs
 from .optim import learning_rate_schedule as learning_rate_schedule
 from .optim import make_optimizer as make_optimizer
 from .state import TrainState as TrainState
@@ -60,7 +64,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "MetricsDB", "MetricsDBLockedError", "events", "load_metrics", "runs", "learning_rate_schedule",
+    "MetricsDB", "MetricsDBLockedError", "events", "load_metrics", "load_expert_metrics", "query", "runs",
+    "learning_rate_schedule",
     "make_optimizer", "TrainState", "init_train_state", "make_eval_step", "make_train_step", *_LAZY,
 ]
 

@@ -6,6 +6,8 @@
 - `Profiler`: a `jax.profiler` trace of `RunConfig.profile_steps` into `run_dir/profile/`;
   the traced steps log their step time but no tokens/s or MFU.
 - `Progress`: the tqdm bar (loss, tokens/s, ETA) and the run's console notes (process 0).
+- `log_expert_stats`: the step's per-layer, per-expert MoE statistics (`EXPERT_STAT_NAMES`)
+  as `expert_metrics` rows, every `log_every` steps (the arrays leave the device only then).
 """
 
 import collections
@@ -24,6 +26,11 @@ TIMING_METRICS = ("step_time", "tokens_per_s", "mfu")
 MEMORY_METRICS = ("memory/device_bytes", "memory/device_peak_bytes", "memory/live_array_bytes",
                   "memory/host_rss_bytes", "memory/host_peak_rss_bytes")
 _THROUGHPUT_WINDOW = 10  # steps
+EXPERT_STAT_NAMES = {"expert_load": "load", "expert_dropped": "dropped", "router_entropy": "router_entropy",
+                     "router_bias": "bias"}
+"""Step metric (`vishwam.train.step.EXPERT_STATS`) -> its name in the `expert_metrics` table:
+`load` (the expert's share of its layer's assignments), `dropped` (its share of the assignments
+dropped for capacity), `router_entropy` (per layer, `expert` NULL), `bias` (aux-free selection bias)."""
 
 
 class Throughput:
@@ -52,6 +59,15 @@ class Throughput:
             window, self.compiled = [elapsed], True
         tokens_per_s = len(window) * self.tokens_per_step / max(sum(window), 1e-9)
         return {"tokens_per_s": tokens_per_s, "mfu": self.flops_per_token * tokens_per_s / self.peak_flops}
+
+
+def log_expert_stats(db, step: int, stats: dict, *, prefix: str = "", names: Sequence[str] | None = None) -> None:
+    """Log the per-layer arrays of `stats` (step metrics, device or host arrays) that
+    `EXPERT_STAT_NAMES` knows, restricted to `names` if given, as `expert_metrics` rows named
+    `prefix + EXPERT_STAT_NAMES[key]` (`db` a `MetricsDB`)."""
+    for key, name in EXPERT_STAT_NAMES.items():
+        if key in stats and (names is None or key in names):
+            db.log_experts(step, prefix + name, stats[key])
 
 
 # ----------------------------------------------------------------------------- memory

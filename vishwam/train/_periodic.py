@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jaxtyping import PyTree
 
 from ..arrays import partition_arrays
@@ -30,6 +31,9 @@ class Evaluation:
     val_loss: float | None = None
     val_perplexity: float | None = None
     seconds: float = 0.0
+    expert_stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """The eval step's per-layer MoE statistics (`expert_load`, `router_entropy`, ...),
+    token-weighted means over the batches."""
 
 
 def evaluate(eval_step: Callable, model: Any, loader: Iterable, place_batch: Callable, *,
@@ -39,6 +43,7 @@ def evaluate(eval_step: Callable, model: Any, loader: Iterable, place_batch: Cal
     if hasattr(loader, "reset"):
         loader.reset()
     nll, tokens, batches = 0.0, 0.0, 0
+    weighted: dict[str, Any] = {}  # per-layer statistic * batch tokens, summed on device
     started = time.perf_counter()
     for batch in loader:
         if max_batches is not None and batches >= max_batches:
@@ -48,12 +53,17 @@ def evaluate(eval_step: Callable, model: Any, loader: Iterable, place_batch: Cal
             return Evaluation(batches)
         out = eval_step(model, place_batch(batch))
         nll, tokens, batches = nll + out["nll_sum"], tokens + out["tokens"], batches + 1
+        for name, value in out.items():
+            if getattr(value, "ndim", 0) > 0:
+                weighted[name] = weighted.get(name, 0.0) + value * out["tokens"]
     if batches == 0:
         raise InvalidValueError("VishwamAITrainer: the eval loader yielded no batch; pass eval_loader=None to "
                                 "train without evaluation, or give it validation data.")
-    nll, tokens = (float(x) for x in jax.device_get((nll, tokens)))
+    (nll, tokens), weighted = jax.device_get(((nll, tokens), weighted))
+    nll, tokens = float(nll), float(tokens)
     loss = nll / max(tokens, 1.0)
-    return Evaluation(batches, tokens, loss, math.exp(min(loss, 700.0)), time.perf_counter() - started)
+    stats = {name: np.asarray(value, np.float64) / max(tokens, 1.0) for name, value in weighted.items()}
+    return Evaluation(batches, tokens, loss, math.exp(min(loss, 700.0)), time.perf_counter() - started, stats)
 
 
 class CheckpointSaves:

@@ -27,7 +27,15 @@ from ..files import atomic_write_text
 from ..model import VishwamAI
 from ..model.flops import estimate_peak_flops
 from ..model.protocol import flops_per_token
-from ._monitor import Profiler, Progress, Throughput, compiled_memory, memory_values
+from ._monitor import (
+    EXPERT_STAT_NAMES,
+    Profiler,
+    Progress,
+    Throughput,
+    compiled_memory,
+    log_expert_stats,
+    memory_values,
+)
 from ._periodic import CheckpointSaves, evaluate
 from ._signals import StopSignals
 from .checkpoint import Checkpointer, check_compatible
@@ -313,7 +321,11 @@ class _Run:
     def _finish_step(self, pending: _Pending) -> dict[str, float]:
         """Read a step's metrics, time it, check it is finite and run the metric hooks."""
         t, step = self.t, pending.step
-        host = jax.device_get(pending.metrics)
+        # The per-layer MoE arrays leave the device only at logging steps.
+        arrays = {name: pending.metrics[name] for name in EXPERT_STAT_NAMES if name in pending.metrics}
+        if arrays and (step % self.run.log_every == 0 or step == t.max_steps):
+            log_expert_stats(self.db, step, arrays)
+        host = jax.device_get({name: v for name, v in pending.metrics.items() if name not in arrays})
         done = pending.done if pending.done is not None else time.perf_counter()
         # The step's own time: from when it could start (its dispatch, or the previous step's
         # end) to its end; evaluations and saves between steps are not in it.
@@ -321,9 +333,6 @@ class _Run:
         elapsed, self.previous_done = done - start, done
         values = {name: float(value) for name, value in host.items()
                   if np.ndim(value) == 0 and name != "nonfinite" and (name != "distill" or t.teacher is not None)}
-        load = np.asarray(host.get("expert_load", np.zeros((0,))))
-        if load.size:
-            values["expert_load_max"] = float(load.max() * load.shape[-1])
         nonfinite = bool(host["nonfinite"])
         values |= {"nonfinite": float(nonfinite), "step_time": elapsed}
         # Traced steps run under the profiler: their time is logged, their throughput is not.
@@ -404,7 +413,12 @@ class _Run:
             return None
         loss, perplexity = result.val_loss, result.val_perplexity
         self.last_eval = {"step": step, "val_loss": loss, "val_perplexity": perplexity}
-        self.db.log(step, {"val_loss": loss, "val_perplexity": perplexity})
+        scalars = {"val_loss": loss, "val_perplexity": perplexity}
+        load = result.expert_stats.get("expert_load")
+        if load is not None and load.size:
+            scalars["val_expert_load_max"] = float(load.max() * load.shape[-1])
+        self.db.log(step, scalars)
+        log_expert_stats(self.db, step, result.expert_stats, prefix="val_", names=("expert_load", "router_entropy"))
         self.record(step, "eval", {"val_loss": loss, "val_perplexity": perplexity, "batches": result.batches,
                                    "tokens": result.tokens, "seconds": result.seconds})
         self.note(f"step {step}: val_loss {loss:.4f} (perplexity {perplexity:.2f}, {int(result.tokens)} tokens)")

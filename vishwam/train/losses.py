@@ -5,6 +5,7 @@ reduce them. The step divides masked *sums* by the token count of the whole
 optimiser batch, so that accumulating micro-batches gives the full-batch mean.
 """
 
+import functools
 import math
 
 import jax
@@ -113,6 +114,121 @@ def _fused_head_lse_bwd(residuals, cotangents):
 
 
 _fused_head_lse.defvjp(_fused_head_lse_fwd, _fused_head_lse_bwd)
+
+
+def chunked_distillation(
+    hidden: Float[Array, "batch seq hidden"],
+    head: Float[Array, "hidden vocab"],
+    targets: Int[Array, "batch seq"],
+    teacher: Float[Array, "batch seq teacher_width"],
+    temperature: float,
+    chunk_size: int,
+    *,
+    teacher_head: Float[Array, "teacher_hidden teacher_vocab"] | None = None,
+) -> tuple[Float[Array, "batch seq"], Float[Array, "batch seq"], Float[Array, "batch seq"]]:
+    """`chunked_lse_and_target` plus `distillation_kl` of the same logits, chunk by chunk.
+
+    One scan over chunks of `chunk_size` positions computes the student's logits
+    (`hidden @ head`) and the teacher's (`teacher @ teacher_head` for a teacher that fuses
+    its head: `teacher` its final hidden states; with `teacher_head=None`, `teacher` are
+    its `[batch, seq, vocab]` logits, for teachers that only return logits) and reduces
+    them at once: no `[batch, seq, vocab]` student logits exist, nor teacher logits for a
+    fused teacher. Its backward recomputes each chunk's logits from saved log-sum-exps
+    (as `chunked_lse_and_target`'s does) and gives the teacher no gradient.
+
+    Returns:
+        `(lse, target_logit, kl)`, fp32 `[batch, seq]`: `logsumexp(logits)`,
+        `logits[target]` and `distillation_kl(logits, teacher_logits, temperature)`.
+    """
+    batch, seq, _ = hidden.shape
+    vocab = head.shape[-1]
+    teacher_vocab = teacher.shape[-1] if teacher_head is None else teacher_head.shape[-1]
+    if teacher_vocab != vocab or teacher.shape[:2] != (batch, seq):
+        raise InvalidValueError(
+            f"chunked_distillation: student logits [{batch}, {seq}, {vocab}], teacher "
+            f"{'logits' if teacher_head is None else 'hidden states'} {list(teacher.shape)} with vocabulary "
+            f"{teacher_vocab}; the teacher must cover the student's positions and vocabulary.")
+    chunk = min(chunk_size, seq)
+    chunks = math.ceil(seq / chunk)
+    pad = chunks * chunk - seq
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        teacher = jnp.pad(teacher, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    split = lambda x: x.reshape(batch, chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731  (n, B, C, ...)
+    teacher = jax.lax.stop_gradient(teacher)
+    teacher_head = None if teacher_head is None else jax.lax.stop_gradient(teacher_head)
+    lse, target, kl = _fused_head_distill(float(temperature), split(hidden), head,
+                                          split(targets.astype(jnp.int32)), split(teacher), teacher_head)
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, chunks * chunk)[:, :seq]  # noqa: E731
+    return unchunk(lse), unchunk(target), unchunk(kl)
+
+
+def _teacher_chunk_logits(teacher_c, teacher_head):
+    """A chunk of teacher logits: from its hidden states and head, or the logits themselves."""
+    if teacher_head is None:
+        return teacher_c.astype(jnp.float32)
+    return _chunk_logits(teacher_c, teacher_head)
+
+
+def _kl_terms(logits, teacher_logits, temperature):
+    """Per position of a chunk: the KL, and the two log-sum-exps at temperature its backward needs."""
+    scaled, teacher_scaled = logits / temperature, teacher_logits / temperature
+    lse_s, lse_t = jax.nn.logsumexp(scaled, axis=-1), jax.nn.logsumexp(teacher_scaled, axis=-1)
+    log_p_teacher = teacher_scaled - lse_t[..., None]
+    p_teacher = jnp.exp(log_p_teacher)
+    # 0 * log 0 = 0: a teacher that rules a token out contributes nothing there (no NaN).
+    kl = jnp.sum(jnp.where(p_teacher > 0, p_teacher * (log_p_teacher - (scaled - lse_s[..., None])), 0.0), axis=-1)
+    return kl, lse_s, lse_t
+
+
+def _distill_forward(temperature, h, head, t, teacher, teacher_head):
+    def chunk(_, xs):
+        h_c, t_c, teacher_c = xs
+        logits = _chunk_logits(h_c, head)
+        target = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        kl, lse_s, lse_t = _kl_terms(logits, _teacher_chunk_logits(teacher_c, teacher_head), temperature)
+        return None, (jax.nn.logsumexp(logits, axis=-1), target, kl, lse_s, lse_t)
+
+    return jax.lax.scan(chunk, None, (h, t, teacher))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_head_distill(temperature, h, head, t, teacher, teacher_head):
+    return _distill_forward(temperature, h, head, t, teacher, teacher_head)[:3]
+
+
+def _fused_head_distill_fwd(temperature, h, head, t, teacher, teacher_head):
+    lse, target, kl, lse_s, lse_t = _distill_forward(temperature, h, head, t, teacher, teacher_head)
+    return (lse, target, kl), (h, head, t, teacher, teacher_head, lse, lse_s, lse_t)
+
+
+def _fused_head_distill_bwd(temperature, residuals, cotangents):
+    h, head, t, teacher, teacher_head, lse, lse_s, lse_t = residuals
+    g_lse, g_target, g_kl = cotangents
+    vocab = head.shape[-1]
+
+    def chunk(d_head, xs):
+        h_c, t_c, teacher_c, lse_c, lse_s_c, lse_t_c, g_lse_c, g_t_c, g_kl_c = xs
+        logits = _chunk_logits(h_c, head)  # (B, C, V) fp32
+        p_student = jnp.exp(logits / temperature - lse_s_c[..., None])
+        p_teacher = jnp.exp(_teacher_chunk_logits(teacher_c, teacher_head) / temperature - lse_t_c[..., None])
+        # d/dlogits of g_lse * lse + g_t * logits[t] + g_kl * KL(teacher_T || student_T)
+        d_logits = (g_lse_c[..., None] * jnp.exp(logits - lse_c[..., None])
+                    + g_t_c[..., None] * jax.nn.one_hot(t_c, vocab, dtype=jnp.float32)
+                    + (g_kl_c / temperature)[..., None] * (p_student - p_teacher))
+        b, c, d = h_c.shape
+        d_logits = d_logits.astype(h_c.dtype).reshape(b * c, vocab)  # 2-D GEMMs, as in `_chunk_logits`
+        d_h = jnp.matmul(d_logits, head.astype(h_c.dtype).T, preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.matmul(h_c.reshape(b * c, d).T, d_logits, preferred_element_type=jnp.float32)
+        return d_head, d_h.reshape(b, c, d).astype(h_c.dtype)
+
+    xs = (h, t, teacher, lse, lse_s, lse_t, g_lse, g_target, g_kl)
+    d_head, d_h = jax.lax.scan(chunk, jnp.zeros(head.shape, jnp.float32), xs)
+    return d_h, d_head.astype(head.dtype), None, None, None
+
+
+_fused_head_distill.defvjp(_fused_head_distill_fwd, _fused_head_distill_bwd)
 
 
 def logit_z_loss(logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch"]:

@@ -1,4 +1,7 @@
-"""Run metrics in one DuckDB file: a buffered writer for the runner and a small read API.
+"""Run metrics in one DuckDB file: the buffered writer for the runner (`MetricsDB`).
+
+The read API (`runs`, `load_metrics`, `events`, `load_expert_metrics`, `query`) lives in
+`vishwam.train.metrics_read` and is importable from here too.
 
 Tables (long format):
 
@@ -10,6 +13,10 @@ Tables (long format):
   earlier ones, so the table always describes the trajectory that produced the
   latest checkpoints (with exact resume the values are equal anyway).
 - `events(run_id, step, kind, detail JSON, wall_time)`: history, never replaced.
+- `expert_metrics(run_id, step, layer, expert, name, value, wall_time)`: pictures of the
+  experts (`log_experts`), one row per MoE layer (numbered 0.. in layer order among the MoE
+  layers) and expert; `expert` is NULL for a value of the whole layer (`router_entropy`).
+  Rows of a `(step, name)` logged again replace the earlier ones, as in `metrics`.
 
 `wall_time` is Unix seconds. NaN/inf values are stored as they are.
 
@@ -31,12 +38,11 @@ import json
 import operator
 import os
 import platform
-import re
 import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +51,14 @@ import numpy as np
 
 from ..config import config_diff
 from ..errors import InvalidTypeError, InvalidValueError
+from .metrics_read import _WRITERS, _connect
+from .metrics_read import TABLES as TABLES
+from .metrics_read import MetricsDBLockedError as MetricsDBLockedError
+from .metrics_read import events as events
+from .metrics_read import load_expert_metrics as load_expert_metrics
+from .metrics_read import load_metrics as load_metrics
+from .metrics_read import query as query
+from .metrics_read import runs as runs
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -58,6 +72,9 @@ _SCHEMA = (
         PRIMARY KEY (run_id, step, name))""",
     """CREATE TABLE IF NOT EXISTS events (
         run_id VARCHAR, step BIGINT, kind VARCHAR, detail JSON, wall_time DOUBLE)""",
+    """CREATE TABLE IF NOT EXISTS expert_metrics (
+        run_id VARCHAR, step BIGINT, layer INTEGER, expert INTEGER, name VARCHAR, value DOUBLE,
+        wall_time DOUBLE)""",
 )
 
 # Rows go through the Appender into a per-connection staging table (a numpy
@@ -72,17 +89,18 @@ _MERGE = """
     QUALIFY row_number() OVER (PARTITION BY step, name ORDER BY seq DESC) = 1
     ON CONFLICT (run_id, step, name) DO UPDATE
     SET value = excluded.value, wall_time = excluded.wall_time"""
+_EXPERT_STAGE = """CREATE TEMP TABLE IF NOT EXISTS _vishwam_expert_stage (
+    step BIGINT, layer INTEGER, expert INTEGER, name VARCHAR, value DOUBLE, wall_time DOUBLE)"""
+_EXPERT_MERGE = (
+    """DELETE FROM expert_metrics AS e WHERE run_id = $run_id AND EXISTS (
+        SELECT 1 FROM _vishwam_expert_stage AS s WHERE s.step = e.step AND s.name = e.name)""",
+    """INSERT INTO expert_metrics
+        SELECT $run_id, step, layer, expert, name, value, wall_time FROM _vishwam_expert_stage""",
+    "DELETE FROM _vishwam_expert_stage",
+)
 
 _VERSIONED = ("vishwam", "jax", "jaxlib", "equinox", "optax", "orbax-checkpoint", "duckdb",
               "numpy", "sentencepiece")
-
-# Files this process has open for writing: readers in the same process go
-# through the writer's connection (DuckDB refuses a second, read-only one).
-_WRITERS: dict[Path, "MetricsDB"] = {}
-
-
-class MetricsDBLockedError(RuntimeError):
-    """Another process holds the DuckDB file."""
 
 
 def _utcnow() -> datetime.datetime:
@@ -95,29 +113,6 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
-
-
-def _lock_message(path: Path, err: Exception, doing: str) -> str:
-    text = str(err)
-    pid = re.search(r"PID (\d+)", text)
-    exe = re.search(r"held in (.+?) \(PID", text)
-    holder = f"process {pid.group(1)}" if pid else "another process"
-    if exe:
-        holder += f" ({exe.group(1)})"
-    return (f"Cannot {doing} {path}: the file is held by {holder}. DuckDB lets one process "
-            "hold a database file at a time, and a reader counts (a notebook, the duckdb CLI, "
-            "report.py on a live run). Stop that process or wait for it to finish")
-
-
-def _connect(path: Path, *, read_only: bool, doing: str):
-    import duckdb
-
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as err:
-        if "lock" not in str(err).lower():
-            raise
-        raise MetricsDBLockedError(_lock_message(path, err, doing) + ".") from err
 
 
 class MetricsDB:
@@ -165,12 +160,14 @@ class MetricsDB:
         self._values: list[Any] = []
         self._times: list[float] = []
         self._pending_logs = 0
+        self._expert_rows: list[tuple[int, str, Any, float]] = []
         self._con = None
         if not self.enabled:
             return
         self._config_json = json.dumps(dict(config), sort_keys=True, default=str)
         self._con = self._open(on_locked)
         self._appender = self._con.appender("_vishwam_stage")
+        self._expert_appender = self._con.appender("_vishwam_expert_stage")
         _WRITERS[self.path] = self
         self._register_run(json.loads(self._config_json))
 
@@ -187,7 +184,7 @@ class MetricsDB:
             warnings.warn(f"{err}; logging to {fallback} instead.", stacklevel=3)
             self.path = fallback
             con = _connect(self.path, read_only=False, doing="open the fallback metrics database")
-        for statement in (*_SCHEMA, _STAGE):
+        for statement in (*_SCHEMA, _STAGE, _EXPERT_STAGE):
             con.execute(statement)
         return con
 
@@ -237,31 +234,58 @@ class MetricsDB:
         if self._pending_logs >= self.flush_every:
             self.flush()
 
+    def log_experts(self, step: int, name: str, values: Any) -> None:
+        """Buffer one statistic per MoE layer and expert (`[layers, experts]`) or per layer
+        (`[layers]`, stored with `expert` NULL) for `step`, as `expert_metrics` rows. `values`
+        may be a device array: it is fetched at flush time with the scalars."""
+        if not self.enabled:
+            return
+        self._check_open("log_experts")
+        step = operator.index(step)
+        if not isinstance(name, str):
+            raise InvalidTypeError(f"log_experts(step={step}): the name must be a str, got {name!r}.")
+        if len(getattr(values, "shape", ())) not in (1, 2):
+            raise InvalidValueError(f"log_experts(step={step}, {name!r}): values must be [layers, experts] or "
+                                    f"[layers], got shape {getattr(values, 'shape', None)}.")
+        # The last values of a (step, name) win, here as against the table.
+        self._expert_rows = [row for row in self._expert_rows if row[:2] != (step, name)]
+        self._expert_rows.append((step, name, values, time.time()))
+
     def flush(self) -> int:
         """Write buffered rows in one transaction; returns how many were written."""
-        if not self.enabled or self._con is None or not self._steps:
+        if not self.enabled or self._con is None or not (self._steps or self._expert_rows):
             return 0
-        values = self._values
+        values, expert_values = self._values, [row[2] for row in self._expert_rows]
         jax = sys.modules.get("jax")  # device scalars exist only if jax was imported
         if jax is not None:
-            # One transfer for all device scalars instead of one sync per value.
-            values = jax.device_get(values)
+            # One transfer for all device values instead of one sync per value.
+            values, expert_values = jax.device_get((values, expert_values))
         values = np.asarray(values, dtype=np.float64).tolist()
-        count = len(values)
+        expert_rows = [row for (step, name, _, now), array in zip(self._expert_rows, expert_values)
+                       for row in _expert_rows(step, name, array, now)]
+        count = len(values) + len(expert_rows)
         con = self._con
         con.begin()
         try:
-            self._appender.append_rows(zip(self._steps, self._names, values, self._times, range(count)))
-            self._appender.flush()
-            con.execute(_MERGE, {"run_id": self.run_id})
-            con.execute("DELETE FROM _vishwam_stage")
+            if values:
+                self._appender.append_rows(zip(self._steps, self._names, values, self._times, range(len(values))))
+                self._appender.flush()
+                con.execute(_MERGE, {"run_id": self.run_id})
+                con.execute("DELETE FROM _vishwam_stage")
+            if expert_rows:
+                self._expert_appender.append_rows(expert_rows)
+                self._expert_appender.flush()
+                for statement in _EXPERT_MERGE:
+                    con.execute(statement, {"run_id": self.run_id} if "$run_id" in statement else None)
             con.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", [_utcnow(), self.run_id])
             con.commit()
         except BaseException:
             con.rollback()
             self._appender.clear()
+            self._expert_appender.clear()
             raise
         self._steps, self._names, self._values, self._times = [], [], [], []
+        self._expert_rows = []
         self._pending_logs = 0
         return count
 
@@ -289,8 +313,10 @@ class MetricsDB:
         self._names = [self._names[i] for i in keep]
         self._values = [self._values[i] for i in keep]
         self._times = [self._times[i] for i in keep]
+        self._expert_rows = [row for row in self._expert_rows if row[0] <= step]
         deleted = self._con.execute(
             "DELETE FROM metrics WHERE run_id = ? AND step > ?", [self.run_id, step]).fetchall()
+        self._con.execute("DELETE FROM expert_metrics WHERE run_id = ? AND step > ?", [self.run_id, step])
         return int(deleted[0][0])
 
     def set_compiled_memory(self, analysis: Mapping[str, Any]) -> None:
@@ -338,89 +364,12 @@ class MetricsDB:
             raise RuntimeError(f"MetricsDB.{what}: the database {self.path} is closed.")
 
 
-# --------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def _reading(path: str | Path) -> Iterator[Any]:
-    path = Path(path).absolute()
-    writer = _WRITERS.get(path)
-    if writer is not None:
-        writer.flush()
-        cursor = writer._con.cursor()
-        try:
-            yield cursor
-        finally:
-            cursor.close()
-        return
-    if not path.is_file():
-        raise FileNotFoundError(f"No metrics database at {path}.")
-    try:
-        con = _connect(path, read_only=True, doing="read")
-    except MetricsDBLockedError as err:
-        raise MetricsDBLockedError(
-            f"{err}. A running trainer holds its metrics file: read it after the run ends.") from err
-    try:
-        yield con
-    finally:
-        con.close()
+def _expert_rows(step: int, name: str, array: Any, now: float) -> list[tuple]:
+    """`(step, layer, expert, name, value, wall_time)` rows of a `[layers, experts]` or `[layers]` array."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 1:
+        return [(step, layer, None, name, float(v), now) for layer, v in enumerate(array.tolist())]
+    return [(step, layer, expert, name, float(v), now)
+            for layer, row in enumerate(array.tolist()) for expert, v in enumerate(row)]
 
 
-def _resolve_run(con: Any, path: str | Path, run_id: str | None) -> str:
-    known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY started_at").fetchall()]
-    if not known:
-        raise InvalidValueError(f"{path} holds no runs.")
-    if run_id is None:
-        return known[-1]
-    if run_id not in known:
-        raise KeyError(f"No run {run_id!r} in {path}; runs: {known}.")
-    return run_id
-
-
-def runs(path: str | Path) -> list[dict[str, Any]]:
-    """Every run in the file, oldest first, with `config`, `versions` and `compiled_memory` parsed."""
-    with _reading(path) as con:
-        cursor = con.execute("SELECT * FROM runs ORDER BY started_at")
-        columns = [d[0] for d in cursor.description]
-        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-    for row in rows:
-        row["config"] = json.loads(row["config"])
-        row["versions"] = json.loads(row["versions"])
-        memory = row.get("compiled_memory")
-        row["compiled_memory"] = None if memory is None else json.loads(memory)
-    return rows
-
-
-def load_metrics(path: str | Path, run_id: str | None = None,
-                 names: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{name: (steps int64, values float64)}` sorted by step.
-
-    `run_id=None` reads the most recently started run. Asking for a name the
-    run never logged raises `KeyError` listing the names it has.
-    """
-    with _reading(path) as con:
-        run_id = _resolve_run(con, path, run_id)
-        data = con.execute(
-            "SELECT name, step, value FROM metrics WHERE run_id = ? ORDER BY name, step",
-            [run_id]).fetchnumpy()
-    all_names = np.asarray(data["name"], dtype=object)
-    steps = np.asarray(data["step"], dtype=np.int64)
-    values = np.asarray(data["value"], dtype=np.float64)
-    present = list(dict.fromkeys(all_names.tolist()))
-    wanted = present if names is None else list(names)
-    missing = [n for n in wanted if n not in present]
-    if missing:
-        raise KeyError(f"Run {run_id!r} in {path} has no metric(s) {missing}; it has {present}.")
-    out = {}
-    for name in wanted:
-        rows = all_names == name
-        out[name] = (steps[rows], values[rows])
-    return out
-
-
-def events(path: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
-    """The run's events in order of time (`run_id=None`: latest run), `detail` parsed."""
-    with _reading(path) as con:
-        run_id = _resolve_run(con, path, run_id)
-        rows = con.execute(
-            "SELECT step, kind, detail, wall_time FROM events WHERE run_id = ? ORDER BY wall_time",
-            [run_id]).fetchall()
-    return [{"step": s, "kind": k, "detail": json.loads(d), "wall_time": t} for s, k, d, t in rows]

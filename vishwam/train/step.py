@@ -40,13 +40,25 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import InvalidTypeError, InvalidValueError
 from ..model import VishwamAI
 from ..parallel.sharding import rules_for, shard_model
-from .losses import chunked_lse_and_target, distillation_kl, masked_sum, model_aux_loss, token_cross_entropy
+from ._mtp import mtp_loss
+from .losses import (
+    chunked_distillation,
+    chunked_lse_and_target,
+    distillation_kl,
+    masked_sum,
+    model_aux_loss,
+    token_cross_entropy,
+)
 from .optim import learning_rate_schedule, make_optimizer, trainable_mask
 from .state import TrainState as TrainState
 from .state import init_train_state as init_train_state
 
 REQUIRED_BATCH_KEYS = ("tokens", "targets", "loss_mask")
 OPTIONAL_BATCH_KEYS = ("segment_ids", "positions")
+EXPERT_STATS = ("expert_load", "dropped_fraction", "expert_dropped", "router_entropy", "router_bias")
+"""The MoE statistics the steps pass on from the model's aux (those it has): per MoE layer
+`expert_load`, `expert_dropped`, `router_bias` `[layers, experts]`, `router_entropy`
+`[layers]`, and the scalar `dropped_fraction` (see `vishwam.nn.moe.MoE`)."""
 
 
 # --------------------------------------------------------------------- checks
@@ -87,6 +99,22 @@ def teacher_logits(teacher, micro: dict) -> Float[Array, "batch seq vocab"]:
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
+def teacher_outputs(teacher, micro: dict) -> tuple[Float[Array, "batch seq width"], Float[Array, "hidden vocab"] | None]:
+    """What the chunked distillation reads of a frozen teacher, under `stop_gradient`:
+    `(final hidden states, head_weight)` for a teacher that fuses its head
+    (`vishwam.model.FusedHeadModel`, e.g. `VishwamAI`, run in inference mode where its
+    `features` takes `inference`), so its logits never exist as a whole; otherwise
+    `(teacher_logits(teacher, micro), None)`."""
+    if not fuses_head(teacher):
+        return teacher_logits(teacher, micro), None
+    kwargs = dict(segment_ids=micro.get("segment_ids"), positions=micro.get("positions"))
+    if _accepts(teacher.features, "inference"):
+        kwargs["inference"] = True
+    out = teacher.features(micro["tokens"], **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out
+    return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(teacher.head_weight)
+
+
 def _check_teacher(teacher, model_config: ModelConfig | None, train_config: TrainConfig) -> None:
     """Abstract evaluation only (nothing compiled or allocated)."""
     seq = train_config.seq_len
@@ -110,11 +138,14 @@ def _split_micro_batches(x: Array, accum_steps: int) -> Array:
     return x.reshape(rows, accum_steps, *x.shape[1:]).swapaxes(0, 1)  # (A, B/A, ...)
 
 
-def _forward(model, micro: dict, key, *, inference: bool = False):
+def _forward(model, micro: dict, key, *, inference: bool = False, mtp: bool = False):
     """`model(...)` by the call protocol: `(hidden, aux, fused)` where `fused` says whether
-    `hidden` are final hidden states for the fused head (`features` + `head_weight`) or logits."""
+    `hidden` are final hidden states for the fused head (`features` + `head_weight`) or logits.
+    `mtp` asks `features` for the multi-token prediction hidden states too."""
     kwargs = dict(segment_ids=micro.get("segment_ids"), positions=micro.get("positions"), key=key,
                   inference=inference)
+    if mtp:
+        kwargs["mtp"] = True
     fused = fuses_head(model)
     call = model.features if fused else model
     if _accepts(call, "token_mask"):
@@ -182,6 +213,7 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
     chunk = train_config.loss_chunk_size
     # Without dropout or jitter a key changes nothing but adds RNG code to compile.
     uses_key = uses_random_key(model_config)
+    use_mtp = model_config is not None and model_config.mtp_depth > 0
 
     def update(inputs, state: TrainState):
         batch, teacher = inputs
@@ -194,7 +226,7 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
             model = eqx.combine(params, static)
             mask = micro["loss_mask"]
             zero = jnp.zeros((), jnp.float32)
-            out, aux, fused = _forward(model, micro, micro_key if uses_key else None)
+            out, aux, fused = _forward(model, micro, micro_key if uses_key else None, mtp=use_mtp)
             if teacher is None:
                 with jax.named_scope("lm_head"):  # fused with the loss: see _token_nll
                     nll, lse = _token_nll(model, out, fused, micro["targets"], chunk)
@@ -203,11 +235,10 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
                     ce = masked_sum(nll, mask) / normalizer
                     main = ce
             else:
-                logits = model.logits(out) if fused else out.astype(jnp.float32)
+                with jax.named_scope("lm_head"):  # fused with the loss and the KL: see _token_nll_and_kl
+                    nll, lse, kl = _token_nll_and_kl(model, out, fused, teacher, micro, temperature, chunk)
                 with jax.named_scope("loss"):
-                    lse = jax.nn.logsumexp(logits, axis=-1)
-                    ce = masked_sum(token_cross_entropy(logits, micro["targets"]), mask) / normalizer
-                    kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+                    ce = masked_sum(nll, mask) / normalizer
                     distill = temperature**2 * masked_sum(kl, mask) / normalizer
                     main = alpha * ce + (1.0 - alpha) * distill
             with jax.named_scope("loss"):
@@ -215,7 +246,13 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
                 aux_loss = model_aux_loss(aux, model_config) / accum
                 loss = main + z + aux_loss
             terms = dict(loss=loss, ce=ce, z=z, distill=distill, aux=aux_loss)
-            for name in ("expert_load", "dropped_fraction"):
+            if use_mtp:
+                with jax.named_scope("mtp"):
+                    mtp, mtp_aux = mtp_loss(model, aux, micro, normalizer, chunk)
+                terms.update(mtp=mtp, aux=aux_loss + mtp_aux / accum,
+                             mtp_expert_load=aux["mtp"]["expert_load"].astype(jnp.float32) / accum)
+                terms["loss"] = loss = loss + mtp + mtp_aux / accum
+            for name in EXPERT_STATS:
                 if name in aux:
                     terms[name] = aux[name].astype(jnp.float32) / accum
             return loss, terms
@@ -245,7 +282,7 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
             updates, opt_state = transform.update(grads, state.opt_state, params)
             model = eqx.combine(optax.apply_updates(params, updates), static)
         if model_config is not None and model_config.aux_free_bias:
-            model = model.update_router_bias(terms["expert_load"])
+            model = model.update_router_bias(terms["expert_load"], terms.get("mtp_expert_load"))
         new_state = TrainState(model, opt_state, state.step + 1, key)
 
         nonfinite = ~(jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm))
@@ -254,6 +291,8 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
         if not mesh.empty:
             new_state = shard_model(new_state, mesh, rules_for(state.model))
         metrics = dict(terms, grad_norm=grad_norm, tokens=num_tokens, nonfinite=nonfinite)
+        if "expert_load" in terms:
+            metrics.update(_load_max(terms["expert_load"]))
         rate = learning_rate(train_config, optimizer, state.opt_state, state.step)
         if rate is not None:
             metrics["learning_rate"] = rate
@@ -282,6 +321,9 @@ def make_train_step(
         teacher: frozen teacher for distillation (a `VishwamAI` or any callable
             returning logits over the same vocabulary); checked abstractly here,
             before anything compiles. It is a jit argument, not a baked constant.
+            With `loss_chunk_size` set the KL is chunked with the student's fused head
+            (`chunked_distillation`), from a fused teacher's hidden states and head
+            (`teacher_outputs`): neither model's `[batch, seq, vocab]` logits exist.
         max_traces: fail (via `eqx.debug.assert_max_traces`) if the step is
             traced more often than this; `None` = no limit.
 
@@ -290,11 +332,14 @@ def make_train_step(
         `.compile().memory_analysis()`, or the HLO text). Its metrics (fp32 scalars unless noted): `loss` (what was
         differentiated: `ce`, or `alpha*ce + (1-alpha)*distill` with a teacher,
         plus `z` plus `aux`), `ce`, `distill` (`T**2 * KL`, 0 without teacher),
-        `z` (weighted logit z-loss), `aux` (weighted MoE losses), `grad_norm`
+        `z` (weighted logit z-loss), `aux` (weighted MoE losses), `mtp` (the weighted multi-token
+        prediction loss, only when `model_config.mtp_depth > 0`; included in `loss`, and its blocks'
+        MoE losses in `aux`) with `mtp_expert_load` `[mtp MoE blocks, experts]`, `grad_norm`
         (before clipping), `learning_rate` (of this update; with a custom optimiser only
         when built with `optax.inject_hyperparams`), `tokens` (loss-mask sum),
-        `expert_load` `[num_moe_layers, experts]` and `dropped_fraction` (when the model's
-        aux has them), and
+        the MoE statistics of `EXPERT_STATS` the model's aux has (over the tokens that are not
+        padding; means over micro-batches) with `expert_load_max` (the busiest expert's load
+        over the uniform load, of any layer), and
         `nonfinite` (bool: loss or gradients had a NaN/inf; with
         `nan_policy="skip"` the returned state is then the input state unchanged).
     """
@@ -340,6 +385,30 @@ def _token_nll(model, out, fused: bool, targets, chunk: int | None):
     return token_cross_entropy(logits, targets), lse
 
 
+def _token_nll_and_kl(model, out, fused: bool, teacher, micro: dict, temperature: float, chunk: int | None):
+    """`_token_nll` plus the per-position `distillation_kl` against the teacher. With a fused
+    student head and `chunk` set, chunk by chunk (`chunked_distillation`): from the teacher's
+    final hidden states and head when it fuses its head too (`teacher_outputs`), else from its
+    logits; without `chunk`, or for a student that returns logits, from full logits."""
+    if fused and chunk is not None:
+        teacher_out, teacher_head = teacher_outputs(teacher, micro)
+        lse, target_logit, kl = chunked_distillation(out, model.head_weight, micro["targets"], teacher_out,
+                                                     temperature, chunk, teacher_head=teacher_head)
+        return lse - target_logit, lse, kl
+    logits = model.logits(out) if fused else out.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    kl = distillation_kl(logits, teacher_logits(teacher, micro), temperature)
+    return token_cross_entropy(logits, micro["targets"]), lse, kl
+
+
+def _load_max(expert_load: Float[Array, "layers experts"]) -> dict:
+    """`expert_load_max`: the busiest expert's share of its layer's assignments, in units of the
+    uniform share (1 = balanced); nothing for a model without MoE layers."""
+    if expert_load.size == 0:
+        return {}
+    return {"expert_load_max": jnp.max(expert_load) * expert_load.shape[-1]}
+
+
 def _keep_old_if(pred: Bool[Array, ""], old: TrainState, new: TrainState) -> TrainState:
     """`old` where `pred`, else `new`, selected on device (no host sync)."""
     old_arrays, static = eqx.partition(old, eqx.is_array)
@@ -355,17 +424,22 @@ def make_eval_step(model_config: ModelConfig | None, loss_chunk_size: int | None
     The model runs in inference mode (no dropout, MoE drops no tokens); with
     `loss_chunk_size` the head and loss are fused as in the train step. Metrics:
     `loss` (masked mean CE), `perplexity` (`exp(loss)`), `tokens` and `nll_sum`
-    (so a runner can average over many batches: `sum(nll_sum) / sum(tokens)`).
+    (so a runner can average over many batches: `sum(nll_sum) / sum(tokens)`), and, as in
+    the train step, the MoE statistics of `EXPERT_STATS` the model reports (over the
+    tokens that are not padding) with `expert_load_max`.
     """
 
     @eqx.filter_jit
     def evaluate(model, batch: dict) -> dict:
-        out, _, fused = _forward(model, batch, None, inference=True)
+        out, aux, fused = _forward(model, batch, None, inference=True)
         nll, _ = _token_nll(model, out, fused, batch["targets"], loss_chunk_size)
         nll_sum = masked_sum(nll, batch["loss_mask"])
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss = nll_sum / jnp.maximum(tokens, 1.0)
-        return dict(loss=loss, perplexity=jnp.exp(loss), tokens=tokens, nll_sum=nll_sum)
+        stats = {name: aux[name].astype(jnp.float32) for name in EXPERT_STATS if name in aux}
+        if "expert_load" in stats:
+            stats.update(_load_max(stats["expert_load"]))
+        return dict(loss=loss, perplexity=jnp.exp(loss), tokens=tokens, nll_sum=nll_sum, **stats)
 
     def eval_step(model, batch: dict) -> dict:
         if model_config is not None and getattr(model, "config", model_config) != model_config:

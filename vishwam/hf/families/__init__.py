@@ -3,7 +3,7 @@
     Family                   what one architecture has of its own (config.json names and
                              defaults, features, MoE tensor names).
     FAMILIES                 every family: Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
-                             Qwen3-MoE, OLMoE.
+                             Qwen3-MoE, OLMoE, DeepSeek-V3.
     SUPPORTED_ARCHITECTURES  config.json `architectures` name -> `model_type`.
     family_of                the family of a config.json.
     family_for               the family `config_to_hf` writes a `ModelConfig` as.

@@ -40,6 +40,19 @@ class Family:
     qk_norm: str = "none"
     """Its `ModelConfig.qk_norm`: `"head"` (Qwen3-MoE), `"full"` (OLMoE) or `"none"`; it
     writes only configs with the same."""
+    attention: str = "gqa"
+    """Its `ModelConfig.attention`: `"mla"` (DeepSeek-V3) or `"gqa"`; it writes only configs
+    with the same."""
+    own_fields: Callable[[Mapping[str, Any], Callable[[str], Any]], dict[str, Any]] | None = None
+    """`own_fields(hf, get)`: `ModelConfig` fields of its own beyond the MoE ones (DeepSeek-V3's
+    latent attention), applied last."""
+    mtp: bool = False
+    """Whether it stores multi-token prediction modules (`ModelConfig.mtp_depth`) as the layers
+    past `num_hidden_layers` (DeepSeek-V3: `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and a
+    decoder layer's tensors in `model.layers.{num_hidden_layers + k}.`)."""
+    balance_loss: str | None = "hf"
+    """The `ModelConfig.load_balance_loss` transformers computes for it (`None`: none, so
+    `config_to_hf` does not warn about a different one)."""
     unsupported: Callable[[Mapping[str, Any]], list[str]] = _nothing
     """What of a config.json of this family vishwam cannot run, beyond the checks every family
     gets: one `"field=value (why)"` each."""

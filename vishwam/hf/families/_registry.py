@@ -6,6 +6,7 @@ from typing import Any
 from ...config import ModelConfig
 from ...errors import InvalidValueError
 from ._family import Family
+from .deepseek_v3 import DEEPSEEK_V3
 from .llama import LLAMA
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
@@ -15,7 +16,7 @@ from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
 from .qwen3_moe import QWEN3_MOE
 
-FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3)
 SUPPORTED_ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 _BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 
@@ -36,14 +37,16 @@ def family_of(hf: Mapping[str, Any]) -> Family:
 
 
 def family_for(config: ModelConfig) -> Family:
-    """The family `config_to_hf` writes `config` as: the one with its `qk_norm` whose
-    `writes(config)` holds. Raises `InvalidValueError` when none does."""
-    families = [family for family in FAMILIES if family.qk_norm == config.qk_norm and family.writes(config)]
+    """The family `config_to_hf` writes `config` as: the one with its `qk_norm` and `attention`
+    whose `writes(config)` holds. Raises `InvalidValueError` when none does."""
+    families = [family for family in FAMILIES if family.qk_norm == config.qk_norm
+                and family.attention == config.attention and family.writes(config)]
     if not families:
         kind = "MoE" if config.is_moe else "dense"
         raise InvalidValueError(
-            f"save_hf_checkpoint: no HF family vishwam writes has a {kind} model with qk_norm={config.qk_norm!r}; "
-            "q/k norms are written as Qwen3 (dense) and Qwen3-MoE ('head') or OLMoE ('full', MoE)."
+            f"save_hf_checkpoint: no HF family vishwam writes has a {kind} model with qk_norm={config.qk_norm!r} and "
+            f"attention={config.attention!r}; q/k norms are written as Qwen3 (dense) and Qwen3-MoE ('head') or OLMoE "
+            "('full', MoE), latent attention as DeepSeek-V3 (MoE)."
         )
     (family,) = families
     return family

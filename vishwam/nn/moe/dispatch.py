@@ -26,8 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
+from ...kernels.flash import target_platform
 from ...kernels.grouped_swiglu import grouped_swiglu, grouped_swiglu_forward
 from ...parallel.expert import assign_slots, combine_buffers, gather_buffers
 from ..fp8 import fp8_matmul
@@ -60,24 +61,32 @@ def dispatch_capacity(
     *,
     capacity: int | None = None,
     priority: Int[Array, " tokens"] | None = None,
+    mask: Bool[Array, " tokens"] | None = None,
+    per_expert: bool = False,
     fp8: Fp8Spec | None = None,
-) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
+) -> tuple[Float[Array, "tokens hidden"], Float[Array, "*experts"]]:
     """Capacity buffers + one batched einsum per projection (see `assign_slots` for drops).
 
     Arguments:
         capacity: rows per expert; `None` means `tokens` (dropless).
         priority: which assignments an expert keeps first (`assign_slots`): a rank per
             token, lower first (`position_priority`), or `None` for the largest weights.
+        mask: the tokens that count (True); the others (padding) are not in the drop
+            statistics and, without a `priority`, only fill capacity the counted ones leave
+            free (`assign_slots`). None: every token.
+        per_expert: return each expert's share of the dropped assignments `[experts]`
+            (summing to the dropped fraction) instead of the fraction.
         fp8: run the expert GEMMs in fp8.
 
-    Returns the output and the fraction of (token, slot) assignments dropped.
+    Returns the output and the fraction of (counted token, slot) assignments dropped.
     """
     tokens = x.shape[0]
     capacity = tokens if capacity is None else capacity
-    slots = assign_slots(routing.indices, routing.weights, experts.num_experts, capacity, priority)
+    slots = assign_slots(routing.indices, routing.weights, experts.num_experts, capacity, priority, mask)
     buffers = gather_buffers(x, slots, experts.num_experts)  # (E, C, D)
     outputs = expert_ffn(buffers, experts.gate, experts.up, experts.down, fp8)
-    return combine_buffers(outputs, slots, routing.weights), slots.dropped
+    dropped = slots.dropped_counts / jnp.maximum(slots.counted, 1.0) if per_expert else slots.dropped
+    return combine_buffers(outputs, slots, routing.weights), dropped
 
 
 def dispatch_ragged(
@@ -289,13 +298,16 @@ def resolve_dispatch(
     PRs 45995-46002 describe that default).
 
     Arguments:
-        backend: `"cpu"`, `"gpu"`, `"tpu"`, ...; default `jax.default_backend()`.
+        backend: `"cpu"`, `"gpu"`, `"tpu"`, ...; default the platform being compiled for
+            (`vishwam.kernels.target_platform`: the mesh in context's devices, else
+            `jax.default_backend()`), so a program compiled on a CPU host for TPUs or GPUs
+            gets their dispatch.
     """
     if dispatch != "auto":
         return dispatch
     if capacity_factor is not None and not inference:
         return "capacity"
-    backend = jax.default_backend() if backend is None else backend
+    backend = target_platform() if backend is None else backend
     if use_fp8 or backend == "cpu":
         return "grouped"
     return "ragged"

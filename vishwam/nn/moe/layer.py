@@ -29,6 +29,7 @@ from .routing import (
     load_balancing_loss,
     pooled_balance_loss,
     route,
+    router_entropy,
     router_z_loss,
     sequence_balance_loss,
 )
@@ -42,10 +43,16 @@ class MoE(eqx.Module):
     `sequence_balance_loss`, each of the input's `[..., seq, hidden]` sequences alone;
     `"hf"`: `pooled_balance_loss`, with this layer's `BalanceSums` as `balance_counts`,
     `balance_probs` and `balance_tokens`, which the model adds over layers),
-    `router_z_loss`, `expert_load` (fraction of assignments per expert) and
-    `dropped_fraction`; the model averages them over layers and the training
-    loss weights them with the config's coefficients. A `mask` (`[*batch]`, True for
-    the tokens to count) restricts the losses and `expert_load` to those tokens.
+    `router_z_loss`, `expert_load` (fraction of assignments per expert),
+    `dropped_fraction`, `expert_dropped` (each expert's share of the dropped
+    assignments, summing to `dropped_fraction`), `router_entropy` (`router_entropy`) and,
+    with the aux-free `selection_bias`, that bias as `router_bias`;
+    the model averages the losses over layers and the training loss weights them with
+    the config's coefficients. A `mask` (`[*batch]`, True for the tokens to count)
+    restricts the losses and statistics to those tokens, and in the `capacity` dispatch
+    the other tokens (padding) yield capacity to them: under `"score"` they only take what
+    the counted tokens leave free, under `"position"` they come after the counted tokens of
+    their own position (see `position_priority`; the rule stays causal).
 
     Routing options (`route`): `router_type`, `renormalize`, the aux-free
     `selection_bias`, DeepSeek-V3's group limit (`n_groups`, `topk_groups`) and
@@ -174,34 +181,41 @@ class MoE(eqx.Module):
         return xf @ self.router
 
     def routed(
-        self, x: Float[Array, "tokens hidden"], routing: Routing, *, rows: int = 1, inference: bool = False
-    ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
-        """The routed experts' output and dropped fraction, by this layer's dispatch,
-        or expert-parallel when the current mesh has an `expert` axis > 1. `x` is `rows`
-        sequences, one after the other (for `capacity_priority="position"`)."""
+        self, x: Float[Array, "tokens hidden"], routing: Routing, *, rows: int = 1,
+        mask: Bool[Array, " tokens"] | None = None, inference: bool = False
+    ) -> tuple[Float[Array, "tokens hidden"], Float[Array, " experts"]]:
+        """The routed experts' output and each expert's share of the dropped assignments
+        (summing to the dropped fraction), by this layer's dispatch, or expert-parallel when
+        the current mesh has an `expert` axis > 1. `x` is `rows` sequences, one after the
+        other (for `capacity_priority="position"`); the tokens `mask` leaves out (padding) are
+        not counted as drops and yield capacity to the others (`assign_slots`,
+        `position_priority`)."""
         dispatch = resolve_dispatch(self.dispatch, self.capacity_factor, inference=inference,
                                     use_fp8=self.use_fp8)
+        no_drops = jnp.zeros((self.num_experts,), jnp.float32)
         if isinstance(self.experts, SplitExperts):
             if not inference:
                 raise InvalidValueError("MoE: split experts (from `split_experts`) are for inference only; train the "
                                         "model with its stacked `Experts`.")
-            return dispatch_split(x, self.experts, routing)
+            return dispatch_split(x, self.experts, routing)[0], no_drops
         # `dense`, `ragged` and `grouped` promise no drops, so they never get a finite capacity.
         factor = self.capacity_factor if dispatch == "capacity" and not inference else None
-        priority = (position_priority(rows, x.shape[0] // rows)
+        priority = (position_priority(rows, x.shape[0] // rows, mask)
                     if factor is not None and self.capacity_priority == "position" else None)
         if use_expert_parallel(x.shape[0]):
             e = self.experts
             return expert_parallel_dispatch(
                 x, routing.indices, routing.weights, e.gate, e.up, e.down,
                 ffn=functools.partial(expert_ffn, fp8=self.fp8), capacity_factor=factor, priority=priority,
+                mask=mask, per_expert=True,
             )
         if dispatch == "capacity":
             capacity = expert_capacity(x.shape[0], self.top_k, self.num_experts, factor)
-            return dispatch_capacity(x, self.experts, routing, capacity=capacity, priority=priority, fp8=self.fp8)
+            return dispatch_capacity(x, self.experts, routing, capacity=capacity, priority=priority, mask=mask,
+                                     per_expert=True, fp8=self.fp8)
         if dispatch == "grouped":
-            return dispatch_grouped(x, self.experts, routing, fp8=self.fp8)
-        return DISPATCHES[dispatch](x, self.experts, routing)
+            return dispatch_grouped(x, self.experts, routing, fp8=self.fp8)[0], no_drops
+        return DISPATCHES[dispatch](x, self.experts, routing)[0], no_drops
 
     def shared_output(self, x: Float[Array, "tokens hidden"]) -> Float[Array, "tokens hidden"]:
         """The shared experts on every token, scaled by `sigmoid(x @ shared_gate)` when gated."""
@@ -229,7 +243,7 @@ class MoE(eqx.Module):
                             selection_bias=self.selection_bias, n_groups=self.n_groups,
                             topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor)
         with jax.named_scope("moe_dispatch"):
-            y, dropped = self.routed(tokens, routing, rows=rows, inference=inference)
+            y, expert_dropped = self.routed(tokens, routing, rows=rows, mask=flat_mask, inference=inference)
         if self.shared is not None:
             y = y + self.shared_output(tokens)
         pooled = {}
@@ -245,7 +259,10 @@ class MoE(eqx.Module):
             "load_balancing_loss": balance,
             "router_z_loss": router_z_loss(logits, flat_mask),
             "expert_load": expert_fractions(routing.indices, self.num_experts, flat_mask),
-            "dropped_fraction": dropped,
+            "dropped_fraction": jnp.sum(expert_dropped),
+            "expert_dropped": expert_dropped,
+            "router_entropy": router_entropy(routing.probs, flat_mask),
+            **({} if self.selection_bias is None else {"router_bias": self.selection_bias}),
             **pooled,
         }
         return y.reshape(shape), aux

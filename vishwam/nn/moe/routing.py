@@ -192,6 +192,16 @@ def router_z_loss(
     return _masked_mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)), mask)
 
 
+def router_entropy(
+    probs: Float[Array, "tokens experts"], mask: Bool[Array, " tokens"] | None = None
+) -> Float[Array, ""]:
+    """Mean entropy (nats) of the router's distribution over experts, over the kept tokens:
+    `log(experts)` for a router that has not decided, 0 for one sure of a single expert."""
+    p = probs.astype(jnp.float32)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return _masked_mean(entropy, mask)
+
+
 def combine_matrix(routing: Routing, num_experts: int) -> Float[Array, "tokens experts"]:
     """Dense `[tokens, experts]` matrix of combine weights (zero for unchosen experts)."""
     tokens = routing.indices.shape[0]
