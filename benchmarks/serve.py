@@ -48,6 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vishwam.cli import skip_absent_tpu
+
+skip_absent_tpu()  # before JAX starts: no accelerator-plugin start-up noise on a machine without one
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
