@@ -68,8 +68,8 @@ def load_pipeline(directory: str | Path, step: int | None = None):
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory; pass a pipeline directory or a training run "
-                                "directory (runs/<name>).")
+        raise FileNotFoundError(f"{directory}: no such directory; pass a pipeline directory, a training run "
+                                "directory (runs/<name>) or an HF checkpoint directory.")
     if step is None:
         for candidate in (directory, directory / "pipeline"):
             if (candidate / "pipeline.json").is_file():
