@@ -28,6 +28,13 @@ def positions_from_segments(segment_ids: Int[Array, "batch seq"]) -> Int[Array, 
     return idx - first
 
 
+def project_heads(o_proj: Linear, out: Float[Array, "batch seq heads width"]) -> Float[Array, "batch seq hidden"]:
+    """An attention output `[batch, seq, heads, width]` through the output projection, its heads
+    concatenated; named `attention_output` for the remat policies that save it."""
+    b, t = out.shape[:2]
+    return o_proj(checkpoint_name(out, "attention_output").reshape(b, t, -1))
+
+
 def default_positions(segment_ids: Int[Array, "batch seq"] | None, shape: tuple[int, int]) -> Int[Array, "batch seq"]:
     """`0..seq-1` per row, or restarting per document when `segment_ids` is given."""
     if segment_ids is not None:
@@ -142,13 +149,7 @@ class TPUMultiHeadAttention(eqx.Module):
         impl = self.implementation if self.use_flash_attn else "reference"
         out = flash_attention(q, k, v, block_size=self.block_size, implementation=impl,
                               sm_scale=1.0 / math.sqrt(self.head_dim), **kwargs)
-        return self._output(out)
-
-    def _output(self, out):
-        """`[batch, seq, heads, head_dim]` attention output -> the output projection."""
-        b, t = out.shape[:2]
-        out = checkpoint_name(out, "attention_output")
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return project_heads(self.o_proj, out)
 
     def __call__(
         self,
@@ -202,7 +203,7 @@ class TPUMultiHeadAttention(eqx.Module):
             v_cache = v_cache.at[layer, rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
             out = cached_attention(q, k_cache, v_cache, layer, positions, block=self.block_size,
                                    window=self.sliding_window, sm_scale=1.0 / math.sqrt(self.head_dim))
-            return self._output(out), k_cache, v_cache
+            return project_heads(self.o_proj, out), k_cache, v_cache
 
 
 def cached_attention(

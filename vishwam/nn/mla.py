@@ -27,12 +27,11 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..errors import InvalidValueError
 from ..kernels import flash_attention
-from .attention import cached_attention, default_positions
+from .attention import cached_attention, default_positions, project_heads
 from .linear import Linear
 from .norm import RMSNorm
 from .rope import RopeScaling, apply_rope
@@ -193,12 +192,6 @@ class MultiHeadLatentAttention(eqx.Module):
                                                         self.qk_nope_head_dim + self.v_head_dim)
         return w[..., :self.qk_nope_head_dim], w[..., self.qk_nope_head_dim:]
 
-    def _output(self, out):
-        """`[batch, seq, heads, v_head_dim]` -> the output projection."""
-        b, t = out.shape[:2]
-        out = checkpoint_name(out, "attention_output")
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
-
     # ------------------------------------------------------------------ calls
     def __call__(
         self,
@@ -232,7 +225,7 @@ class MultiHeadLatentAttention(eqx.Module):
             out = flash_attention(pad(q), pad(k), pad(v), mask=mask, causal=causal, segment_ids=segment_ids,
                                   window=self.sliding_window, block_size=self.block_size, implementation=impl,
                                   sm_scale=self.softmax_scale)
-            return self._output(out[..., :v_dim])
+            return project_heads(self.o_proj, out[..., :v_dim])
 
     def decode(
         self,
@@ -269,4 +262,4 @@ class MultiHeadLatentAttention(eqx.Module):
             out = cached_attention(q, k_cache, k_cache, layer, positions, block=self.block_size,
                                    window=self.sliding_window, sm_scale=self.softmax_scale)
             out = jnp.einsum("bthc,chv->bthv", out[..., :self.kv_lora_rank], w_uv)  # W_UV folded into the output
-            return self._output(out), k_cache, v_cache
+            return project_heads(self.o_proj, out), k_cache, v_cache
