@@ -14,7 +14,9 @@ Figures (bf16 unless named; one GPU):
   `fp8_matmul` (quantisation included).
 - `train_step`: the whole train step (`vishwam.plan.compile_train_step`: AdamW, fp32 master weights, bf16
   compute) of the `small` preset and of a 1.1B-parameter MoE; tokens/s and MFU against the GPU's published
-  bf16 peak (`vishwam.model.flops.CHIPS`).
+  bf16 peak (`vishwam.model.flops.CHIPS`); the third, issue 33's fine-grained MoE shape (64 experts top-8).
+- `moe_dispatch`: that fine-grained step under each MoE dispatch (`ragged`, `grouped`, `dense`, and
+  `capacity` at factor 1.25), to measure the rule `vishwam.nn.moe.resolve_dispatch` follows on GPUs.
 
 `--compile-only` compiles every program above for one abstract H100 (JAX's CUDA plugin, no GPU:
 `pip install -e ".[gpu-aot]"`) and prints, per program, the compile time, its Triton kernels and its
@@ -23,6 +25,7 @@ measured, so a run cut short by its timeout keeps what it finished.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -63,12 +66,26 @@ FULL, QUICK = ((4096, 8192), 16384, 8192), ((256,), 512, 512)
 MOE_1B = dict(vocab_size=32768, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, ffn_dim=1024,
               num_experts=8, experts_per_token=2, max_seq_len=2048, capacity_factor=1.25, param_dtype="float32",
               compute_dtype="bfloat16", remat_policy="full")
+# Issue 33's fine-grained shape (64 experts top-8 of FFN 128, dropless `grouped` dispatch), here in bf16.
+FINEGRAINED = dict(vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8, ffn_dim=1408,
+                   moe_ffn_dim=128, num_experts=64, experts_per_token=8, max_seq_len=512, capacity_factor=None,
+                   qk_norm="head", router_aux_loss_coef=0.001,
+                   param_dtype="float32", compute_dtype="bfloat16")
 TRAIN_STEPS = (("small", ModelConfig.preset("small", compute_dtype="bfloat16"), 32, 256),
-               ("moe-1b", ModelConfig.from_dict(MOE_1B), 8, 2048))
+               ("moe-1b", ModelConfig.from_dict(MOE_1B), 8, 2048),
+               ("finegrained-moe", ModelConfig.from_dict(FINEGRAINED), 8, 512))
+# The fine-grained step under each MoE dispatch (`auto` picks `ragged` on GPU when dropless); `capacity`
+# at factor 1.25 (it drops tokens: a different computation, timed for what the bound buys).
+DISPATCHES = (("ragged", None), ("grouped", None), ("dense", None), ("capacity", 1.25))
 
 
 def emit(**figure) -> None:
     print(json.dumps(figure, sort_keys=True), flush=True)
+
+
+def failed(figure: dict, error: Exception) -> None:
+    """One figure's failure as a figure: the run goes on to the next (a GPU lease is too short to lose them)."""
+    emit(**figure, error=f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}")
 
 
 def spec(mesh, shape, dtype=jnp.bfloat16):
@@ -139,17 +156,19 @@ def check_attention(mesh, compile_only: bool, reps: int, lengths=FULL[0], tokens
             specs = [spec(mesh, shape)] * (3 if direction == "fwd" else 4)
             figure = dict(figure="attention", impl=name, direction=direction, batch=batch, seq_len=length,
                           heads=HEADS, head_dim=HEAD_DIM)
-            try:
+            try:  # cuDNN may refuse a shape: a result, not a crash
                 compiled, seconds = compile_for(mesh, fn, *specs)
-            except Exception as error:  # noqa: BLE001  (cuDNN may refuse a shape: a result, not a crash)
-                emit(**figure, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-                continue
-            if compile_only:
-                emit(**figure, compile_s=round(seconds, 2), **describe(compiled))
-                continue
-            ms = time_ms(compiled, real(specs), reps)
-            emit(**figure, ms=round(ms, 3), tflops=round(factor * fwd_flops / ms / 1e9, 1))
-        check_attention_error(mesh, length, compile_only)
+                if compile_only:
+                    emit(**figure, compile_s=round(seconds, 2), **describe(compiled))
+                    continue
+                ms = time_ms(compiled, real(specs), reps)
+                emit(**figure, ms=round(ms, 3), tflops=round(factor * fwd_flops / ms / 1e9, 1))
+            except Exception as error:  # noqa: BLE001
+                failed(figure, error)
+        try:
+            check_attention_error(mesh, length, compile_only)
+        except Exception as error:  # noqa: BLE001
+            failed(dict(figure="attention_error", seq_len=length), error)
 
 
 def check_attention_error(mesh, length: int, compile_only: bool) -> None:
@@ -187,42 +206,52 @@ def check_gemm(mesh, compile_only: bool, reps: int, size: int = FULL[2]) -> None
     )
     for name, dtype, fn in programs:
         specs = [spec(mesh, (size, size), dtype)] * 2
-        compiled, seconds = compile_for(mesh, fn, *specs)
-        if compile_only:
-            emit(figure="gemm", kind=name, size=size, compile_s=round(seconds, 2), **describe(compiled))
-            continue
-        ms = time_ms(compiled, real(specs), reps)
-        emit(figure="gemm", kind=name, size=size, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+        try:
+            compiled, seconds = compile_for(mesh, fn, *specs)
+            if compile_only:
+                emit(figure="gemm", kind=name, size=size, compile_s=round(seconds, 2), **describe(compiled))
+                continue
+            ms = time_ms(compiled, real(specs), reps)
+            emit(figure="gemm", kind=name, size=size, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+        except Exception as error:  # noqa: BLE001
+            failed(dict(figure="gemm", kind=name, size=size), error)
 
 
 def check_train_steps(mesh, compile_only: bool, steps: int, presets=TRAIN_STEPS) -> None:
     chip = chip_of(mesh.devices.flat[0])
     for name, model_config, batch, seq in presets:
-        train_config = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=0, total_steps=1000)
-        compiled, seconds = compile_train_step(model_config, train_config, mesh)
-        figure = dict(figure="train_step", preset=name, batch=batch, seq_len=seq, compile_s=round(seconds, 1))
-        if compile_only:
-            emit(**figure, **describe(compiled))
-            continue
-        arrays = eqx.filter(init_sharded_state(model_config, train_config, mesh), eqx.is_array)
-        rng = np.random.default_rng(0)
-        batch_specs = abstract_batch(train_config, mesh)
-        tokens = rng.integers(0, model_config.vocab_size, (batch, seq + 1), dtype=np.int32)
-        values = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
-                  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
-                  "loss_mask": np.ones((batch, seq), np.float32)}
-        data = {k: jax.device_put(values[k], s.sharding) for k, s in batch_specs.items()}
-        arrays, metrics = compiled(arrays, data)  # warm-up
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            arrays, metrics = compiled(arrays, data)
-        jax.block_until_ready(metrics)
-        step_s = (time.perf_counter() - start) / steps
-        tokens_per_s = batch * seq / step_s
-        mfu = model_flops_per_token(model_config, seq) * tokens_per_s / (chip.bf16_flops * mesh.size) if chip else None
-        emit(**figure, step_ms=round(1e3 * step_s, 2), tokens_per_s=round(tokens_per_s),
-             mfu=None if mfu is None else round(mfu, 4), loss=float(metrics["loss"]))
+        try:
+            check_train_step(mesh, chip, compile_only, steps, name, model_config, batch, seq)
+        except Exception as error:  # noqa: BLE001
+            failed(dict(figure="train_step", preset=name, batch=batch, seq_len=seq), error)
+
+
+def check_train_step(mesh, chip, compile_only: bool, steps: int, name: str, model_config, batch: int, seq: int) -> None:
+    train_config = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=0, total_steps=1000)
+    compiled, seconds = compile_train_step(model_config, train_config, mesh)
+    figure = dict(figure="train_step", preset=name, batch=batch, seq_len=seq, compile_s=round(seconds, 1))
+    if compile_only:
+        emit(**figure, **describe(compiled))
+        return
+    arrays = eqx.filter(init_sharded_state(model_config, train_config, mesh), eqx.is_array)
+    rng = np.random.default_rng(0)
+    batch_specs = abstract_batch(train_config, mesh)
+    tokens = rng.integers(0, model_config.vocab_size, (batch, seq + 1), dtype=np.int32)
+    values = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+              "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
+              "loss_mask": np.ones((batch, seq), np.float32)}
+    data = {k: jax.device_put(values[k], s.sharding) for k, s in batch_specs.items()}
+    arrays, metrics = compiled(arrays, data)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        arrays, metrics = compiled(arrays, data)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / steps
+    tokens_per_s = batch * seq / step_s
+    mfu = model_flops_per_token(model_config, seq) * tokens_per_s / (chip.bf16_flops * mesh.size) if chip else None
+    emit(**figure, step_ms=round(1e3 * step_s, 2), tokens_per_s=round(tokens_per_s),
+         mfu=None if mfu is None else round(mfu, 4), loss=float(metrics["loss"]))
 
 
 def main(argv=None) -> int:
@@ -230,7 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile-only", action="store_true", help="compile for an abstract H100; run nothing")
     p.add_argument("--reps", type=int, default=10, help="timed runs per kernel figure (median; default 10)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per preset (default 10)")
-    p.add_argument("--only", choices=("attention", "gemm", "train_step"), action="append",
+    p.add_argument("--only", choices=("attention", "gemm", "train_step", "moe_dispatch"), action="append",
                    help="run only these figures (repeatable)")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke test of the script, not figures)")
     p.add_argument("--any-device", action="store_true",
@@ -245,7 +274,7 @@ def main(argv=None) -> int:
             return 2
     mesh = make_mesh({}, devices=devices)
     emit(figure="device", device_kind=devices[0].device_kind, compile_only=args.compile_only, jax=jax.__version__)
-    only = set(args.only or ("attention", "gemm", "train_step"))
+    only = set(args.only or ("attention", "gemm", "train_step", "moe_dispatch"))
     lengths, tokens, gemm = QUICK if args.quick else FULL
     if "attention" in only:
         check_attention(mesh, args.compile_only, args.reps, lengths, tokens)
@@ -254,6 +283,14 @@ def main(argv=None) -> int:
     if "train_step" in only:
         presets = ((TRAIN_STEPS[0][0], TRAIN_STEPS[0][1], 2, 64),) if args.quick else TRAIN_STEPS
         check_train_steps(mesh, args.compile_only, args.steps, presets)
+    if "moe_dispatch" in only:
+        name, config, batch, seq = TRAIN_STEPS[-1]
+        if args.quick:
+            config, batch, seq = dataclasses.replace(config, num_layers=1), 2, 64
+        check_train_steps(mesh, args.compile_only, args.steps,
+                          [(f"{name}/{dispatch}" + (f"@{factor}" if factor else ""),
+                            dataclasses.replace(config, moe_dispatch=dispatch, capacity_factor=factor), batch, seq)
+                           for dispatch, factor in DISPATCHES])
     return 0
 
 
