@@ -160,12 +160,15 @@ def test_grouped_equals_dense_values_and_grads_on_odd_shapes(layer):
 
 
 def test_split_experts_equal_dense_values_and_grads_and_skip_unused_experts(layer, x):
-    """The decode dispatch over per-expert arrays: dense's values and gradients (those of the
-    split weights are the stacked ones' rows), for 48 tokens, empty experts and one token."""
+    """The decode dispatch over per-expert arrays, on few tokens (`split_all_rows`: each chosen
+    expert on every row): dense's values and gradients (those of the split weights are the
+    stacked ones' rows), for E / K tokens under each routing, empty experts and one token."""
     rng = np.random.default_rng(5)
-    cases = [_routing(ROUTINGS[name](rng), seed=i) for i, name in enumerate(sorted(ROUTINGS))]
+    few = E // K
+    assert moe_module.split_all_rows(few, K, E) and not moe_module.split_all_rows(few + 1, K, E)
+    cases = [_routing(ROUTINGS[name](rng)[:few], seed=i) for i, name in enumerate(sorted(ROUTINGS))]
     cases.append(_routing(np.array([[3, 0]]), seed=9))
-    inputs = [x] * len(ROUTINGS) + [x[:1]]
+    inputs = [x[:few]] * len(ROUTINGS) + [x[:1]]
     split = split_experts(layer.experts)
 
     @jax.jit
@@ -190,23 +193,22 @@ def test_split_experts_equal_dense_values_and_grads_and_skip_unused_experts(laye
 
 
 def test_split_experts_over_many_tokens_equal_dense(layer):
-    """Above `SPLIT_ALL_ROWS_TOKENS` (prefill) each expert loops over its own blocks: values
-    equal dense (this path is inference-only: its loops have run-time bounds, so no gradients)."""
+    """Past `split_all_rows` (a batch of decode rows, prefill) each expert loops over its own
+    blocks: values equal dense (this path is inference-only: its loops have run-time bounds,
+    so no gradients). From E / K + 1 tokens (the first past the rule) to 59."""
     split = split_experts(layer.experts)
     cases = [(name, x, routing, block) for name, x, routing, block in _grouped_cases(np.random.default_rng(6))
-             if x.shape[0] > 1]
-    tokens = moe_module.SPLIT_ALL_ROWS_TOKENS + 11
-    x = jax.random.normal(jax.random.key(7), (tokens, D))
+             if not moe_module.split_all_rows(*routing.indices.shape, E)]
     rng = np.random.default_rng(7)
-    for name in sorted(ROUTINGS):
-        indices = np.concatenate([ROUTINGS[name](rng), ROUTINGS[name](rng)])[:tokens]
-        cases.append((name, x, _routing(indices), 16))
+    for tokens in (E // K + 1, 59):
+        x = jax.random.normal(jax.random.key(tokens), (tokens, D))
+        for name in sorted(ROUTINGS):
+            indices = np.concatenate([ROUTINGS[name](rng), ROUTINGS[name](rng)])[:tokens]
+            cases.append((f"{name}, {tokens} tokens", x, _routing(indices), 16))
     run = jax.jit(lambda x, ex, sp, r, b: (dispatch_dense(x, ex, r)[0], dispatch_split(x, sp, r, block_size=b)[0]),
                   static_argnums=4)
     for name, xs, routing, block in cases:
-        if xs.shape[0] <= moe_module.SPLIT_ALL_ROWS_TOKENS:
-            xs = jnp.concatenate([xs] * 3)[:moe_module.SPLIT_ALL_ROWS_TOKENS + 1]
-            routing = Routing(*(jnp.concatenate([a] * 3)[:xs.shape[0]] for a in routing))
+        assert not moe_module.split_all_rows(*routing.indices.shape, E), name
         ref, y = run(xs, layer.experts, split, routing, block)
         assert float(jnp.max(jnp.abs(ref))) > 1e-4, name
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6, err_msg=name)

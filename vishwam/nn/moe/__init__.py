@@ -10,7 +10,7 @@ experts:   Experts (stacked SwiGLU experts), SplitExperts / split_experts (one a
 dispatch:  dispatch_dense (the oracle), dispatch_capacity, dispatch_ragged, dispatch_grouped,
            dispatch_split, resolve_dispatch (the `auto` rule), DISPATCHES, DISPATCH_CHOICES;
            grouped blocks: Blocks, assign_blocks, grouped_block_size, grouped_num_blocks,
-           grouped_ffn, GROUPED_BLOCK_SIZE, SPLIT_ALL_ROWS_TOKENS
+           grouped_ffn, GROUPED_BLOCK_SIZE, split_all_rows (which path `dispatch_split` takes)
 layer:     MoE, the module (router, experts, gated shared experts, aux-free selection bias)
 Re-exported: grouped_swiglu (`vishwam.kernels`), assign_slots, position_priority, gather_buffers,
 combine_buffers and expert_capacity (`vishwam.parallel.expert`). Under `jax.set_mesh` with an
@@ -26,7 +26,6 @@ from ...parallel.expert import position_priority as position_priority
 from .dispatch import DISPATCH_CHOICES as DISPATCH_CHOICES
 from .dispatch import DISPATCHES as DISPATCHES
 from .dispatch import GROUPED_BLOCK_SIZE as GROUPED_BLOCK_SIZE
-from .dispatch import SPLIT_ALL_ROWS_TOKENS as SPLIT_ALL_ROWS_TOKENS
 from .dispatch import Blocks as Blocks
 from .dispatch import assign_blocks as assign_blocks
 from .dispatch import dispatch_capacity as dispatch_capacity
@@ -38,6 +37,7 @@ from .dispatch import grouped_block_size as grouped_block_size
 from .dispatch import grouped_ffn as grouped_ffn
 from .dispatch import grouped_num_blocks as grouped_num_blocks
 from .dispatch import resolve_dispatch as resolve_dispatch
+from .dispatch import split_all_rows as split_all_rows
 from .experts import Experts as Experts
 from .experts import Fp8Spec as Fp8Spec
 from .experts import SplitExperts as SplitExperts
