@@ -119,11 +119,18 @@ def test_concurrent_streams_equal_one_at_a_time(engine, client):
         assert reasons[-1] in ("stop", "length") and not any(reasons[:-1])
         return "".join(pieces)
 
+    before, moves = dict(engine.calls_by_rows), engine.moves
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(stream, requests))
     assert together == alone
+    # The running requests were kept in the lowest slots: as the burst drained, calls ran on
+    # the first 4 of the 6 slots (requests moved between slots on the way, texts unchanged).
+    assert engine.row_buckets == (4, SLOTS) and engine.calls_by_rows[SLOTS] > before.get(SLOTS, 0)
+    assert engine.calls_by_rows[4] > before.get(4, 0) and engine.moves > moves
     assert any(alone) and len(set(alone)) > 4  # the texts differ: the rows did not leak into each other
-    assert engine.compiled_programs() == compiled == len(engine.buckets) + len(engine.step_sizes)  # fixed set
+    # A fixed set: the prefills, a decode call per step count and row bucket, the row move.
+    fixed = len(engine.buckets) + len(engine.step_sizes) * len(engine.row_buckets) + 1
+    assert engine.compiled_programs() == compiled == fixed
 
 
 def test_chat_completions_stream_and_not(client, pipeline):

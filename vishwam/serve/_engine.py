@@ -3,19 +3,26 @@
 The cache holds `slots` rows of `max_len` positions. Each turn of the engine's loop first
 admits waiting requests into free slots, one prefill each (a request's prompt, right-padded
 to the next shape bucket, written into its slot's cache row), until `prefill_budget` padded
-prompt tokens have been prefilled this turn; then runs decode steps over every slot, each
-at its own position (`vishwam.generation.decode_step`): one step when a request waits for a
-free slot, else up to `max_decode_steps` in one compiled call (no more than the request
+prompt tokens have been prefilled this turn; then runs decode steps over the occupied slots,
+each at its own position (`vishwam.generation.decode_step`): one step when a request waits
+for a free slot, else up to `max_decode_steps` in one compiled call (no more than the request
 nearest its `max_tokens` needs; tokens after a stop are dropped). Requests join and leave
 between calls, so a long completion never holds the others back and a new request waits for
 at most one turn's prefills and one call before its own prefill.
 
+The running requests are kept in the lowest slots (when one leaves, the request in the
+highest occupied slot moves into its place, cache row and all), so a decode call runs only
+the first `rows` slots, `rows` the smallest row bucket (4, 8, 16, ... and `slots`) that holds
+them: as a burst of requests drains, the calls get cheaper instead of computing empty rows
+(a prefill of one request at a time is not batched: on the CPU a prefill costs what its
+tokens do, and 4 prompts in one call measured no faster).
+
 Compiled programs: one prefill per bucket (`min_bucket` times powers of two and the
-halfway points, up to `max_len`) and one decode call per power of two up to
-`max_decode_steps`, all of fixed shapes, so no request compiles anything (`start` compiles
-them up front). Each program samples with `vishwam.generation.sample_rows` (per-slot
-temperature, top-k, top-p and seed) or, when every row is greedy, a plain argmax (a
-`lax.cond`, one program). The cache is donated to every call: updated in place.
+halfway points, up to `max_len`), one decode call per power of two up to `max_decode_steps`
+and row bucket, and one row move, all of fixed shapes, so no request compiles anything
+(`start` compiles them up front). Each program samples with `vishwam.generation.sample_rows`
+(per-slot temperature, top-k, top-p and seed) or, when every row is greedy, a plain argmax
+(a `lax.cond`, one program). The cache is donated to every call: updated in place.
 
 MoE layers run their inference dispatch (dropless), as in `vishwam.generate`; rows of a
 batch do not influence each other, so a request's greedy completion does not depend on
@@ -26,7 +33,7 @@ import functools
 import queue
 import random
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -139,21 +146,42 @@ def _prefill_slot(leaves, cache: KVCache, prompt, length, slot, seed, temperatur
     return token[0], cache
 
 
+def _row_buckets(slots: int) -> tuple[int, ...]:
+    """Rows a decode call runs: 4, 8, 16, ... below `slots`, then `slots`."""
+    sizes, size = [], 4
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, slots)
+
+
 def _step_slots(leaves, cache: KVCache, tokens, positions, seeds, steps, temperature, top_k, top_p, *, treedef,
                 count: int):
-    """`count` decode steps of every slot: feed `tokens` at `positions`, choose the next
-    ones, feed those at the next positions, ...; the `[count, slots]` tokens chosen."""
+    """`count` decode steps of the first `len(tokens)` slots: feed `tokens` at `positions`,
+    choose the next ones, feed those at the next positions, ...; the `[count, rows]` tokens
+    chosen. The other slots' cache rows are left as they are."""
     model, layers = jax.tree_util.tree_unflatten(treedef, leaves)
+    rows = tokens.shape[0]
+    part = cache if rows == cache.k.shape[1] else KVCache(cache.k[:, :rows], cache.v[:, :rows])
 
     def one(i, carry):
-        cache, fed, chosen = carry
-        logits, cache = decode_step(model, layers, cache, fed, positions + i)
+        part, fed, chosen = carry
+        logits, part = decode_step(model, layers, part, fed, positions + i)
         token = _choose(logits, seeds, steps + i, temperature, top_k, top_p)
-        return cache, token, chosen.at[i].set(token)
+        return part, token, chosen.at[i].set(token)
 
-    chosen = jnp.zeros((count, tokens.shape[0]), jnp.int32)
-    cache, _, chosen = jax.lax.fori_loop(0, count, one, (cache, tokens, chosen))
-    return chosen, cache
+    chosen = jnp.zeros((count, rows), jnp.int32)
+    part, _, chosen = jax.lax.fori_loop(0, count, one, (part, tokens, chosen))
+    if part is not cache:
+        part = KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=1)
+                         for x, p in ((cache.k, part.k), (cache.v, part.v))))
+    return chosen, part
+
+
+def _move_row(cache: KVCache, source, target) -> KVCache:
+    """Copy cache row `source` into row `target` (a request changing slots)."""
+    return KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, jax.lax.dynamic_slice_in_dim(x, source, 1, axis=1),
+                                                         target, axis=1) for x in (cache.k, cache.v)))
 
 
 class Engine:
@@ -192,8 +220,11 @@ class Engine:
         self._leaves, treedef = jax.tree_util.tree_flatten((model, cached_decode_layers(model)))
         self._prefill = jax.jit(functools.partial(_prefill_slot, treedef=treedef), donate_argnums=(1,))
         self.step_sizes = tuple(2**i for i in range(max_decode_steps.bit_length()) if 2**i <= max_decode_steps)
+        self.row_buckets = _row_buckets(slots)
+        # One jitted function per step count; each compiles once per row bucket.
         self._steps = {count: jax.jit(functools.partial(_step_slots, treedef=treedef, count=count),
                                       donate_argnums=(1,)) for count in self.step_sizes}
+        self._move = jax.jit(_move_row, donate_argnums=(0,))
         self._cache = model.init_cache(slots, max_len)
         # Per-slot host state: the token fed next, its position, and the sampling settings.
         self._requests: list[Request | None] = [None] * slots
@@ -209,6 +240,8 @@ class Engine:
         self._stopping = self._cancel_all = False
         self.steps = 0
         self.prefills = 0
+        self.calls_by_rows: Counter[int] = Counter()  # decode calls per row bucket
+        self.moves = 0  # requests moved to a lower slot
 
     # ------------------------------------------------------------------ checks
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -257,13 +290,15 @@ class Engine:
                                            one(np.int32, 1), one(np.int32), one(np.uint32), one(np.float32),
                                            one(np.int32), one(np.float32, 1))
         for step in self._steps.values():
-            tokens, self._cache = step(self._leaves, self._cache, self._tokens, self._positions, self._seeds,
-                                       self._positions, self._temperature, self._top_k, self._top_p)
-        jax.block_until_ready(tokens)
+            for rows in self.row_buckets:
+                tokens, self._cache = step(self._leaves, self._cache, *self._slot_arrays(rows, self._positions))
+        self._cache = self._move(self._cache, one(np.int32), one(np.int32))
+        jax.block_until_ready((tokens, self._cache))
 
     def compiled_programs(self) -> int:
         """How many programs the engine has compiled (fixed once warmed up)."""
-        return self._prefill._cache_size() + sum(step._cache_size() for step in self._steps.values())
+        return (self._prefill._cache_size() + self._move._cache_size()
+                + sum(step._cache_size() for step in self._steps.values()))
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the engine thread: after finishing every submitted request (`drain`), or at
@@ -323,6 +358,7 @@ class Engine:
                 return
             try:
                 self._drop_cancelled()
+                self._compact()
                 self._admit()
                 if self.active:
                     self._decode()
@@ -341,6 +377,28 @@ class Engine:
         for slot, request in enumerate(self._requests):
             if request is not None and request.cancelled:
                 self._finish(slot, request, "cancelled")
+
+    def _compact(self) -> None:
+        """Move the requests in the highest occupied slots into the free slots below them,
+        so that the running requests fill slots `0 .. active - 1`."""
+        while True:
+            free = [slot for slot, r in enumerate(self._requests) if r is None]
+            last = max((slot for slot, r in enumerate(self._requests) if r is not None), default=-1)
+            if not free or free[0] > last:
+                return
+            target = free[0]
+            self._cache = self._move(self._cache, np.int32(last), np.int32(target))
+            self.moves += 1
+            self._requests[target], self._requests[last] = self._requests[last], None
+            for values in (self._tokens, self._positions, self._seeds, self._temperature, self._top_k, self._top_p):
+                values[target] = values[last]
+            self._temperature[last], self._top_k[last], self._top_p[last] = 0.0, 0, 1.0
+            self._tokens[last] = self._positions[last] = 0
+
+    def _slot_arrays(self, rows: int, steps) -> tuple:
+        """The per-slot inputs of a decode call over the first `rows` slots."""
+        return (self._tokens[:rows], self._positions[:rows], self._seeds[:rows], steps[:rows],
+                self._temperature[:rows], self._top_k[:rows], self._top_p[:rows])
 
     def _admit(self) -> None:
         spent = 0
@@ -381,12 +439,14 @@ class Engine:
         if not (self._waiting and None in self._requests):
             left = min(r.params.max_tokens - len(r.generated) for r in running)
             count = max(c for c in self.step_sizes if c <= left)
-        tokens, self._cache = self._steps[count](self._leaves, self._cache, self._tokens, self._positions,
-                                                 self._seeds, steps, self._temperature, self._top_k, self._top_p)
+        occupied = max(slot for slot, r in enumerate(self._requests) if r is not None) + 1
+        rows = next(b for b in self.row_buckets if b >= occupied)
+        tokens, self._cache = self._steps[count](self._leaves, self._cache, *self._slot_arrays(rows, steps))
         tokens = np.asarray(tokens)
         self.steps += count
+        self.calls_by_rows[rows] += 1
         for row in tokens:
-            for slot, request in enumerate(self._requests):
+            for slot, request in enumerate(self._requests[:rows]):
                 if request is not None:
                     self._positions[slot] += 1
                     self._accept(slot, request, int(row[slot]))
