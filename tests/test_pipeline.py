@@ -161,3 +161,35 @@ def test_generate_script_loads_run_checkpoints_and_exported_pipelines(pipeline, 
                         "--top-p", "0.95", "--seed", "3", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "the quick brown" + expected + "\n" and captured.err == ""
+
+
+def test_model_dirs_reads_a_weights_pair_and_refuses_what_it_cannot(pipeline, tmp_path):
+    """`load_model_dir` beyond pipelines and runs (those are above): a config.json +
+    model.safetensors pair is a model without a tokenizer, which `vishwam-generate` refuses
+    by name; a step outside a run and an unknown directory are refused in one line each."""
+    import shutil
+
+    from vishwam.errors import InvalidValueError
+    from vishwam.model_dirs import load_model_dir
+
+    pipeline.save(tmp_path / "saved")
+    model, loaded = load_model_dir(tmp_path / "saved")
+    assert loaded is not None and loaded.model is model
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "saved" / name, pair / name)
+    model, loaded = load_model_dir(pair)
+    assert loaded is None and model.config == pipeline.config
+    assert all(np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(eqx.filter(pipeline.model, eqx.is_array)),
+        jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)), strict=True))
+    with pytest.raises(InvalidValueError, match="holds a model but no tokenizer"):
+        _generate_script().load_pipeline(pair)
+    with pytest.raises(InvalidValueError, match="step 3: .* is not a training run directory"):
+        load_model_dir(tmp_path / "saved", step=3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidValueError, match="is neither a pipeline directory .* nor a config.json"):
+        load_model_dir(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_model_dir(tmp_path / "missing")

@@ -203,5 +203,5 @@ def test_load_dense_reads_what_upcycle_accepts(dense_pipeline_dir):
     assert isinstance(result, VishwamAIPipeline) and result.tokenizer is pipeline.tokenizer
     with pytest.raises(FileNotFoundError):
         load_dense(dense_pipeline_dir / "missing")
-    with pytest.raises(InvalidValueError, match="neither a transformers checkpoint"):
+    with pytest.raises(InvalidValueError, match="is neither a pipeline directory"):
         load_dense(dense_pipeline_dir / "scratch")

@@ -212,7 +212,7 @@ class VishwamAIPipeline:
         Arguments:
             directory: the pipeline directory, or a run directory holding `pipeline/`
                 (the trainer writes it when a run finishes; for a checkpoint of an
-                unfinished run use `scripts/generate.py`'s `pipeline_from_checkpoint`).
+                unfinished run use `vishwam.model_dirs.load_model_dir`).
             tokenizer: use this tokenizer instead of `directory/tokenizer`.
         """
         folder = Path(directory)

@@ -46,7 +46,6 @@ Public API:
 """
 
 import os
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -56,15 +55,13 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .config import ModelConfig
 from .errors import InvalidTypeError, InvalidValueError
-from .hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_pipeline
 from .model import VishwamAI, abstract_model
+from .model_dirs import load_model_dir
 from .nn.block import Block
 from .nn.mlp import MLP
 from .nn.moe import MoE
 from .nn.stack import Stage, split_layers, unstack_layers
-from .pipeline import VishwamAIPipeline, load_model_weights
-from .tokenizer import load_hf_tokenizer
-from .train.restore import load_run_model
+from .pipeline import VishwamAIPipeline
 
 Source = VishwamAI | VishwamAIPipeline | str | os.PathLike
 
@@ -205,11 +202,10 @@ def _stack(blocks: list[Block]) -> Block:
 def load_dense(source: Source, *, dtype: Any = None) -> tuple[VishwamAI, VishwamAIPipeline | None]:
     """The dense model of `source`, and its pipeline when it comes with a tokenizer.
 
-    `source` is a `VishwamAI`, a `VishwamAIPipeline`, or a directory: a transformers
-    checkpoint (Llama, Mistral, Qwen2, ...; its tokenizer when it has one), a
-    `VishwamAIPipeline.save` directory, a run directory (its `pipeline/`, else its latest
-    checkpoint with its `tokenizer/`), or a `config.json` + `model.safetensors` pair (`vishwam-convert-hf`
-    without a tokenizer). `dtype` applies to HF checkpoints (see `vishwam.hf.config_from_hf`).
+    `source` is a `VishwamAI`, a `VishwamAIPipeline`, or a directory of any kind
+    `vishwam.model_dirs.load_model_dir` reads (a transformers checkpoint of Llama, Mistral,
+    Qwen2, ...; a pipeline; a run; a `config.json` + `model.safetensors` pair). `dtype` applies
+    to transformers checkpoints (see `vishwam.hf.config_from_hf`).
     """
     if isinstance(source, VishwamAIPipeline):
         return source.model, source
@@ -218,26 +214,7 @@ def load_dense(source: Source, *, dtype: Any = None) -> tuple[VishwamAI, Vishwam
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidTypeError(f"upcycle: expected a VishwamAI, a VishwamAIPipeline or a directory, got "
                                f"{type(source).__name__}.")
-    folder = Path(source)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"upcycle: {folder}: no such directory.")
-    if is_hf_checkpoint(folder):
-        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
-            pipeline = load_hf_pipeline(folder, dtype=dtype)
-            return pipeline.model, pipeline
-        return load_hf_checkpoint(folder, dtype=dtype)[0], None
-    if (folder / "pipeline.json").is_file() or (folder / "pipeline" / "pipeline.json").is_file():
-        pipeline = VishwamAIPipeline.load(folder)
-        return pipeline.model, pipeline
-    if (folder / "checkpoints").is_dir():
-        model, _ = load_run_model(folder)
-        if (folder / "tokenizer").is_dir():
-            return model, VishwamAIPipeline(model, load_hf_tokenizer(folder / "tokenizer"))
-        return model, None
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return load_model_weights(folder / "model.safetensors", ModelConfig.from_json(folder / "config.json")), None
-    raise InvalidValueError(f"upcycle: {folder} is neither a transformers checkpoint, a vishwam pipeline, a run "
-                            "directory nor a config.json + model.safetensors pair; pass one of those.")
+    return load_model_dir(source, dtype=dtype)
 
 
 def upcycle(source: Source, num_experts: int, experts_per_token: int = 2, *, moe_every: int = 1,

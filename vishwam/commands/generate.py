@@ -4,12 +4,13 @@
     vishwam-generate runs/small "Once upon a time" --step 1500     # a checkpoint of the run
     vishwam-generate my_pipeline/ "Once upon a time" --temperature 0  # greedy
 
-DIRECTORY is one of
+DIRECTORY is any model directory `vishwam.model_dirs.load_model_dir` reads that has a tokenizer:
 - a pipeline directory (`VishwamAIPipeline.save`: config.json, model.safetensors,
   tokenizer/, pipeline.json);
 - a training run directory (`runs/<name>/`): its exported `pipeline/` when the run
   finished, otherwise (or with `--step`) the model weights of an orbax checkpoint in
-  `checkpoints/`, with the run's `config.json` and `tokenizer/`.
+  `checkpoints/`, with the run's `config.json` and `tokenizer/`;
+- a transformers checkpoint with its tokenizer files.
 
 The completion streams to stdout token by token (`--no-stream`: printed at the end, with
 a progress bar on stderr when it is a terminal). At the end a line on stderr gives the
@@ -19,7 +20,6 @@ loop as one compiled call).
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,61 +28,17 @@ from vishwam.cli import add_debug_flag, run_script
 from vishwam.errors import InvalidValueError
 
 
-def pipeline_from_checkpoint(run_dir: Path, step: int | None = None):
-    """A `VishwamAIPipeline` with the model of checkpoint `step` (default: the latest) of a run.
-
-    The run's `config.json` (`model` and `train` sections, as the trainer writes it)
-    rebuilds the abstract train state the checkpoint was saved from; only its model is kept.
-    """
-    from vishwam.config import ModelConfig, TrainConfig
-    from vishwam.pipeline import VishwamAIPipeline
-    from vishwam.tokenizer import VishwamAITokenizer
-    from vishwam.train.checkpoint import checkpoint_steps
-    from vishwam.train.restore import load_checkpoint_state
-
-    config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a run directory holds the config.json the trainer wrote.")
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidValueError(f"{config_path} is not valid JSON ({error}); is {run_dir} a training run directory?") from None
-    if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
-        raise InvalidValueError(f"{config_path} has no 'model' and 'train' sections; is {run_dir} a training run directory?")
-    complete, unfinished = checkpoint_steps(checkpoints)
-    if unfinished:
-        # Opening the checkpoint manager would delete these, failing a save still in flight.
-        raise FileExistsError(f"{checkpoints} holds unfinished saves {unfinished}: a run is saving (wait for it) or "
-                           "was killed mid-save (resume it, or delete them).")
-    if not complete:
-        raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint.")
-    configs = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
-    state, _ = load_checkpoint_state(checkpoints, step, configs=configs)
-    return VishwamAIPipeline(state.model, VishwamAITokenizer.from_pretrained(run_dir / "tokenizer"))
-
-
 def load_pipeline(directory: str | Path, step: int | None = None):
-    """A pipeline directory, a finished run's `pipeline/`, a run checkpoint (see the module
-    docstring) or an HF directory (`vishwam.hf.load_hf_pipeline`)."""
-    from vishwam.pipeline import VishwamAIPipeline
+    """The pipeline in `directory`: any kind `vishwam.model_dirs.load_model_dir` reads (a
+    pipeline, a run or a checkpoint of it, an HF checkpoint), as long as it has a tokenizer."""
+    from vishwam.model_dirs import load_model_dir
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory; pass a pipeline directory, a training run "
-                                "directory (runs/<name>) or an HF checkpoint directory.")
-    if step is None:
-        for candidate in (directory, directory / "pipeline"):
-            if (candidate / "pipeline.json").is_file():
-                return VishwamAIPipeline.load(candidate)
-    if (directory / "checkpoints").is_dir():
-        return pipeline_from_checkpoint(directory, step)
-    from vishwam.hf import is_hf_checkpoint, load_hf_pipeline
-
-    if step is None and is_hf_checkpoint(directory):
-        return load_hf_pipeline(directory)
-    raise FileNotFoundError(f"{directory} is neither a pipeline directory (pipeline.json, ...), a training run "
-                            "directory (config.json, tokenizer/, checkpoints/ or pipeline/) nor an HF directory "
-                            "(a transformers config.json and safetensors).")
+    _, pipeline = load_model_dir(directory, step=step)
+    if pipeline is None:
+        raise InvalidValueError(f"{directory} holds a model but no tokenizer, so it cannot complete text; pass a "
+                                "directory with one (a pipeline, a run with tokenizer/, an HF checkpoint with its "
+                                "tokenizer files).")
+    return pipeline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,7 +309,6 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
     from vishwam.pipeline import VishwamAIPipeline
     from vishwam.train._placement import Placement
     from vishwam.train.checkpoint import IncompatibleConfigError
-    from vishwam.train.restore import load_run_model
     from vishwam.train.run_config import RunConfig, check_seq_len
     from vishwam.train.trainer import VishwamAITrainer, check_resume, compatibility_config
 
@@ -370,17 +369,15 @@ def _main(argv: list[str], callbacks, own_process: bool = False) -> int:
 
     teacher, teacher_tokenizer = None, None
     if args.teacher is not None:
-        from vishwam.hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_tokenizer
-        from vishwam.tokenizer import VishwamAITokenizer
+        from vishwam.model_dirs import load_model_dir
 
-        if is_hf_checkpoint(args.teacher):
-            # A HuggingFace Llama/Mistral/Qwen2/Mixtral directory; without --tokenizer the
-            # student trains with the teacher's own tokenizer, so the ids line up.
-            teacher, _ = load_hf_checkpoint(args.teacher)
-            teacher_tokenizer = load_hf_tokenizer(args.teacher)
-        else:
-            teacher, _ = load_run_model(args.teacher)
-            teacher_tokenizer = VishwamAITokenizer.from_pretrained(args.teacher / "tokenizer")
+        # A run, a pipeline or an HF checkpoint; without --tokenizer the student trains with
+        # the teacher's own tokenizer, so the ids line up.
+        teacher, teacher_pipeline = load_model_dir(args.teacher)
+        if teacher_pipeline is None:
+            raise InvalidValueError(f"--teacher {args.teacher}: the teacher has no tokenizer; pass a run with "
+                                    "tokenizer/, a pipeline or an HF checkpoint with its tokenizer files.")
+        teacher_tokenizer = teacher_pipeline.tokenizer
     if teacher_tokenizer is not None and args.tokenizer is None:
         tokenizer, tok_origin = teacher_tokenizer, f"{args.teacher / 'tokenizer'} (the teacher's)"
     elif args.init_from is not None and args.tokenizer is None:
