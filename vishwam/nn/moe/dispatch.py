@@ -302,10 +302,13 @@ def resolve_dispatch(
     and decode with `grouped`): `capacity` when training with a capacity factor (the
     factor is asked for: bounded buffers, drops); dropless otherwise (`capacity_factor=None`
     or `inference=True`): `grouped` on CPU, `ragged` on GPU/TPU, `grouped` on any backend
-    with `use_fp8` (`ragged` has no fp8 path). The GPU/TPU choice is not measured here:
-    TPU lowers `ragged_dot` to a grouped GEMM; XLA:GPU uses cuDNN's grouped GEMM where it
-    supports the shape and otherwise the same zero-padded dense dot as CPU (openxla/xla
-    PRs 45995-46002 describe that default).
+    with `use_fp8` (`ragged` has no fp8 path). The GPU/TPU choice is not settled by a
+    measurement: TPU lowers `ragged_dot` to a grouped GEMM; XLA:GPU uses cuDNN's grouped
+    GEMM where it supports the shape and otherwise the same zero-padded dense dot as CPU
+    (openxla/xla PRs 45995-46002 describe that default). On one H100 (jax 0.11.2,
+    benchmarks/RESULTS.md) a fine-grained step (64 experts top-8 of FFN 128, bf16) ran at
+    0.7% MFU under `ragged` against 25.9% for an 8-expert MoE under `capacity`; the other
+    dispatches are timed there by `benchmarks/gpu_check.py --only moe_dispatch`, not yet run.
 
     Arguments:
         backend: `"cpu"`, `"gpu"`, `"tpu"`, ...; default the platform being compiled for
