@@ -190,9 +190,10 @@ def test_scripts_pin_the_cpu_when_the_cuda_plugin_finds_no_gpu():
 def test_gpu_check_compiles_its_kernels_for_an_h100():
     """benchmarks/gpu_check.py --compile-only at its smoke-test shapes (the train step it times is
     `compile_train_step`, checked above): every Pallas program runs Triton kernels, the fp8 GEMMs
-    keep fp8 operands, one JSON line per figure and no traceback."""
+    keep fp8 operands, the fine-grained MoE step compiles under each dispatch the GPU run times,
+    one JSON line per figure and no traceback."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--compile-only", "--quick",
-           "--only", "attention", "--only", "gemm"]
+           "--only", "attention", "--only", "gemm", "--only", "moe_dispatch"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])})
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -205,3 +206,6 @@ def test_gpu_check_compiles_its_kernels_for_an_h100():
     gemms = {x["kind"]: x["dot_operands"] for x in lines if x["figure"] == "gemm"}
     assert gemms == {"fp8_e4m3": ["f8e4m3fnxf8e4m3fn"], "bf16": ["bf16xbf16"],
                      "vishwam_fp8_matmul": ["f8e4m3fnxf8e4m3fn"]}
+    steps = {x["preset"]: x for x in lines if x["figure"] == "train_step"}
+    assert sorted(steps) == [f"finegrained-moe/{d}" for d in ("capacity@1.25", "dense", "grouped", "ragged")]
+    assert all("error" not in x and x["compile_s"] > 0 and not x["interpreted_kernels"] for x in steps.values())
