@@ -6,12 +6,15 @@ import pytest
 
 from vishwam import ModelConfig, VishwamAI
 from vishwam.generation import generate, generate_stream, generate_without_cache, sample_logits
+from vishwam.nn.moe import Experts, SplitExperts
 
 # init_std above the default so attention and routing move the logits well past
 # the 1e-5 tolerance: a wrong cache slot or mask would show.
 CONFIGS = {
     "dense": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1),
     "moe": ModelConfig.preset("tiny", init_std=0.1),
+    # More experts than `SPLIT_EXPERTS_MAX`: decoded over the stacked experts (`grouped`).
+    "finegrained": ModelConfig.preset("tiny", num_experts=24, experts_per_token=4, moe_ffn_dim=16, init_std=0.1),
     # Mistral's sliding window: the dense model's weights, each token sees the 8 before it and itself
     # (2 layers reach back 14 positions: the first-token check below still sees a change).
     "window": ModelConfig.preset("tiny", num_experts=1, experts_per_token=1, init_std=0.1, sliding_window=8),
@@ -92,10 +95,13 @@ def test_greedy_with_cache_equals_recompute(models, greedy, prompts, name):
 
 
 def test_decode_over_split_layers_equals_the_scan_over_stacked_weights(models, prompts):
-    """`generate` decodes over `decode_layers()` on CPU; the scan path (other backends) must agree."""
+    """`generate` decodes over `decode_layers()` on CPU; the scan path (other backends) must agree.
+    A MoE of few experts decodes over split experts, one of many over the stacked ones."""
     tokens, lengths = prompts
-    for name in ("dense", "moe"):
+    for name, split_type in (("dense", None), ("moe", SplitExperts), ("finegrained", Experts)):
         model = models[name]
+        if split_type is not None:
+            assert all(type(layer.mlp.experts) is split_type for layer in model.decode_layers())
         cache = model.init_cache(3, 10)
         positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (3, 6))
         _, cache = eqx.filter_jit(lambda m, t, p, c: m.decode(t, p, c))(model, jnp.asarray(tokens), positions, cache)

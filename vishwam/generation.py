@@ -8,8 +8,9 @@ row `i` holds its prompt, its generated tokens right after it, then `pad_id`; `l
 counts both, EOS included. Step `t` samples with `jax.random.fold_in(key, t)` (a row's draw
 depends on the batch's shape; greedy decoding does not).
 
-On one CPU device the decode steps run on `VishwamAI.decode_layers()` (per-layer and
-per-expert arrays, kept for the last model used: a second copy of the layer weights),
+On one CPU device the decode steps run on `VishwamAI.decode_layers()` (per-layer arrays,
+and per-expert ones in MoE layers of up to `vishwam.model.lm.SPLIT_EXPERTS_MAX` experts, kept
+for the last model used: a second copy of the layer weights),
 other backends scan over the stacked weights. A new compile happens per prompt width,
 `max_new_tokens`, `top_k` and greedy-or-not; `temperature`, `top_p` and the EOS ids are traced.
 

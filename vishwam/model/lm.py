@@ -18,6 +18,17 @@ from ..nn.stack import Stage, build_stages, run_stages, split_layers, split_moe_
 from .mtp import MTPModule, build_mtp, run_mtp
 
 
+SPLIT_EXPERTS_MAX = 16
+"""`VishwamAI.decode_layers` splits a MoE layer's experts (one array each, read in place)
+only up to this many experts; more stay stacked, decoded by the `grouped` dispatch's run-time
+loop over the chosen experts, so the decode program does not grow with the expert count.
+Measured on the 2-core CPU (4 layers, hidden 512, 64 greedy tokens after a 16-token prompt,
+2026-12-06; compile + first call, then a warm call): 8 experts top-2 of FFN 1024, split 3.3 s /
+142 ms, stacked 2.7 s / 149 ms; 16 top-2 of 512: 4.8 s / 96 ms vs 2.9 s / 99 ms; 32 top-4 of 256:
+6.0-6.9 s / 84-85 ms vs 2.6-3.1 s / 88 ms; 64 top-8 of 128: 10.2-11.2 s / 81-107 ms vs 2.6-2.7 s /
+98-101 ms; 256 top-8 of 64: 47.1 s / 83 ms vs 3.3 s / 96 ms."""
+
+
 class KVCache(eqx.Module):
     """Preallocated keys and values of every layer, `[layers, batch, kv_heads, max_len, head_dim]`.
 
@@ -301,18 +312,20 @@ class VishwamAI(eqx.Module):
         return self.logits(self.final_norm(x)), KVCache(k, v)
 
     def decode_layers(self) -> tuple[Block, ...]:
-        """Every layer as a `Block` with arrays of its own, MoE experts split per expert
-        (`vishwam.nn.moe.split_experts`); for `decode(..., layers=...)`. Eager (call it
-        outside jit): it copies the layers' weights once.
+        """Every layer as a `Block` with arrays of its own, the experts of a MoE layer with at
+        most `SPLIT_EXPERTS_MAX` experts split per expert (`vishwam.nn.moe.split_experts`);
+        for `decode(..., layers=...)`. Eager (call it outside jit): it copies the layers'
+        weights once.
 
         Why: inside a compiled loop, XLA:CPU copies each layer's weights out of the
         stacked arrays before multiplying (and each chosen expert's out of the stacked
         experts); at a decode step's few rows the copies cost as much as the matmuls.
         Separate arrays are read in place (measured: a 6-layer dense decode loop ~1.35x
-        faster on the 2-core CPU).
+        faster on the 2-core CPU). Split experts cost a branch per expert in the compiled
+        program, though, so many experts stay stacked (see `SPLIT_EXPERTS_MAX`).
         """
         def split(layer: Block) -> Block:
-            if not layer.is_moe:
+            if not layer.is_moe or layer.mlp.num_experts > SPLIT_EXPERTS_MAX:
                 return layer
             return eqx.tree_at(lambda b: b.mlp.experts, layer, split_experts(layer.mlp.experts))
 
