@@ -22,11 +22,11 @@ SPLIT_EXPERTS_MAX = 16
 """`VishwamAI.decode_layers` splits a MoE layer's experts (one array each, read in place)
 only up to this many experts; more stay stacked, decoded by the `grouped` dispatch's run-time
 loop over the chosen experts, so the decode program does not grow with the expert count.
-Measured on the 2-core CPU (4 layers, hidden 512, 64 greedy tokens after a 16-token prompt,
-2026-12-06; compile + first call, then a warm call): 8 experts top-2 of FFN 1024, split 3.3 s /
-142 ms, stacked 2.7 s / 149 ms; 16 top-2 of 512: 4.8 s / 96 ms vs 2.9 s / 99 ms; 32 top-4 of 256:
-6.0-6.9 s / 84-85 ms vs 2.6-3.1 s / 88 ms; 64 top-8 of 128: 10.2-11.2 s / 81-107 ms vs 2.6-2.7 s /
-98-101 ms; 256 top-8 of 64: 47.1 s / 83 ms vs 3.3 s / 96 ms."""
+The trade (`benchmarks/moe_decode.py`, 2-core CPU, 2026-12-06; stacked / split): compile +
+first call 0.83x at 8 experts, 0.74x at 16, 0.26x at 64, 0.07x at 256 (46.7 s -> 3.4 s); a
+warm 64-token greedy decode 1.12-1.21x slower stacked at every count. `generate` compiles per
+prompt width and the serve engine compiles dozens of programs, so above 16 experts the
+compile time wins."""
 
 
 class KVCache(eqx.Module):
