@@ -158,6 +158,30 @@ async def _client(port: int, requests: list[dict], poisson: bool) -> list[dict]:
     return records
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of process `pid`, summed by thread name (Linux /proc; {} elsewhere):
+    to see what the server spends beside XLA's own threads."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return out
+
+
+def _timed_client(port: int, requests: list[dict], poisson: bool, server_pid: int) -> dict:
+    """The pattern's summary, with the CPU seconds the client and each server thread spent on it."""
+    before, client = thread_cpu(server_pid), time.process_time()
+    summary = summarise(asyncio.run(_client(port, requests, poisson=poisson)))
+    after = thread_cpu(server_pid)
+    server = {name: round(after[name] - before.get(name, 0.0), 2) for name in after
+              if after[name] - before.get(name, 0.0) >= 0.05}
+    return {**summary, "cpu_client_s": round(time.process_time() - client, 2), "cpu_server_s": server}
+
+
 def run_serve(args, folder: Path, requests: list[dict]) -> dict:
     port = args.port
     server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), str(folder / "pipeline"),
@@ -167,7 +191,7 @@ def run_serve(args, folder: Path, requests: list[dict]) -> dict:
     try:
         asyncio.run(_wait_health(port, server))
         asyncio.run(_client(port, requests[:2], poisson=False))  # untimed: connections, first dispatches
-        return {pattern: summarise(asyncio.run(_client(port, requests, poisson=pattern == "poisson")))
+        return {pattern: _timed_client(port, requests, pattern == "poisson", server.pid)
                 for pattern in ("burst", "poisson")}
     finally:
         server.terminate()
@@ -341,6 +365,11 @@ def main(argv=None) -> int:
         for pattern, r in by_pattern.items():
             print(f"{system:<14}{pattern:<9}{r['tokens_per_s']:>9.1f}{r['ttft_p50']:>10.3f}{r['ttft_p99']:>10.3f}"
                   f"{ms(r['tpot_p50'])}{ms(r['tpot_p99'])}{ms(r['gap_p50'])}{ms(r['gap_p99'])}")
+    for pattern, r in results.get("serve", {}).items():
+        if "cpu_client_s" in r:
+            threads = ", ".join(f"{name} {sec:.2f}" for name, sec in sorted(r["cpu_server_s"].items(), key=lambda x: -x[1]))
+            print(f"serve {pattern}: CPU seconds over its {r['seconds']:.2f} s: client {r['cpu_client_s']:.2f}; "
+                  f"server threads: {threads}")
     if "serve" in results:
         for other, goal in (("generate", 3.0), ("transformers", 1.2)):
             if other in results:
