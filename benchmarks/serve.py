@@ -367,7 +367,8 @@ def main(argv=None) -> int:
                   f"{ms(r['tpot_p50'])}{ms(r['tpot_p99'])}{ms(r['gap_p50'])}{ms(r['gap_p99'])}")
     for pattern, r in results.get("serve", {}).items():
         if "cpu_client_s" in r:
-            threads = ", ".join(f"{name} {sec:.2f}" for name, sec in sorted(r["cpu_server_s"].items(), key=lambda x: -x[1]))
+            busiest = sorted(r["cpu_server_s"].items(), key=lambda item: -item[1])
+            threads = ", ".join(f"{name} {sec:.2f}" for name, sec in busiest)
             print(f"serve {pattern}: CPU seconds over its {r['seconds']:.2f} s: client {r['cpu_client_s']:.2f}; "
                   f"server threads: {threads}")
     if "serve" in results:
