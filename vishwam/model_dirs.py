@@ -21,7 +21,7 @@ from .errors import InvalidValueError
 from .hf import is_hf_checkpoint, load_hf_checkpoint, load_hf_pipeline
 from .model import VishwamAI
 from .pipeline import VishwamAIPipeline, load_model_weights
-from .tokenizer import load_hf_tokenizer
+from .tokenizer import has_hf_tokenizer, load_hf_tokenizer
 from .train.checkpoint import checkpoint_steps
 from .train.restore import load_checkpoint_state
 
@@ -54,7 +54,7 @@ def load_model_dir(directory: str | os.PathLike, *, step: int | None = None,
         raise InvalidValueError(f"step {step}: {folder} is not a training run directory (no checkpoints/); a step "
                                 "names one of a run's checkpoints.")
     if is_hf_checkpoint(folder):
-        if (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        if has_hf_tokenizer(folder):
             pipeline = load_hf_pipeline(folder, dtype=dtype)
             return pipeline.model, pipeline
         return load_hf_checkpoint(folder, dtype=dtype)[0], None

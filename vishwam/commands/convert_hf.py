@@ -44,11 +44,12 @@ def _fresh_output(path: Path, overwrite: bool) -> None:
 
 def to_vishwam(source: Path, target: Path, dtype: str | None, overwrite: bool, progress: bool = False) -> str:
     from vishwam.hf import generation_eos_ids, load_hf_checkpoint, load_hf_tokenizer
+    from vishwam.tokenizer import has_hf_tokenizer
 
     _fresh_output(target, overwrite)
     model, config = load_hf_checkpoint(source, dtype=dtype, progress=progress)
     tokenizer, why = None, "no tokenizer.model or tokenizer.json"
-    if (source / "tokenizer.model").is_file() or (source / "tokenizer.json").is_file():
+    if has_hf_tokenizer(source):
         try:
             tokenizer = load_hf_tokenizer(source)
         except ValueError as error:

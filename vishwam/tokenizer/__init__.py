@@ -14,6 +14,7 @@ Public API:
     PipelineTokenizer       what `VishwamAIPipeline` needs from a tokenizer (encode, decode, save).
     IdArray                 a numpy or JAX array of token ids (accepted by ``decode``).
     load_hf_tokenizer       the tokenizer of an HF checkpoint directory, with transformers' ids.
+    has_hf_tokenizer        whether a directory holds tokenizer files ``load_hf_tokenizer`` reads.
     generation_eos_ids      the ids an HF model stops generating at.
     pretrained_settings     constructor arguments from an HF directory's tokenizer config files.
     hf_prepend_scheme       the ``prepend_scheme`` transformers' LlamaTokenizer reads a directory with.
@@ -41,6 +42,7 @@ from .json_backend import TOKENIZER_FILE as TOKENIZER_FILE
 from .json_backend import JsonTokenizer as JsonTokenizer
 from .loading import GENERATION_CONFIG_FILE as GENERATION_CONFIG_FILE
 from .loading import generation_eos_ids as generation_eos_ids
+from .loading import has_hf_tokenizer as has_hf_tokenizer
 from .loading import load_hf_tokenizer as load_hf_tokenizer
 from .protocol import IdArray as IdArray
 from .protocol import PipelineTokenizer as PipelineTokenizer

@@ -20,6 +20,13 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+def has_hf_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds tokenizer files `load_hf_tokenizer` reads (a SentencePiece
+    `tokenizer.model` or a `tokenizer.json`)."""
+    folder = Path(directory)
+    return (folder / "tokenizer.model").is_file() or (folder / TOKENIZER_FILE).is_file()
+
+
 def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any) -> VishwamAITokenizer | JsonTokenizer:
     """The tokenizer of an HF directory: a `VishwamAITokenizer` over its SentencePiece
     `tokenizer.model` (Llama, Mistral, TinyLlama), or a `JsonTokenizer` over its
@@ -39,7 +46,7 @@ def load_hf_tokenizer(directory: str | os.PathLike, **kwargs: Any) -> VishwamAIT
     """
     folder = Path(directory)
     sp_file, json_file = folder / "tokenizer.model", folder / TOKENIZER_FILE
-    if not sp_file.is_file() and not json_file.is_file():
+    if not has_hf_tokenizer(folder):
         found = sorted(p.name for p in folder.glob("tokenizer*")) if folder.is_dir() else []
         raise FileNotFoundError(
             f"load_hf_tokenizer: {folder} has neither a SentencePiece tokenizer.model nor a tokenizer.json "
