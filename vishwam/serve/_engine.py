@@ -389,11 +389,16 @@ class Engine:
             target = free[0]
             self._cache = self._move(self._cache, np.int32(last), np.int32(target))
             self.moves += 1
-            self._requests[target], self._requests[last] = self._requests[last], None
+            self._requests[target] = self._requests[last]
             for values in (self._tokens, self._positions, self._seeds, self._temperature, self._top_k, self._top_p):
                 values[target] = values[last]
-            self._temperature[last], self._top_k[last], self._top_p[last] = 0.0, 0, 1.0
-            self._tokens[last] = self._positions[last] = 0
+            self._free(last)
+
+    def _free(self, slot: int) -> None:
+        """Empty `slot`: no request, greedy settings, token and position 0."""
+        self._requests[slot] = None
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
+        self._tokens[slot] = self._positions[slot] = 0
 
     def _slot_arrays(self, rows: int, steps) -> tuple:
         """The per-slot inputs of a decode call over the first `rows` slots."""
@@ -480,9 +485,7 @@ class Engine:
 
     def _finish(self, slot: int, request: Request, reason: FinishReason, token: int | None = None,
                 error: str | None = None) -> None:
-        self._requests[slot] = None
-        self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
-        self._tokens[slot] = self._positions[slot] = 0
+        self._free(slot)
         ids = (*request.pending, *(() if token is None else (token,)))
         request.pending.clear()
         self._emit(request, request.text.pop(final=True), ids, reason, error)
