@@ -236,9 +236,10 @@ def split_all_rows(tokens: int, k: int, num_experts: int) -> bool:
     rows only (False): all rows while there is at most one assignment per expert on average
     (`tokens * k <= num_experts`: decoding one or a few sequences).
 
-    Measured on the 2-core CPU (a 6-layer MoE of 8 experts top-2, hidden 512, FFN 1024, fp32;
-    one decode step of the serve engine, 2026-12-06): all rows / own rows 9.4-9.6 / 9.9-11.5 ms
-    at 4 tokens, 13.7-14.7 / 11.9-12.4 ms at 8, 20.7-23.2 / 15.1-15.9 ms at 16. XLA:CPU's
+    Measured on the 2-core CPU (`benchmarks/moe_decode_step.py`: a 6-layer MoE of 8 experts
+    top-2, hidden 512, FFN 1024, fp32; one decode step of the serve engine, 2026-12-06): all
+    rows / own rows 9.2-9.8 / 11.3-11.5 ms at 4 tokens, 14.3-14.8 / 12.2-12.5 ms at 8,
+    19.7 / 15.7-17.6 ms at 16, 27.2-27.7 / 19.7-20.4 ms at 32. XLA:CPU's
     `[16, 512] x [512, 1024]` product is compute-bound (~220 GFLOP/s), so 16 rows through every
     chosen expert cost 4x the routed rows' FLOPs; the block loop's re-read weights are cheap
     beside that (this CPU reads ~40 GB/s per thread).
