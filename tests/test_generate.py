@@ -114,6 +114,24 @@ def test_decode_over_split_layers_equals_the_scan_over_stacked_weights(models, p
         np.testing.assert_array_equal(changed, np.arange(10)[None, :] == np.asarray(lengths)[:, None])
 
 
+def test_prefill_runs_the_head_on_each_rows_last_token_only(models, prompts):
+    """The logits of a prefill are those of `decode` at each row's last prompt token, and its
+    program holds no `[batch, width, vocab]` array (the head runs on `batch` rows only)."""
+    from vishwam.generation import prefill
+
+    model = models["moe"]
+    tokens, lengths = prompts
+    vocab = model.config.vocab_size
+    run = lambda m, t, n, c: prefill(m, None, t, n, c)  # noqa: E731
+    args = (jnp.asarray(tokens), jnp.asarray(lengths), model.init_cache(3, 10))
+    logits, cache = eqx.filter_jit(run)(model, *args)
+    positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (3, 6))
+    full, full_cache = eqx.filter_jit(lambda m, t, p, c: m.decode(t, p, c))(model, args[0], positions, args[2])
+    _assert_trees_close((logits, cache), (np.asarray(full)[np.arange(3), lengths - 1], full_cache))
+    shapes = [v.aval.shape for eqn in eqx.filter_make_jaxpr(run)(model, *args)[0].jaxpr.eqns for v in eqn.outvars]
+    assert (3, vocab) in shapes and not any(len(s) == 3 and s[-1] == vocab for s in shapes)
+
+
 def _assert_trees_close(a, b):
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5, rtol=0)

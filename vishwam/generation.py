@@ -221,9 +221,10 @@ def prefill(model: VishwamAI, layers, prompt: Int[Array, "batch width"], lengths
     batch, width = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
     # Padding writes junk at slots >= length; a row's decode step overwrites its slot before
-    # reading it, and slots past a row's position are masked.
-    logits, cache = model.decode(prompt, positions, cache, layers)
-    return logits[jnp.arange(batch), lengths - 1], cache
+    # reading it, and slots past a row's position are masked. The head runs on each row's last
+    # token only (`decode_hidden`), not on all `width` positions.
+    hidden, cache = model.decode_hidden(prompt, positions, cache, layers)
+    return model.logits(hidden[jnp.arange(batch), lengths - 1]), cache
 
 
 def decode_step(model: VishwamAI, layers, cache: KVCache, tokens: Int[Array, " batch"],

@@ -296,11 +296,25 @@ class VishwamAI(eqx.Module):
                 instead of scanning over the stacked weights (what `generate` does
                 on CPU).
         """
+        hidden, cache = self.decode_hidden(tokens, positions, cache, layers)
+        return self.logits(hidden), cache
+
+    def decode_hidden(
+        self,
+        tokens: Int[Array, "batch seq"],
+        positions: Int[Array, "batch seq"],
+        cache: KVCache,
+        layers: tuple[Block, ...] | None = None,
+    ) -> tuple[Float[Array, "batch seq hidden"], KVCache]:
+        """`decode` up to the final norm: the hidden states the head turns into logits
+        (`logits(decode_hidden(...)[0])` is `decode`'s). A prefill takes the head of each
+        row's last prompt token only, not of every position: a `[batch, width, vocab]`
+        fp32 array at the seed's vocabulary of 131072 is 0.5 MiB per prompt token."""
         x, k, v = self._embed(tokens), cache.k, cache.v
         if layers is not None:
             for layer, block in enumerate(layers):
                 x, k, v = block.decode(x, positions, k, v, layer)
-            return self.logits(self.final_norm(x)), KVCache(k, v)
+            return self.final_norm(x), KVCache(k, v)
         def body(carry, blocks, layer_numbers):
             x, k, v = carry
             for j, block in enumerate(blocks):
@@ -309,7 +323,7 @@ class VishwamAI(eqx.Module):
 
         layer_numbers = split_layers(self.stages, jnp.arange(self.config.num_layers, dtype=jnp.int32))
         (x, k, v), _ = run_stages(self.stages, body, (x, k, v), layer_numbers, scan=self.config.scan_layers)
-        return self.logits(self.final_norm(x)), KVCache(k, v)
+        return self.final_norm(x), KVCache(k, v)
 
     def decode_layers(self) -> tuple[Block, ...]:
         """Every layer as a `Block` with arrays of its own, the experts of a MoE layer with at
