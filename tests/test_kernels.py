@@ -1,5 +1,5 @@
 """flash_attention: pallas (interpret mode) and xla against the naive reference;
-grouped_swiglu against a per-block einsum.
+grouped_swiglu against an einsum over each token's experts.
 
 Each case is one compiled function per implementation (values and dq/dk/dv
 together); the reference result of a case is computed once and shared. The
@@ -422,25 +422,42 @@ def test_gpu_auto_is_pallas(monkeypatch):
 # ----------------------------------------------------------- grouped swiglu
 
 
-def test_grouped_swiglu_equals_a_per_block_einsum_in_values_and_grads():
-    """Runs of 2, 0 and 1 blocks for three experts, then an unused block that stays zero."""
-    rng = np.random.default_rng(0)
-    blocks, block, d, f = 4, 4, 8, 16
-    ends = jnp.array([2, 2, 3], jnp.int32)
-    expert = np.array([0, 0, 2, 2])  # each block's expert (block 3 is past every run)
-    used = (np.arange(blocks) < 3)[:, None, None]
-    shapes = ((blocks, block, d), (3, d, f), (3, d, f), (3, f, d), (blocks, block, d))
-    x, gate, up, down, ct = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+def test_grouped_swiglu_equals_an_einsum_in_values_and_grads():
+    """Every token's k experts through a plain einsum against the block loops, with blocks of 4
+    over 5 experts: expert 1 unused, expert 3 chosen by every token (several blocks), padding
+    rows in every run, unused trailing blocks; values and the gradients of the tokens, the
+    routing weights and the three weight stacks. The forward over per-expert arrays
+    (`SplitExperts`, inference) gives the same values."""
+    from vishwam.kernels.grouped_swiglu import grouped_swiglu_forward
+    from vishwam.nn.moe import assign_blocks
 
-    def reference(x, ends, gate, up, down):
-        h = jax.nn.silu(jnp.einsum("bcd,bdf->bcf", x, gate[expert])) * jnp.einsum("bcd,bdf->bcf", x, up[expert])
-        return jnp.einsum("bcf,bfd->bcd", h, down[expert]) * used
+    rng = np.random.default_rng(0)
+    tokens, k, experts, d, f, block = 11, 2, 5, 8, 16, 4
+    indices = np.stack([np.full(tokens, 3), rng.choice([0, 2, 4], tokens)], axis=1).astype(np.int32)
+    layout = assign_blocks(jnp.asarray(indices), experts, block)
+    assert int(layout.ends[-1]) * block < layout.source.shape[0]  # trailing blocks nobody uses
+    shapes = ((tokens, d), (experts, d, f), (experts, d, f), (experts, f, d), (tokens, d))
+    x, gate, up, down, ct = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, k)), jnp.float32)
+
+    def reference(x, weights, gate, up, down):
+        g, u, dn = gate[indices], up[indices], down[indices]  # (T, k, ...)
+        h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, g)) * jnp.einsum("td,tkdf->tkf", x, u)
+        return jnp.einsum("tkf,tkfd,tk->td", h, dn, weights)
+
+    def kernel(x, weights, gate, up, down):
+        return grouped_swiglu(x, weights, layout.source, layout.row, layout.ends, gate, up, down, block)
 
     def values_and_grads(fn):
-        loss = lambda x, gate, up, down: jnp.sum(fn(x, ends, gate, up, down) * ct)  # noqa: E731
-        return fn(x, ends, gate, up, down), jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down)
+        loss = lambda *args: jnp.sum(fn(*args) * ct)  # noqa: E731
+        return fn(x, weights, gate, up, down), jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, weights, gate, up, down)
 
-    got, want = jax.jit(values_and_grads, static_argnums=0)(grouped_swiglu), values_and_grads(reference)
-    assert not np.any(got[0][3])
+    got, want = jax.jit(values_and_grads, static_argnums=0)(kernel), values_and_grads(reference)
+    assert float(jnp.max(jnp.abs(want[0]))) > 1e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[1][2][1]))  # the unused expert gets a zero gradient
+    split = [tuple(w[e] for e in range(experts)) for w in (gate, up, down)]
+    y_split, _ = jax.jit(functools.partial(grouped_swiglu_forward, block=block, save=False))(
+        x, weights, layout.source, layout.row, layout.ends, *split)
+    np.testing.assert_allclose(y_split, want[0], rtol=1e-5, atol=1e-5)

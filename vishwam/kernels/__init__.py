@@ -2,7 +2,8 @@
 
 - `flash_attention`: scaled dot-product attention, implementation chosen per platform (`flash`).
 - `target_platform`: the platform the current trace compiles for.
-- `grouped_swiglu`: each expert's SwiGLU MLP over its own blocks of sorted rows, with its own backward.
+- `grouped_swiglu`: each expert's SwiGLU MLP over its own routed rows (gathered and combined in the
+  loop), with its own backward.
 """
 
 from .flash import flash_attention as flash_attention

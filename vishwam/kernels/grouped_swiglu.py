@@ -1,16 +1,27 @@
-"""Grouped SwiGLU: each expert's MLP over its own run of row blocks, with its own backward.
+"""Grouped SwiGLU: each expert's MLP over its own routed rows, gathered and combined inside
+the loop, with its own backward.
 
-The rows arrive sorted by expert into `[blocks, block, hidden]`, each expert's run
-padded to whole blocks; `ends[e]` is the block after expert `e`'s run (its run is
-the blocks `ends[e - 1]` to `ends[e] - 1`). The loops are expert-major: a
-`fori_loop` over the experts that have blocks (a run-time count), and inside it a
-`fori_loop` over the expert's blocks, so empty runs and unused trailing blocks are
-never visited, each used expert's weights are sliced once (not once per block), and
-the traced program is the same size whatever the number of experts. Weights given as
-one array per expert (`SplitExperts`, inference) cannot be indexed at run time: those
-get one block loop per expert.
+The assignments come sorted by expert into blocks of `block` rows (the layout of
+`vishwam.nn.moe.assign_blocks`): `source[r]` is the token that fills row `r` (`tokens` for
+a padding row), `row[t, j]` the row of token `t`'s j-th choice, and `ends[e]` the block
+after expert `e`'s run (its run is the blocks `ends[e - 1]` to `ends[e] - 1`). The loops are
+expert-major: a `fori_loop` over the experts that have blocks (a run-time count), and
+inside it a `fori_loop` over the expert's blocks, so empty runs and unused trailing blocks
+are never visited, each used expert's weights are sliced once (not once per block), and
+the traced program is the same size whatever the number of experts. Weights given as one
+array per expert (`SplitExperts`, inference) cannot be indexed at run time: those get one
+block loop per expert.
+
+Each block gathers its rows from the tokens and scatter-adds its outputs, scaled by their
+routing weights, into the result (fp32) inside the loop: no `[blocks, block, hidden]` array
+is built, so none is zero-filled, written block by block, kept for the backward (under a
+layer scan: stacked over the layers) and read back. Measured on the 2-core CPU at issue 33's
+fine-grained shape (4096 tokens, 64 experts top-8 of FFN 128, blocks of 256; one layer's
+values and gradients): 321-336 ms with pre-gathered blocks and a separate weighted combine,
+202-206 ms this way (`benchmarks/RESULTS.md`).
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -30,116 +41,143 @@ def _expert_weights(weights, e, dtype):
     return [jax.lax.dynamic_index_in_dim(w, e, keepdims=False).astype(dtype) for w in weights]
 
 
-def _forward_blocks(x, start, stop, w_gate, w_up, w_down, carry):
-    """One expert's blocks `[start, stop)`: three GEMMs and the SwiGLU per block, written
-    into `carry = (out, *saved)` (with `saved`, each block's gate and up projections)."""
+def _expert_loops(weights, ends, one_block, carry):
+    """Run `one_block(b, carry, w_gate, w_up, w_down)` over every used expert's blocks
+    (expert-major, see the module docstring), for stacked or per-expert weights."""
+    if isinstance(weights[0], Sequence):
+        for e in range(len(weights[0])):
+            start = ends[e - 1] if e else 0
+            ws = [w[e] for w in weights]
+            carry = jax.lax.fori_loop(start, ends[e], lambda b, c, ws=ws: one_block(b, c, *ws), carry)
+        return carry
+    starts, order, used = _runs(ends)
 
-    def one_block(b, carry):
-        out, *saved = carry
-        rows = x[b]
-        g, u = rows @ w_gate, rows @ w_up  # (block, F)
-        out = jax.lax.dynamic_update_index_in_dim(out, (jax.nn.silu(g) * u) @ w_down, b, 0)
+    def one_expert(i, carry):
+        e = order[i]
+        ws = [jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in weights]
+        return jax.lax.fori_loop(starts[e], ends[e], lambda b, c: one_block(b, c, *ws), carry)
+
+    return jax.lax.fori_loop(0, used, one_expert, carry)
+
+
+def _row_weights(weights, row, rows: int):
+    """Each row's routing weight (fp32; 0 for padding rows)."""
+    return jnp.zeros((rows,), jnp.float32).at[row.reshape(-1)].set(weights.reshape(-1).astype(jnp.float32))
+
+
+def grouped_swiglu_forward(x, weights, source, row, ends, gate, up, down, *, block: int, save: bool):
+    """`grouped_swiglu`'s forward loops. The weights are stacked `[experts, ...]` arrays or
+    sequences of one array per expert (`SplitExperts`, inference), cast to `x`'s dtype.
+
+    Returns the output `[tokens, hidden]` in `x`'s dtype and, with `save`, each block's gate
+    and up projections `[blocks, block, ffn]` (`[]` without). Not reverse-differentiable
+    (run-time loop bounds): `grouped_swiglu` is."""
+    dt = x.dtype
+    num_blocks = source.shape[0] // block
+    ffn = gate[0].shape[-1]
+    row_weights = _row_weights(weights, row, source.shape[0])
+    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), dt)])  # padding rows read the zero row
+    y = jnp.zeros(x_pad.shape, jnp.float32)
+    saved = (jnp.zeros((num_blocks, block, ffn), dt),) * 2 if save else ()
+
+    def one_block(b, carry, w_gate, w_up, w_down):
+        y, *saved = carry
+        index = jax.lax.dynamic_slice_in_dim(source, b * block, block)
+        rows = jnp.take(x_pad, index, axis=0, mode="clip")
+        g, u = rows @ w_gate.astype(dt), rows @ w_up.astype(dt)
+        scale = jax.lax.dynamic_slice_in_dim(row_weights, b * block, block)[:, None]
+        out = jnp.matmul(jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32) * scale
+        y = y.at[index].add(out, mode="promise_in_bounds")
         if saved:
             saved = [jax.lax.dynamic_update_index_in_dim(a, v, b, 0) for a, v in zip(saved, (g, u))]
-        return (out, *saved)
+        return (y, *saved)
 
-    return jax.lax.fori_loop(start, stop, one_block, carry)
-
-
-def grouped_swiglu_forward(x, ends, gate, up, down, *, save: bool):
-    """Expert-major loops over the blocks (see the module docstring), each block's three
-    GEMMs and the SwiGLU in one loop body (the `[block, ffn]` intermediates stay in cache).
-    With `save`, each block's gate and up projections are kept for the backward. The
-    weights are stacked `[experts, ...]` arrays or sequences of one array per expert,
-    cast to `x`'s dtype.
-
-    Returns the output `[blocks, block, hidden]` and the saved projections (`[]` without
-    `save`). Not reverse-differentiable (run-time loop bounds): `grouped_swiglu` is.
-    """
-    dt = x.dtype
-    num_blocks, block, _ = x.shape
-    ffn = gate[0].shape[-1]
-    carry = (jnp.zeros_like(x), *((jnp.zeros((num_blocks, block, ffn), dt),) * 2 if save else ()))
-    if isinstance(gate, Sequence):
-        for e in range(len(gate)):
-            start = ends[e - 1] if e else 0
-            carry = _forward_blocks(x, start, ends[e], gate[e].astype(dt), up[e].astype(dt),
-                                    down[e].astype(dt), carry)
-    else:
-        starts, order, used = _runs(ends)
-
-        def one_expert(i, carry):
-            e = order[i]
-            return _forward_blocks(x, starts[e], ends[e], *_expert_weights((gate, up, down), e, dt), carry)
-
-        carry = jax.lax.fori_loop(0, used, one_expert, carry)
-    out, *saved = carry
-    return out, saved
+    y, *saved = _expert_loops((gate, up, down), ends, one_block, (y, *saved))
+    return y[:-1].astype(dt), saved
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def grouped_swiglu(
-    x: Float[Array, "blocks block hidden"],
+    x: Float[Array, "tokens hidden"],
+    weights: Float[Array, "tokens k"],
+    source: Int[Array, " rows"],
+    row: Int[Array, "tokens k"],
     ends: Int[Array, " experts"],
     gate: Float[Array, "experts hidden ffn"],
     up: Float[Array, "experts hidden ffn"],
     down: Float[Array, "experts ffn hidden"],
-) -> Float[Array, "blocks block hidden"]:
-    """`down_e(silu(gate_e(x[b])) * up_e(x[b]))` for every block `b` of expert `e`'s run
-    (see the module docstring for `ends`); blocks after the last run stay zero.
+    block: int,
+) -> Float[Array, "tokens hidden"]:
+    """The routed experts' combined output, `sum_j weights[t, j] * mlp_{e(t, j)}(x[t])` with
+    `mlp_e(r) = down_e(silu(gate_e(r)) * up_e(r))`, over the block layout described in the
+    module docstring (`block` rows per block, static). Blocks after the last run are never
+    visited; padding rows add nothing.
 
-    On XLA:CPU this runs faster than a scan over all blocks with the block's expert's
-    weights indexed per block: one weight slice per used expert, no padding blocks, three
-    GEMMs and the SwiGLU per loop step. Its own backward (the same loops: `dx`, and each
-    used expert's three weight gradients accumulated in fp32 in the block loop's carry)
-    keeps `x` and each block's gate and up projections (as plain autodiff of the SwiGLU would).
+    The backward runs the same loops, re-gathering each block's rows and output gradients;
+    besides the inputs it keeps each block's gate and up projections (as plain autodiff of
+    the SwiGLU would), and accumulates each used expert's three weight gradients in fp32 in
+    the block loop's carry. The routing weights' gradient costs no GEMM:
+    `d weight = <dy[t], down(h)> = <dy[t] @ down.T, h>`, and `dy @ down.T` is needed anyway.
     """
-    return grouped_swiglu_forward(x, ends, gate, up, down, save=False)[0]
+    return grouped_swiglu_forward(x, weights, source, row, ends, gate, up, down, block=block, save=False)[0]
 
 
-def _grouped_swiglu_fwd(x, ends, gate, up, down):
-    out, (g, u) = grouped_swiglu_forward(x, ends, gate, up, down, save=True)
-    return out, (x, ends, gate, up, down, g, u)
+def _grouped_swiglu_fwd(x, weights, source, row, ends, gate, up, down, block):
+    y, (g, u) = grouped_swiglu_forward(x, weights, source, row, ends, gate, up, down, block=block, save=True)
+    return y, (x, weights, source, row, ends, gate, up, down, g, u)
 
 
-def _grouped_swiglu_bwd(residuals, dy):
-    x, ends, gate, up, down, g_all, u_all = residuals
-    dt = x.dtype
-    f32 = jnp.float32
-    dy = dy.astype(dt)
+def _grouped_swiglu_bwd(block, residuals, dy):
+    x, weights, source, row, ends, gate, up, down, g_all, u_all = residuals
+    dt, f32 = x.dtype, jnp.float32
+    row_weights = _row_weights(weights, row, source.shape[0])
+    pad = jnp.zeros((1, x.shape[1]), dt)
+    x_pad, dy_pad = jnp.concatenate([x, pad]), jnp.concatenate([dy.astype(dt), pad])
+
+    def one_expert_grads(e_weights):
+        return tuple(jnp.zeros(w.shape, f32) for w in e_weights)
+
     starts, order, used = _runs(ends)
 
     def one_expert(i, carry):
-        dx, d_gate_all, d_up_all, d_down_all = carry
+        dx, d_rows_w, d_gate_all, d_up_all, d_down_all = carry
         e = order[i]
         w_gate, w_up, w_down = _expert_weights((gate, up, down), e, dt)
 
         def one_block(b, carry):
-            dx, d_gate, d_up, d_down = carry
-            rows, d_out = x[b], dy[b]
+            dx, d_rows_w, d_gate, d_up, d_down = carry
+            index = jax.lax.dynamic_slice_in_dim(source, b * block, block)
+            rows = jnp.take(x_pad, index, axis=0, mode="clip")
+            d_out = jnp.take(dy_pad, index, axis=0, mode="clip")
+            scale = jax.lax.dynamic_slice_in_dim(row_weights, b * block, block)[:, None]
             g, u = g_all[b].astype(f32), u_all[b].astype(f32)
             sig = jax.nn.sigmoid(g)
             silu = g * sig
-            d_down = d_down + jnp.matmul((silu * u).astype(dt).T, d_out, preferred_element_type=f32)
-            dh = jnp.matmul(d_out, w_down.T, preferred_element_type=f32)  # (block, F)
+            h = silu * u
+            dh_unscaled = jnp.matmul(d_out, w_down.T, preferred_element_type=f32)  # (block, F)
+            d_rows_w = jax.lax.dynamic_update_slice_in_dim(d_rows_w, jnp.sum(dh_unscaled * h, axis=-1), b * block, 0)
+            d_down = d_down + jnp.matmul((h * scale).astype(dt).T, d_out, preferred_element_type=f32)
+            dh = dh_unscaled * scale
             du = (dh * silu).astype(dt)
             dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).astype(dt)
             d_gate = d_gate + jnp.matmul(rows.T, dg, preferred_element_type=f32)
             d_up = d_up + jnp.matmul(rows.T, du, preferred_element_type=f32)
-            d_rows = jnp.matmul(dg, w_gate.T, preferred_element_type=f32) + jnp.matmul(
+            d_x_rows = jnp.matmul(dg, w_gate.T, preferred_element_type=f32) + jnp.matmul(
                 du, w_up.T, preferred_element_type=f32)
-            return jax.lax.dynamic_update_index_in_dim(dx, d_rows.astype(dt), b, 0), d_gate, d_up, d_down
+            dx = dx.at[index].add(d_x_rows, mode="promise_in_bounds")
+            return dx, d_rows_w, d_gate, d_up, d_down
 
-        zeros = tuple(jnp.zeros(w.shape, f32) for w in (w_gate, w_up, w_down))
-        dx, *expert_grads = jax.lax.fori_loop(starts[e], ends[e], one_block, (dx, *zeros))
+        dx, d_rows_w, *expert_grads = jax.lax.fori_loop(
+            starts[e], ends[e], one_block, (dx, d_rows_w, *one_expert_grads((w_gate, w_up, w_down))))
         grads = [jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
                  for a, g in zip((d_gate_all, d_up_all, d_down_all), expert_grads)]
-        return dx, *grads
+        return dx, d_rows_w, *grads
 
-    zeros = tuple(jnp.zeros(w.shape, f32) for w in (gate, up, down))  # unused experts: zero
-    dx, *grads = jax.lax.fori_loop(0, used, one_expert, (jnp.zeros_like(x), *zeros))
+    init = (jnp.zeros(x_pad.shape, f32), jnp.zeros(row_weights.shape, f32), *one_expert_grads((gate, up, down)))
+    dx, d_rows_w, *grads = jax.lax.fori_loop(0, used, one_expert, init)
+    d_weights = jnp.take(d_rows_w, row.reshape(-1), axis=0).reshape(row.shape).astype(weights.dtype)
     d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(grads, (gate, up, down)))
-    return dx, None, d_gate, d_up, d_down
+    return dx[:-1].astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

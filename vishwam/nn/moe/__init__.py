@@ -10,7 +10,7 @@ experts:   Experts (stacked SwiGLU experts), SplitExperts / split_experts (one a
 dispatch:  dispatch_dense (the oracle), dispatch_capacity, dispatch_ragged, dispatch_grouped,
            dispatch_split, resolve_dispatch (the `auto` rule), DISPATCHES, DISPATCH_CHOICES;
            grouped blocks: Blocks, assign_blocks, grouped_block_size, grouped_num_blocks,
-           grouped_ffn, GROUPED_BLOCK_SIZE, split_all_rows (which path `dispatch_split` takes)
+           GROUPED_BLOCK_SIZE, split_all_rows (which path `dispatch_split` takes)
 layer:     MoE, the module (router, experts, gated shared experts, aux-free selection bias)
 Re-exported: grouped_swiglu (`vishwam.kernels`), assign_slots, position_priority, gather_buffers,
 combine_buffers and expert_capacity (`vishwam.parallel.expert`). Under `jax.set_mesh` with an
@@ -34,7 +34,6 @@ from .dispatch import dispatch_grouped as dispatch_grouped
 from .dispatch import dispatch_ragged as dispatch_ragged
 from .dispatch import dispatch_split as dispatch_split
 from .dispatch import grouped_block_size as grouped_block_size
-from .dispatch import grouped_ffn as grouped_ffn
 from .dispatch import grouped_num_blocks as grouped_num_blocks
 from .dispatch import resolve_dispatch as resolve_dispatch
 from .dispatch import split_all_rows as split_all_rows

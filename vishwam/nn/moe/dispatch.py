@@ -12,9 +12,10 @@ Dispatches (each equals `dense` in values and gradients whenever nothing is drop
 - `ragged`: assignments sorted by expert, `jax.lax.ragged_dot` (grouped GEMM on GPU/TPU; on CPU a slow
   masked dense dot). Dropless.
 - `grouped`: assignments sorted into per-expert blocks (`assign_blocks`), `grouped_swiglu` loops over
-  the used experts and each one's own blocks (run-time loops: the program does not grow with the
-  expert count): about `k / num_experts` of `dense`'s FLOPs plus at most `block - 1` padding rows
-  per used expert (`grouped_block_size`). Dropless; the fast one on CPU.
+  the used experts and each one's own blocks, gathering the rows and combining the outputs inside
+  the loop (run-time loops: the program does not grow with the expert count): about
+  `k / num_experts` of `dense`'s FLOPs plus at most `block - 1` padding rows per used expert
+  (`grouped_block_size`). Dropless; the fast one on CPU.
 - `dispatch_split`: `SplitExperts` (one array per expert) at inference. Dropless.
 - `auto`: chosen per call by `resolve_dispatch`.
 
@@ -169,36 +170,6 @@ def assign_blocks(indices: Int[Array, "tokens k"], num_experts: int, block: int)
 
 
 
-def grouped_ffn(
-    blocks: Float[Array, "blocks block hidden"],
-    layout: "Blocks",
-    gate: Float[Array, "experts hidden ffn"],
-    up: Float[Array, "experts hidden ffn"],
-    down: Float[Array, "experts ffn hidden"],
-    fp8: Fp8Spec | None = None,
-) -> Float[Array, "blocks block hidden"]:
-    """Each block's rows through its expert's SwiGLU MLP (`grouped_swiglu`).
-
-    With `fp8` set the GEMMs run in fp8 instead: one scan over all blocks of `fp8_matmul`
-    (scales per block, the block's expert's weights indexed per block), differentiated
-    through `fp8_matmul`'s own backward.
-    """
-    dt = blocks.dtype
-    gate, up, down = gate.astype(dt), up.astype(dt), down.astype(dt)
-    with jax.named_scope("moe_experts"):
-        if fp8 is None:
-            return grouped_swiglu(blocks, layout.ends, gate, up, down)
-        matmul = functools.partial(fp8_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
-
-        def one_block(carry, inputs):
-            rows, e = inputs  # (block, D), its expert
-            weight = functools.partial(jax.lax.dynamic_index_in_dim, index=e, keepdims=False)
-            h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
-            return carry, matmul(h, weight(down))  # (block, D)
-
-        return jax.lax.scan(one_block, None, (blocks, layout.expert))[1]
-
-
 def dispatch_grouped(
     x: Float[Array, "tokens hidden"],
     experts: Experts,
@@ -207,28 +178,47 @@ def dispatch_grouped(
     block_size: int = GROUPED_BLOCK_SIZE,
     fp8: Fp8Spec | None = None,
 ) -> tuple[Float[Array, "tokens hidden"], Float[Array, ""]]:
-    """Assignments sorted by expert into blocks, block-sparse grouped GEMM (`grouped_ffn`).
+    """Assignments sorted by expert into blocks (`assign_blocks`), each used expert's SwiGLU
+    over its own blocks with the rows gathered and the weighted outputs combined inside the
+    loop (`vishwam.kernels.grouped_swiglu`).
 
     Arguments:
         block_size: largest rows per block (see `grouped_block_size`).
-        fp8: run the expert GEMMs in fp8.
+        fp8: run the expert GEMMs in fp8 instead: the rows gathered into `[blocks, block,
+            hidden]`, one scan over all blocks of `fp8_matmul` (scales per block, each
+            block's expert's weights indexed per block, differentiated through `fp8_matmul`'s
+            own backward), each token's k outputs combined after it.
 
     Dropless. Returns the output and the dropped fraction (always 0).
     """
-    run = lambda rows, layout: grouped_ffn(rows, layout, experts.gate, experts.up, experts.down, fp8)  # noqa: E731
-    return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
-
-
-def _through_blocks(x, routing: Routing, num_experts: int, block_size: int, run):
-    """Assignments sorted into expert blocks (`assign_blocks`), `run(rows [blocks, block, D],
-    layout) -> [blocks, block, D]` over them, and each token's k outputs combined."""
     tokens, k = routing.indices.shape
-    block = grouped_block_size(tokens * k, num_experts, block_size)
-    layout = assign_blocks(routing.indices, num_experts, block)
-    rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0)  # (blocks*block, D)
-    out = run(rows.reshape(-1, block, x.shape[-1]), layout)  # (blocks, block, D)
+    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
+    layout = assign_blocks(routing.indices, experts.num_experts, block)
+    with jax.named_scope("moe_experts"):
+        if fp8 is None:
+            y = grouped_swiglu(x, routing.weights, layout.source, layout.row, layout.ends, experts.gate, experts.up,
+                               experts.down, block)
+        else:
+            y = _grouped_fp8(x, routing, layout, block, experts, fp8)
+    return y, jnp.zeros((), jnp.float32)
+
+
+def _grouped_fp8(x, routing: Routing, layout: Blocks, block: int, experts: Experts, fp8: Fp8Spec):
+    """`dispatch_grouped`'s fp8 path (see there)."""
+    dt = x.dtype
+    gate, up, down = (w.astype(dt) for w in (experts.gate, experts.up, experts.down))
+    matmul = functools.partial(fp8_matmul, scaling=fp8.scaling, block_size=fp8.block_size)
+
+    def one_block(carry, inputs):
+        rows, e = inputs  # (block, D), its expert
+        weight = functools.partial(jax.lax.dynamic_index_in_dim, index=e, keepdims=False)
+        h = jax.nn.silu(matmul(rows, weight(gate))) * matmul(rows, weight(up))  # (block, F)
+        return carry, matmul(h, weight(down))  # (block, D)
+
+    rows = jnp.take(x, layout.source, axis=0, mode="fill", fill_value=0).reshape(-1, block, x.shape[-1])
+    out = jax.lax.scan(one_block, None, (rows, layout.expert))[1]  # (blocks, block, D)
     picked = jnp.take(out.reshape(-1, x.shape[-1]), layout.row, axis=0)  # (T, k, D)
-    return jnp.einsum("tkd,tk->td", picked, routing.weights.astype(x.dtype))
+    return jnp.einsum("tkd,tk->td", picked, routing.weights.astype(dt))
 
 
 def split_all_rows(tokens: int, k: int, num_experts: int) -> bool:
@@ -261,7 +251,7 @@ def dispatch_split(
     it did not choose it); unchosen experts are skipped at run time (`jax.lax.cond`), so
     decoding one token reads only its k experts' weights. More tokens (a batch of decode
     rows, prefill): the assignments are sorted into blocks as in `dispatch_grouped`, and each
-    expert loops over its own blocks only (`grouped_swiglu`'s forward loops, run-time bounds:
+    expert loops over its own blocks only (`grouped_swiglu_forward`, one loop per expert:
     no padding blocks, no weight copies). The second path is not reverse-differentiable.
 
     Returns the output and the dropped fraction (always 0).
@@ -278,10 +268,11 @@ def dispatch_split(
                              lambda y: y, y)
         return y, jnp.zeros((), jnp.float32)
 
-    def run(rows, layout):
-        return grouped_swiglu_forward(rows, layout.ends, experts.gate, experts.up, experts.down, save=False)[0]
-
-    return _through_blocks(x, routing, experts.num_experts, block_size, run), jnp.zeros((), jnp.float32)
+    block = grouped_block_size(tokens * k, experts.num_experts, block_size)
+    layout = assign_blocks(routing.indices, experts.num_experts, block)
+    y, _ = grouped_swiglu_forward(x, routing.weights, layout.source, layout.row, layout.ends, experts.gate,
+                                  experts.up, experts.down, block=block, save=False)
+    return y, jnp.zeros((), jnp.float32)
 
 
 DISPATCHES = {"dense": dispatch_dense, "capacity": dispatch_capacity, "ragged": dispatch_ragged,
