@@ -266,10 +266,14 @@ def train_update(model_config: ModelConfig | None, train_config: TrainConfig, *,
             return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, (grads, terms)), None
 
         first = jax.tree.map(lambda x: x[0], (micro_batches, micro_keys))
-        _, term_shapes = jax.eval_shape(lambda: loss_fn(params, *first))
-        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        zero_terms = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), term_shapes)
-        (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
+        if accum == 1:  # no fp32 accumulators to fill with zeros and add into
+            (_, terms), grads = grad_fn(params, *first)
+            terms = jax.tree.map(lambda t: t.astype(jnp.float32), terms)
+        else:
+            _, term_shapes = jax.eval_shape(lambda: loss_fn(params, *first))
+            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            zero_terms = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), term_shapes)
+            (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), (micro_batches, micro_keys))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty:
