@@ -134,8 +134,8 @@ def _grouped_swiglu_bwd(block, residuals, dy):
     pad = jnp.zeros((1, x.shape[1]), dt)
     x_pad, dy_pad = jnp.concatenate([x, pad]), jnp.concatenate([dy.astype(dt), pad])
 
-    def one_expert_grads(e_weights):
-        return tuple(jnp.zeros(w.shape, f32) for w in e_weights)
+    def zeros_f32(arrays):
+        return tuple(jnp.zeros(a.shape, f32) for a in arrays)
 
     starts, order, used = _runs(ends)
 
@@ -168,12 +168,12 @@ def _grouped_swiglu_bwd(block, residuals, dy):
             return dx, d_rows_w, d_gate, d_up, d_down
 
         dx, d_rows_w, *expert_grads = jax.lax.fori_loop(
-            starts[e], ends[e], one_block, (dx, d_rows_w, *one_expert_grads((w_gate, w_up, w_down))))
+            starts[e], ends[e], one_block, (dx, d_rows_w, *zeros_f32((w_gate, w_up, w_down))))
         grads = [jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
                  for a, g in zip((d_gate_all, d_up_all, d_down_all), expert_grads)]
         return dx, d_rows_w, *grads
 
-    init = (jnp.zeros(x_pad.shape, f32), jnp.zeros(row_weights.shape, f32), *one_expert_grads((gate, up, down)))
+    init = (jnp.zeros(x_pad.shape, f32), jnp.zeros(row_weights.shape, f32), *zeros_f32((gate, up, down)))
     dx, d_rows_w, *grads = jax.lax.fori_loop(0, used, one_expert, init)
     d_weights = jnp.take(d_rows_w, row.reshape(-1), axis=0).reshape(row.shape).astype(weights.dtype)
     d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(grads, (gate, up, down)))
