@@ -17,6 +17,10 @@ Figures (bf16 unless named; one GPU):
   bf16 peak (`vishwam.model.flops.CHIPS`); the third, issue 33's fine-grained MoE shape (64 experts top-8).
 - `moe_dispatch`: that fine-grained step under each MoE dispatch (`ragged`, `grouped`, `dense`, and
   `capacity` at factor 1.25), to measure the rule `vishwam.nn.moe.resolve_dispatch` follows on GPUs.
+- `decode`: the serve engine's decode call (8 greedy steps of `vishwam.serve`'s engine) on
+  `benchmarks/serve.py`'s default model (6 layers, hidden 512, 8 experts top-2 of FFN 1024, fp32, a cache
+  of 256 positions per row) at 1, 4, 8, 16 and 32 rows: ms per step and tokens/s. What continuous
+  batching buys on a GPU (issue 36: on the 2-core CPU a 32-row step costs ~6x a one-row step).
 
 `--compile-only` compiles every program above for one abstract H100 (JAX's CUDA plugin, no GPU:
 `pip install -e ".[gpu-aot]"`) and prints, per program, the compile time, its Triton kernels and its
@@ -26,6 +30,7 @@ measured, so a run cut short by its timeout keeps what it finished.
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -254,12 +259,64 @@ def check_train_step(mesh, chip, compile_only: bool, steps: int, name: str, mode
          mfu=None if mfu is None else round(mfu, 4), loss=float(metrics["loss"]))
 
 
+DECODE_ROWS = (1, 4, 8, 16, 32)
+
+
+def check_decode(mesh, compile_only: bool, reps: int, rows_list=DECODE_ROWS, steps: int = 8) -> None:
+    from serve import SHAPES  # benchmarks/serve.py: the model the CPU serving figures use
+
+    from vishwam.model import VishwamAI, abstract_model
+    from vishwam.serve._engine import _step_slots
+
+    config = ModelConfig.preset("small", vocab_size=2048, max_seq_len=256, **SHAPES["medium"])
+    model = abstract_model(config) if compile_only else VishwamAI(config, key=jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten((model, None))  # None: no split layers off the CPU
+    call = jax.jit(functools.partial(_step_slots, treedef=treedef, count=steps), donate_argnums=(1,))
+    base = None
+    for rows in rows_list:
+        figure = dict(figure="decode", rows=rows, steps_per_call=steps)
+        try:
+            cache = jax.eval_shape(lambda: model.init_cache(rows, 256))  # noqa: B023
+            positions = np.random.default_rng(0).integers(20, 150, rows).astype(np.int32)
+            zeros = np.zeros(rows, np.int32)
+            inputs = (zeros, positions, np.zeros(rows, np.uint32), zeros, np.zeros(rows, np.float32), zeros,
+                      np.ones(rows, np.float32))
+            if compile_only:
+                specs = [spec(mesh, x.shape, x.dtype) for x in leaves]
+                cache_specs = jax.tree.map(lambda x: spec(mesh, x.shape, x.dtype), cache)
+                input_specs = [spec(mesh, x.shape, x.dtype) for x in inputs]
+                start = time.perf_counter()
+                with jax.set_mesh(mesh), no_persistent_cache_unless_runnable(mesh):
+                    compiled = call.lower(specs, cache_specs, *input_specs).compile()
+                emit(**figure, compile_s=round(time.perf_counter() - start, 2), **describe(compiled))
+                continue
+            state = {"cache": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)}
+
+            def once():
+                tokens, state["cache"] = call(leaves, state["cache"], *inputs)  # noqa: B023
+                return tokens
+
+            for _ in range(2):
+                jax.block_until_ready(once())
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                jax.block_until_ready(once())
+                times.append(time.perf_counter() - start)
+            ms = 1e3 * statistics.median(times) / steps
+            base = ms if rows == 1 else base
+            emit(**figure, ms_per_step=round(ms, 3), tokens_per_s=round(rows * 1e3 / ms),
+                 step_cost_vs_one_row=None if base is None else round(ms / base, 2))
+        except Exception as error:  # noqa: BLE001
+            failed(figure, error)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     p.add_argument("--compile-only", action="store_true", help="compile for an abstract H100; run nothing")
     p.add_argument("--reps", type=int, default=10, help="timed runs per kernel figure (median; default 10)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per preset (default 10)")
-    p.add_argument("--only", choices=("attention", "gemm", "train_step", "moe_dispatch"), action="append",
+    p.add_argument("--only", choices=("attention", "gemm", "train_step", "moe_dispatch", "decode"), action="append",
                    help="run only these figures (repeatable)")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke test of the script, not figures)")
     p.add_argument("--any-device", action="store_true",
@@ -274,7 +331,7 @@ def main(argv=None) -> int:
             return 2
     mesh = make_mesh({}, devices=devices)
     emit(figure="device", device_kind=devices[0].device_kind, compile_only=args.compile_only, jax=jax.__version__)
-    only = set(args.only or ("attention", "gemm", "train_step", "moe_dispatch"))
+    only = set(args.only or ("attention", "gemm", "train_step", "moe_dispatch", "decode"))
     lengths, tokens, gemm = QUICK if args.quick else FULL
     if "attention" in only:
         check_attention(mesh, args.compile_only, args.reps, lengths, tokens)
@@ -291,6 +348,8 @@ def main(argv=None) -> int:
                           [(f"{name}/{dispatch}" + (f"@{factor}" if factor else ""),
                             dataclasses.replace(config, moe_dispatch=dispatch, capacity_factor=factor), batch, seq)
                            for dispatch, factor in DISPATCHES])
+    if "decode" in only:
+        check_decode(mesh, args.compile_only, args.reps, DECODE_ROWS[:2] if args.quick else DECODE_ROWS)
     return 0
 
 

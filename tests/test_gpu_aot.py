@@ -191,9 +191,9 @@ def test_gpu_check_compiles_its_kernels_for_an_h100():
     """benchmarks/gpu_check.py --compile-only at its smoke-test shapes (the train step it times is
     `compile_train_step`, checked above): every Pallas program runs Triton kernels, the fp8 GEMMs
     keep fp8 operands, the fine-grained MoE step compiles under each dispatch the GPU run times,
-    one JSON line per figure and no traceback."""
+    one JSON line per figure and no traceback; the serve engine's decode call compiles too."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--compile-only", "--quick",
-           "--only", "attention", "--only", "gemm", "--only", "moe_dispatch"]
+           "--only", "attention", "--only", "gemm", "--only", "moe_dispatch", "--only", "decode"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])})
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
@@ -209,3 +209,6 @@ def test_gpu_check_compiles_its_kernels_for_an_h100():
     steps = {x["preset"]: x for x in lines if x["figure"] == "train_step"}
     assert sorted(steps) == [f"finegrained-moe/{d}" for d in ("capacity@1.25", "dense", "grouped", "ragged")]
     assert all("error" not in x and x["compile_s"] > 0 and not x["interpreted_kernels"] for x in steps.values())
+    decode = [x for x in lines if x["figure"] == "decode"]  # the serve engine's decode call, fp32
+    assert [x["rows"] for x in decode] == [1, 4] and all("error" not in x and x["dot_operands"] == ["f32xf32"]
+                                                         for x in decode), decode
