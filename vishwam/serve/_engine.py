@@ -135,13 +135,22 @@ def _choose(logits, seeds, steps, temperature, top_k, top_p):
                         lambda: sample_rows(logits, seeds, steps, temperature, top_k, top_p))
 
 
+def _cache_rows(cache: KVCache, start, count: int) -> KVCache:
+    """Rows `start .. start + count - 1` of every layer's keys and values."""
+    return KVCache(*(jax.lax.dynamic_slice_in_dim(x, start, count, axis=1) for x in (cache.k, cache.v)))
+
+
+def _put_cache_rows(cache: KVCache, rows: KVCache, start) -> KVCache:
+    """`cache` with `rows` written over its rows from `start` on."""
+    return KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, r, start, axis=1)
+                     for x, r in ((cache.k, rows.k), (cache.v, rows.v))))
+
+
 def _prefill_slot(leaves, cache: KVCache, prompt, length, slot, seed, temperature, top_k, top_p, *, treedef):
     """Prefill one request's `[1, bucket]` prompt into cache row `slot`; its first token."""
     model, layers = jax.tree_util.tree_unflatten(treedef, leaves)
-    row = KVCache(*(jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1) for x in (cache.k, cache.v)))
-    logits, row = prefill(model, layers, prompt, length[None], row)
-    cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=1)
-                      for x, r in ((cache.k, row.k), (cache.v, row.v))))
+    logits, row = prefill(model, layers, prompt, length[None], _cache_rows(cache, slot, 1))
+    cache = _put_cache_rows(cache, row, slot)
     token = _choose(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
     return token[0], cache
 
@@ -162,7 +171,8 @@ def _step_slots(leaves, cache: KVCache, tokens, positions, seeds, steps, tempera
     chosen. The other slots' cache rows are left as they are."""
     model, layers = jax.tree_util.tree_unflatten(treedef, leaves)
     rows = tokens.shape[0]
-    part = cache if rows == cache.k.shape[1] else KVCache(cache.k[:, :rows], cache.v[:, :rows])
+    every_slot = rows == cache.k.shape[1]
+    part = cache if every_slot else _cache_rows(cache, 0, rows)
 
     def one(i, carry):
         part, fed, chosen = carry
@@ -172,16 +182,12 @@ def _step_slots(leaves, cache: KVCache, tokens, positions, seeds, steps, tempera
 
     chosen = jnp.zeros((count, rows), jnp.int32)
     part, _, chosen = jax.lax.fori_loop(0, count, one, (part, tokens, chosen))
-    if part is not cache:
-        part = KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, p, 0, axis=1)
-                         for x, p in ((cache.k, part.k), (cache.v, part.v))))
-    return chosen, part
+    return chosen, part if every_slot else _put_cache_rows(cache, part, 0)
 
 
 def _move_row(cache: KVCache, source, target) -> KVCache:
     """Copy cache row `source` into row `target` (a request changing slots)."""
-    return KVCache(*(jax.lax.dynamic_update_slice_in_dim(x, jax.lax.dynamic_slice_in_dim(x, source, 1, axis=1),
-                                                         target, axis=1) for x in (cache.k, cache.v)))
+    return _put_cache_rows(cache, _cache_rows(cache, source, 1), target)
 
 
 class Engine:
