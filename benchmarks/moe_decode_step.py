@@ -31,8 +31,9 @@ def child(rows: int, all_rows: bool) -> float:
     from vishwam.serve._engine import _step_slots
 
     dispatch.split_all_rows = lambda tokens, k, num_experts: all_rows
-    config = ModelConfig.preset("small", vocab_size=2000, max_seq_len=256, hidden_size=512, ffn_dim=1024, num_layers=6,
-                                num_experts=8, experts_per_token=2, num_heads=8, num_kv_heads=2)
+    from serve import SHAPES  # benchmarks/serve.py's default model
+
+    config = ModelConfig.preset("small", vocab_size=2000, max_seq_len=256, **SHAPES["medium"])
     model = VishwamAI(config, key=jax.random.key(0))
     leaves, treedef = jax.tree_util.tree_flatten((model, cached_decode_layers(model)))
     steps = 8
