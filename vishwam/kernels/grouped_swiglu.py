@@ -76,24 +76,23 @@ def grouped_swiglu_forward(x, weights, source, row, ends, gate, up, down, *, blo
     num_blocks = source.shape[0] // block
     ffn = gate[0].shape[-1]
     row_weights = _row_weights(weights, row, source.shape[0])
-    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), dt)])  # padding rows read the zero row
-    y = jnp.zeros(x_pad.shape, jnp.float32)
+    y = jnp.zeros(x.shape, jnp.float32)
     saved = (jnp.zeros((num_blocks, block, ffn), dt),) * 2 if save else ()
 
     def one_block(b, carry, w_gate, w_up, w_down):
         y, *saved = carry
         index = jax.lax.dynamic_slice_in_dim(source, b * block, block)
-        rows = jnp.take(x_pad, index, axis=0, mode="clip")
+        rows = jnp.take(x, index, axis=0, mode="fill", fill_value=0)  # padding rows (index `tokens`): zeros
         g, u = rows @ w_gate.astype(dt), rows @ w_up.astype(dt)
         scale = jax.lax.dynamic_slice_in_dim(row_weights, b * block, block)[:, None]
         out = jnp.matmul(jax.nn.silu(g) * u, w_down.astype(dt), preferred_element_type=jnp.float32) * scale
-        y = y.at[index].add(out, mode="promise_in_bounds")
+        y = y.at[index].add(out, mode="drop")  # and dropped
         if saved:
             saved = [jax.lax.dynamic_update_index_in_dim(a, v, b, 0) for a, v in zip(saved, (g, u))]
         return (y, *saved)
 
     y, *saved = _expert_loops((gate, up, down), ends, one_block, (y, *saved))
-    return y[:-1].astype(dt), saved
+    return y.astype(dt), saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -131,8 +130,7 @@ def _grouped_swiglu_bwd(block, residuals, dy):
     x, weights, source, row, ends, gate, up, down, g_all, u_all = residuals
     dt, f32 = x.dtype, jnp.float32
     row_weights = _row_weights(weights, row, source.shape[0])
-    pad = jnp.zeros((1, x.shape[1]), dt)
-    x_pad, dy_pad = jnp.concatenate([x, pad]), jnp.concatenate([dy.astype(dt), pad])
+    dy = dy.astype(dt)
 
     def zeros_f32(arrays):
         return tuple(jnp.zeros(a.shape, f32) for a in arrays)
@@ -147,8 +145,8 @@ def _grouped_swiglu_bwd(block, residuals, dy):
         def one_block(b, carry):
             dx, d_rows_w, d_gate, d_up, d_down = carry
             index = jax.lax.dynamic_slice_in_dim(source, b * block, block)
-            rows = jnp.take(x_pad, index, axis=0, mode="clip")
-            d_out = jnp.take(dy_pad, index, axis=0, mode="clip")
+            rows = jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+            d_out = jnp.take(dy, index, axis=0, mode="fill", fill_value=0)
             scale = jax.lax.dynamic_slice_in_dim(row_weights, b * block, block)[:, None]
             g, u = g_all[b].astype(f32), u_all[b].astype(f32)
             sig = jax.nn.sigmoid(g)
@@ -164,7 +162,7 @@ def _grouped_swiglu_bwd(block, residuals, dy):
             d_up = d_up + jnp.matmul(rows.T, du, preferred_element_type=f32)
             d_x_rows = jnp.matmul(dg, w_gate.T, preferred_element_type=f32) + jnp.matmul(
                 du, w_up.T, preferred_element_type=f32)
-            dx = dx.at[index].add(d_x_rows, mode="promise_in_bounds")
+            dx = dx.at[index].add(d_x_rows, mode="drop")
             return dx, d_rows_w, d_gate, d_up, d_down
 
         dx, d_rows_w, *expert_grads = jax.lax.fori_loop(
@@ -173,11 +171,11 @@ def _grouped_swiglu_bwd(block, residuals, dy):
                  for a, g in zip((d_gate_all, d_up_all, d_down_all), expert_grads)]
         return dx, d_rows_w, *grads
 
-    init = (jnp.zeros(x_pad.shape, f32), jnp.zeros(row_weights.shape, f32), *zeros_f32((gate, up, down)))
+    init = (jnp.zeros(x.shape, f32), jnp.zeros(row_weights.shape, f32), *zeros_f32((gate, up, down)))
     dx, d_rows_w, *grads = jax.lax.fori_loop(0, used, one_expert, init)
     d_weights = jnp.take(d_rows_w, row.reshape(-1), axis=0).reshape(row.shape).astype(weights.dtype)
     d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(grads, (gate, up, down)))
-    return dx[:-1].astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down
+    return dx.astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
