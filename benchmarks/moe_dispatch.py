@@ -2,8 +2,11 @@
 
     python benchmarks/moe_dispatch.py [--tokens 1024 4096] [--hidden 256] [--ffn 512] [--reps 5]
     python benchmarks/moe_dispatch.py --tokens 4096 --hidden 512 --ffn 704 --reps 3 --no-expert-parallel
+    python benchmarks/moe_dispatch.py --tokens 4096 --hidden 512 --ffn 128 --experts 64 --top-k 8 \
+        --dispatches grouped --reps 7 --no-expert-parallel
 
-(the second: the Mixtral shape of benchmarks/vs_transformers.py, one device only).
+(the second: the Mixtral shape of benchmarks/vs_transformers.py, one device only; the third: its
+fine-grained shape, 64 experts top-8 of FFN 128, `grouped` against `dense`).
 
 Part 1 (one device): `dense` (oracle), `capacity` with factor 1.25, `capacity`
 dropless (capacity = tokens), `ragged` (`jax.lax.ragged_dot`) and `grouped`
@@ -37,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from vishwam.nn.moe import MoE  # noqa: E402
 from vishwam.parallel import make_mesh, shard_batch, shard_model  # noqa: E402
 
-EXPERTS, TOP_K = 8, 2
+EXPERTS, TOP_K = 8, 2  # defaults of --experts, --top-k
 
 
 def _loss(layer, x):
@@ -67,26 +70,26 @@ def time_round_robin(calls: dict, reps: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def layers(hidden: int, ffn: int) -> dict:
+DISPATCH_NAMES = ("dense", "capacity 1.25", "capacity dropless", "ragged", "grouped")
+
+
+def layers(hidden: int, ffn: int, experts: int = EXPERTS, top_k: int = TOP_K, names=DISPATCH_NAMES) -> dict:
     common = dict(key=jax.random.key(0))
-    return {
-        "dense": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="dense", **common),
-        "capacity 1.25": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="capacity", capacity_factor=1.25, **common),
-        "capacity dropless": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="capacity", capacity_factor=None, **common),
-        "ragged": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="ragged", **common),
-        "grouped": MoE(hidden, ffn, EXPERTS, TOP_K, dispatch="grouped", **common),
-    }
+    kwargs = {"dense": dict(dispatch="dense"), "capacity 1.25": dict(dispatch="capacity", capacity_factor=1.25),
+              "capacity dropless": dict(dispatch="capacity", capacity_factor=None),
+              "ragged": dict(dispatch="ragged"), "grouped": dict(dispatch="grouped")}
+    return {name: MoE(hidden, ffn, experts, top_k, **kwargs[name], **common) for name in names}
 
 
-def single_device(tokens_list, hidden, ffn, reps):
-    print(f"## One device: fwd+bwd of one MoE layer, {EXPERTS} experts, top-{TOP_K}, "
+def single_device(tokens_list, hidden, ffn, reps, experts=EXPERTS, top_k=TOP_K, names=DISPATCH_NAMES):
+    print(f"## One device: fwd+bwd of one MoE layer, {experts} experts, top-{top_k}, "
           f"hidden={hidden}, ffn={ffn}")
     print("| tokens | dispatch | time (ms) | ratio vs dense | dropped |")
     print("|---:|---|---:|---:|---:|")
     grad = _grad_fn()
     for tokens in tokens_list:
         x = jax.random.normal(jax.random.key(1), (tokens, hidden))
-        mods = layers(hidden, ffn)
+        mods = layers(hidden, ffn, experts, top_k, names)
         times = time_round_robin({name: (lambda m=m: grad(m, x)) for name, m in mods.items()}, reps)
         for name, m in mods.items():
             dropped = float(eqx.filter_jit(lambda m, x: m(x)[1]["dropped_fraction"])(m, x))
@@ -130,11 +133,19 @@ def main():
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ep-tokens", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=EXPERTS, help="part 1 only")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help="part 1 only")
+    parser.add_argument("--dispatches", default=",".join(DISPATCH_NAMES),
+                        help="part 1's dispatches, comma-separated (dense is always timed: the baseline)")
     parser.add_argument("--no-expert-parallel", action="store_true", help="skip part 2")
     args = parser.parse_args()
+    names = tuple(dict.fromkeys(["dense", *args.dispatches.split(",")]))
+    unknown = [n for n in names if n not in DISPATCH_NAMES]
+    if unknown:
+        parser.error(f"unknown dispatch {unknown[0]!r}; choose from {', '.join(DISPATCH_NAMES)}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(jax.devices())} devices")
     print(f"load before: {load_average()}")
-    single_device(args.tokens, args.hidden, args.ffn, args.reps)
+    single_device(args.tokens, args.hidden, args.ffn, args.reps, args.experts, args.top_k, names)
     if not args.no_expert_parallel:
         expert_parallel(args.ep_tokens, args.hidden, args.ffn, args.reps)
     print(f"\nload after: {load_average()}")

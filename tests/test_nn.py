@@ -1,3 +1,5 @@
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,10 +16,12 @@ from vishwam.nn import (
     TPUMultiHeadAttention,
     apply_rope,
     load_balancing_loss,
+    parallel_linears,
     route,
     router_z_loss,
 )
 from vishwam.nn.attention import positions_from_segments
+from vishwam.nn.linear import PARALLEL_MIN_ROWS
 from vishwam.nn.rope import RopeScaling, rope_frequencies
 
 
@@ -30,6 +34,34 @@ def test_linear_any_leading_dims_and_alias(getkey):
     assert Linear(8, 5, use_bias=False, key=getkey()).bias is None
     with pytest.raises(Exception, match="8|shape"):
         layer(jnp.ones((2, 7)))
+
+
+def _dot_generals(f, *args) -> int:
+    return str(jax.make_jaxpr(f)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("rows", [PARALLEL_MIN_ROWS, 4])
+def test_parallel_linears_equal_separate_calls_in_values_and_gradients(getkey, rows):
+    """From `PARALLEL_MIN_ROWS` rows on (CPU), one product forward and one per operand
+    backward; fewer rows (decoding) one call each. Same values and gradients either way."""
+    linears = (Linear(8, 6, use_bias=True, key=getkey()), Linear(8, 4, use_bias=False, key=getkey()),
+               Linear(8, 4, use_bias=True, key=getkey()))
+    linears = tuple(eqx.tree_at(lambda m: m.bias, lin, jax.random.normal(getkey(), (lin.out_features,)))
+                    if lin.use_bias else lin for lin in linears)
+    x = jax.random.normal(getkey(), (2, rows // 2, 8))
+    weights = [jax.random.normal(getkey(), (2, rows // 2, lin.out_features)) for lin in linears]
+
+    def loss(call, linears, x):
+        return sum(jnp.sum(w * y) for w, y in zip(weights, call(x, *linears)))
+
+    separate = lambda x, *ls: tuple(lin(x) for lin in ls)  # noqa: E731
+    want, want_grads = jax.value_and_grad(functools.partial(loss, separate), (0, 1))(linears, x)
+    got, got_grads = jax.value_and_grad(functools.partial(loss, parallel_linears), (0, 1))(linears, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    products = _dot_generals(jax.grad(functools.partial(loss, parallel_linears), (0, 1)), linears, x)
+    assert products == (3 if rows >= PARALLEL_MIN_ROWS else 9)
 
 
 def test_layer_norm_and_rms_norm(getkey):

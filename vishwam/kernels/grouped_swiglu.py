@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from .flash import target_platform
+
 
 def _runs(ends: Int[Array, " experts"]) -> tuple[Int[Array, " experts"], Int[Array, " experts"], Int[Array, ""]]:
     """Each expert's first block, the used experts in order (padded with 0) and their count."""
@@ -114,9 +116,14 @@ def grouped_swiglu(
 
     The backward runs the same loops, re-gathering each block's rows and output gradients;
     besides the inputs it keeps each block's gate and up projections (as plain autodiff of
-    the SwiGLU would), and accumulates each used expert's three weight gradients in fp32 in
-    the block loop's carry. The routing weights' gradient costs no GEMM:
+    the SwiGLU would), and accumulates each used expert's weight gradients in fp32 in the
+    block loop's carry. The routing weights' gradient costs no GEMM:
     `d weight = <dy[t], down(h)> = <dy[t] @ down.T, h>`, and `dy @ down.T` is needed anyway.
+    The gate and up projections go backward as one product of twice the width each way
+    (`[gate | up]`), each expert's weights are transposed once rather than in every block,
+    and on CPU the weight-gradient products read a transposed copy of their left operand
+    (`_transposed_operand`): the fine-grained train step of `benchmarks/vs_transformers.py`
+    1.07x faster than with the plain backward (`benchmarks/RESULTS.md`).
     """
     return grouped_swiglu_forward(x, weights, source, row, ends, gate, up, down, block=block, save=False)[0]
 
@@ -126,24 +133,33 @@ def _grouped_swiglu_fwd(x, weights, source, row, ends, gate, up, down, block):
     return y, (x, weights, source, row, ends, gate, up, down, g, u)
 
 
+def _transposed_operand(a):
+    """`a.T` as a product's left operand. On CPU behind an optimization barrier, so that XLA
+    does not fold the transpose into the product: XLA:CPU runs a product contracting over the
+    rows of both operands (a weight gradient) as an Eigen dot, and a row-major one in YNNPACK,
+    faster here even with the copy (`benchmarks/RESULTS.md`). Elsewhere a plain transpose."""
+    return jax.lax.optimization_barrier(a.T) if target_platform() == "cpu" else a.T
+
+
 def _grouped_swiglu_bwd(block, residuals, dy):
     x, weights, source, row, ends, gate, up, down, g_all, u_all = residuals
     dt, f32 = x.dtype, jnp.float32
+    ffn = gate.shape[-1]
     row_weights = _row_weights(weights, row, source.shape[0])
     dy = dy.astype(dt)
-
-    def zeros_f32(arrays):
-        return tuple(jnp.zeros(a.shape, f32) for a in arrays)
-
     starts, order, used = _runs(ends)
 
     def one_expert(i, carry):
-        dx, d_rows_w, d_gate_all, d_up_all, d_down_all = carry
+        dx, d_rows_w, d_gate_up_all, d_down_all = carry
         e = order[i]
         w_gate, w_up, w_down = _expert_weights((gate, up, down), e, dt)
+        # The gate and up projections' gradients as one product each way (twice as wide: faster
+        # on CPU than two), the weights transposed once per expert rather than in every block.
+        w_gate_up_t = jnp.concatenate([w_gate, w_up], axis=-1).T  # (2F, D)
+        w_down_t = w_down.T  # (D, F)
 
         def one_block(b, carry):
-            dx, d_rows_w, d_gate, d_up, d_down = carry
+            dx, d_rows_w, d_gate_up, d_down = carry
             index = jax.lax.dynamic_slice_in_dim(source, b * block, block)
             rows = jnp.take(x, index, axis=0, mode="fill", fill_value=0)
             d_out = jnp.take(dy, index, axis=0, mode="fill", fill_value=0)
@@ -152,30 +168,26 @@ def _grouped_swiglu_bwd(block, residuals, dy):
             sig = jax.nn.sigmoid(g)
             silu = g * sig
             h = silu * u
-            dh_unscaled = jnp.matmul(d_out, w_down.T, preferred_element_type=f32)  # (block, F)
+            dh_unscaled = jnp.matmul(d_out, w_down_t, preferred_element_type=f32)  # (block, F)
             d_rows_w = jax.lax.dynamic_update_slice_in_dim(d_rows_w, jnp.sum(dh_unscaled * h, axis=-1), b * block, 0)
-            d_down = d_down + jnp.matmul((h * scale).astype(dt).T, d_out, preferred_element_type=f32)
+            d_down = d_down + jnp.matmul(_transposed_operand((h * scale).astype(dt)), d_out, preferred_element_type=f32)
             dh = dh_unscaled * scale
-            du = (dh * silu).astype(dt)
-            dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).astype(dt)
-            d_gate = d_gate + jnp.matmul(rows.T, dg, preferred_element_type=f32)
-            d_up = d_up + jnp.matmul(rows.T, du, preferred_element_type=f32)
-            d_x_rows = jnp.matmul(dg, w_gate.T, preferred_element_type=f32) + jnp.matmul(
-                du, w_up.T, preferred_element_type=f32)
-            dx = dx.at[index].add(d_x_rows, mode="drop")
-            return dx, d_rows_w, d_gate, d_up, d_down
+            d_gate_up_rows = jnp.concatenate([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * silu], axis=-1).astype(dt)
+            d_gate_up = d_gate_up + jnp.matmul(_transposed_operand(rows), d_gate_up_rows, preferred_element_type=f32)
+            dx = dx.at[index].add(jnp.matmul(d_gate_up_rows, w_gate_up_t, preferred_element_type=f32), mode="drop")
+            return dx, d_rows_w, d_gate_up, d_down
 
-        dx, d_rows_w, *expert_grads = jax.lax.fori_loop(
-            starts[e], ends[e], one_block, (dx, d_rows_w, *zeros_f32((w_gate, w_up, w_down))))
-        grads = [jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
-                 for a, g in zip((d_gate_all, d_up_all, d_down_all), expert_grads)]
-        return dx, d_rows_w, *grads
+        zeros = (jnp.zeros((x.shape[1], 2 * ffn), f32), jnp.zeros(w_down.shape, f32))
+        dx, d_rows_w, d_gate_up, d_down = jax.lax.fori_loop(starts[e], ends[e], one_block, (dx, d_rows_w, *zeros))
+        return (dx, d_rows_w, jax.lax.dynamic_update_index_in_dim(d_gate_up_all, d_gate_up, e, 0),
+                jax.lax.dynamic_update_index_in_dim(d_down_all, d_down, e, 0))
 
-    init = (jnp.zeros(x.shape, f32), jnp.zeros(row_weights.shape, f32), *zeros_f32((gate, up, down)))
-    dx, d_rows_w, *grads = jax.lax.fori_loop(0, used, one_expert, init)
+    init = (jnp.zeros(x.shape, f32), jnp.zeros(row_weights.shape, f32),
+            jnp.zeros((*gate.shape[:-1], 2 * ffn), f32), jnp.zeros(down.shape, f32))
+    dx, d_rows_w, d_gate_up, d_down = jax.lax.fori_loop(0, used, one_expert, init)
     d_weights = jnp.take(d_rows_w, row.reshape(-1), axis=0).reshape(row.shape).astype(weights.dtype)
-    d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(grads, (gate, up, down)))
-    return dx.astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down
+    d_gate, d_up = d_gate_up[..., :ffn].astype(gate.dtype), d_gate_up[..., ffn:].astype(up.dtype)
+    return dx.astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down.astype(down.dtype)
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

@@ -1,6 +1,7 @@
 """Neural-network building blocks: Equinox modules holding parameters, the maths in free functions.
 
     Linear / TPUGEMMLinear      a linear layer over any leading dims (`use_fp8=True`: fp8 GEMMs)
+    parallel_linears            several linear layers of one input as one product (q/k/v)
     RMSNorm, TPULayerNorm       normalisation layers (`LayerNorm` is `TPULayerNorm`)
     TPUMultiHeadAttention       GQA attention with RoPE, sliding window and a KV cache
     MultiHeadLatentAttention    DeepSeek's multi-head latent attention and its compressed cache (`vishwam.nn.mla`)
@@ -20,6 +21,7 @@ from .attention import positions_from_segments as positions_from_segments
 from .block import Block as Block
 from .linear import Linear as Linear
 from .linear import TPUGEMMLinear as TPUGEMMLinear
+from .linear import parallel_linears as parallel_linears
 from .mla import MultiHeadLatentAttention as MultiHeadLatentAttention
 from .mlp import MLP as MLP
 from .moe import Experts as Experts

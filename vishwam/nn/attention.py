@@ -10,7 +10,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..errors import InvalidValueError
 from ..kernels import flash_attention
-from .linear import Linear
+from .linear import Linear, parallel_linears
 from .norm import RMSNorm
 from .rope import RopeScaling, apply_rope
 
@@ -134,14 +134,14 @@ class TPUMultiHeadAttention(eqx.Module):
 
     def _project(self, x, positions):
         b, t, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H * D), (B, T, KV * D)
+        q, k, v = parallel_linears(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, H * D), (B, T, KV * D) x 2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         rope = dict(theta=self.rope_theta, scaling=self.rope_scaling)
         return apply_rope(q, positions, **rope), apply_rope(k, positions, **rope), v
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import InvalidValueError
+from ..kernels.flash import target_platform
 
 
 class Linear(eqx.Module):
@@ -57,11 +58,15 @@ class Linear(eqx.Module):
         if self.block_size <= 0:
             raise InvalidValueError(f"Linear(block_size={self.block_size}): must be a positive integer.")
 
-    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+    def check_input(self, x: Float[Array, "*batch d_in"]) -> None:
+        """Raise a clear error unless `x`'s last dim is `in_features`."""
         if x.shape[-1] != self.in_features:
             raise InvalidValueError(
                 f"Linear expects inputs with last dim {self.in_features}, got shape {x.shape}."
             )
+
+    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        self.check_input(x)
         weight = self.weight.astype(x.dtype)
         if self.use_fp8:
             from .fp8 import fp8_matmul
@@ -80,3 +85,34 @@ class Linear(eqx.Module):
 
 
 TPUGEMMLinear = Linear
+
+
+PARALLEL_MIN_ROWS = 1024
+"""Rows from which `parallel_linears` concatenates the weights: the concatenation copies them
+on every call, which a product of that many rows amortises (below it, decoding, it would not)."""
+
+
+def parallel_linears(x: Float[Array, "*batch d_in"], *linears: Linear) -> tuple[Float[Array, "*batch _"], ...]:
+    """Each of `linears` applied to the same `x` (attention's q/k/v projections).
+
+    On CPU, for at least `PARALLEL_MIN_ROWS` rows and none in fp8: one product with the
+    weights side by side, whose backward is one product each way too (the fine-grained MoE
+    train step of `benchmarks/vs_transformers.py` 1.06x faster with q/k/v fused, measured in
+    one process against separate calls, `benchmarks/RESULTS.md`; the dense MLP's gate and up
+    projections fused the same way made the dense step slower, 0.97x, so `MLP` does not).
+    Otherwise one call each: on TPU/GPU a concatenation along the output dim would regroup
+    tensor-parallel shards of the weights."""
+    rows = math.prod(x.shape[:-1])
+    if len(linears) < 2 or rows < PARALLEL_MIN_ROWS or any(lin.use_fp8 for lin in linears) or (
+            target_platform() != "cpu"):
+        return tuple(lin(x) for lin in linears)
+    for lin in linears:
+        lin.check_input(x)
+    weight = jnp.concatenate([lin.weight.astype(x.dtype) for lin in linears], axis=-1)
+    y = (x.reshape(rows, x.shape[-1]) @ weight).reshape(*x.shape[:-1], weight.shape[-1])
+    outs, start = [], 0
+    for lin in linears:
+        out = y[..., start:start + lin.out_features]
+        outs.append(out if lin.bias is None else out + lin.bias.astype(out.dtype))
+        start += lin.out_features
+    return tuple(outs)
