@@ -10,8 +10,9 @@ fine-grained shape, 64 experts top-8 of FFN 128, `grouped` against `dense`).
 
 Part 1 (one device): `dense` (oracle), `capacity` with factor 1.25, `capacity`
 dropless (capacity = tokens), `ragged` (`jax.lax.ragged_dot`) and `grouped`
-(dropless blocks + scan of GEMMs; what `auto` runs on CPU without a capacity
-factor), 8 experts, top-2; time of `value_and_grad` of the whole layer (router +
+(dropless blocks, a loop of GEMMs per used expert; what `auto` runs on CPU without a
+capacity factor), 8 experts top-2 unless `--experts` / `--top-k`; `--dispatches` picks
+which (dense is always run: the baseline); time of `value_and_grad` of the whole layer (router +
 dispatch), median over repetitions run round-robin (so load spikes on a shared
 machine hit every variant alike); ratio = time / dense time. Goals: capacity 1.25
 <= 0.5x dense; grouped (dropless) about capacity 1.25's time. The load average is
