@@ -31,12 +31,19 @@ from jaxtyping import Array, Float, Int
 from .flash import target_platform
 
 
-def _runs(ends: Int[Array, " experts"]) -> tuple[Int[Array, " experts"], Int[Array, " experts"], Int[Array, ""]]:
-    """Each expert's first block, the used experts in order (padded with 0) and their count."""
+def _for_used_experts(ends: Int[Array, " experts"], body, carry):
+    """`body(e, first_block, end_block, carry)` for each expert that has blocks, in order, as a
+    run-time loop over their count (experts without blocks are never visited)."""
     starts = jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
     used = ends > starts
     (order,) = jnp.nonzero(used, size=ends.shape[0], fill_value=0)
-    return starts, order.astype(jnp.int32), jnp.sum(used, dtype=jnp.int32)
+    order = order.astype(jnp.int32)
+
+    def one_expert(i, carry):
+        e = order[i]
+        return body(e, starts[e], ends[e], carry)
+
+    return jax.lax.fori_loop(0, jnp.sum(used, dtype=jnp.int32), one_expert, carry)
 
 
 def _expert_weights(weights, e, dtype):
@@ -52,14 +59,12 @@ def _expert_loops(weights, ends, one_block, carry):
             ws = [w[e] for w in weights]
             carry = jax.lax.fori_loop(start, ends[e], lambda b, c, ws=ws: one_block(b, c, *ws), carry)
         return carry
-    starts, order, used = _runs(ends)
 
-    def one_expert(i, carry):
-        e = order[i]
+    def one_expert(e, first, end, carry):
         ws = [jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in weights]
-        return jax.lax.fori_loop(starts[e], ends[e], lambda b, c: one_block(b, c, *ws), carry)
+        return jax.lax.fori_loop(first, end, lambda b, c: one_block(b, c, *ws), carry)
 
-    return jax.lax.fori_loop(0, used, one_expert, carry)
+    return _for_used_experts(ends, one_expert, carry)
 
 
 def _row_weights(weights, row, rows: int):
@@ -147,11 +152,9 @@ def _grouped_swiglu_bwd(block, residuals, dy):
     ffn = gate.shape[-1]
     row_weights = _row_weights(weights, row, source.shape[0])
     dy = dy.astype(dt)
-    starts, order, used = _runs(ends)
 
-    def one_expert(i, carry):
+    def one_expert(e, first, end, carry):
         dx, d_rows_w, d_gate_up_all, d_down_all = carry
-        e = order[i]
         w_gate, w_up, w_down = _expert_weights((gate, up, down), e, dt)
         # The gate and up projections' gradients as one product each way (twice as wide: faster
         # on CPU than two), the weights transposed once per expert rather than in every block.
@@ -178,13 +181,13 @@ def _grouped_swiglu_bwd(block, residuals, dy):
             return dx, d_rows_w, d_gate_up, d_down
 
         zeros = (jnp.zeros((x.shape[1], 2 * ffn), f32), jnp.zeros(w_down.shape, f32))
-        dx, d_rows_w, d_gate_up, d_down = jax.lax.fori_loop(starts[e], ends[e], one_block, (dx, d_rows_w, *zeros))
+        dx, d_rows_w, d_gate_up, d_down = jax.lax.fori_loop(first, end, one_block, (dx, d_rows_w, *zeros))
         return (dx, d_rows_w, jax.lax.dynamic_update_index_in_dim(d_gate_up_all, d_gate_up, e, 0),
                 jax.lax.dynamic_update_index_in_dim(d_down_all, d_down, e, 0))
 
     init = (jnp.zeros(x.shape, f32), jnp.zeros(row_weights.shape, f32),
             jnp.zeros((*gate.shape[:-1], 2 * ffn), f32), jnp.zeros(down.shape, f32))
-    dx, d_rows_w, d_gate_up, d_down = jax.lax.fori_loop(0, used, one_expert, init)
+    dx, d_rows_w, d_gate_up, d_down = _for_used_experts(ends, one_expert, init)
     d_weights = jnp.take(d_rows_w, row.reshape(-1), axis=0).reshape(row.shape).astype(weights.dtype)
     d_gate, d_up = d_gate_up[..., :ffn].astype(gate.dtype), d_gate_up[..., ffn:].astype(up.dtype)
     return dx.astype(x.dtype), d_weights, None, None, None, d_gate, d_up, d_down.astype(down.dtype)
